@@ -1,0 +1,454 @@
+"""KL-regularised PPO on the policy's LoRA adapter, one explicit loop.
+
+Each of ``config.steps`` iterations runs the numbered steps of the classic RLHF recipe
+(Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"; Ouyang et al. 2022,
+InstructGPT; the structure of TRL's old ``PPOTrainer``):
+
+    1 rollout   sample answers with pure temperature-1 sampling        (B, Tr) tokens
+    2 score     reward_fn(prompts, answers), normalised and clipped     (B,)
+    3 KL        per-token k1 = log π(a) − log π_ref(a)                  (B, Tr) nats
+    4 rewards   −β·KL per token, + score (− no-eos penalty) at the last answer token
+    5 GAE       advantages and returns (Schulman et al. 2016)           (B, Tr)
+    6 whiten    advantages to mean 0, std 1 over answer tokens
+    7 epochs    minibatches, clipped policy + value losses, grad clipping, AdamW
+    8 log       namespaced metrics; the adaptive KL controller updates β
+
+The reference is the same ``PeftModel`` with its adapter disabled
+(:func:`training.rollout.reference_model`). The optimizer holds only the active adapter's
+LoRA weights and the value head; base weights never change.
+
+Pure, hand-checkable pieces: :func:`logprobs_from_logits`, :func:`per_token_kl`,
+:func:`compute_gae`, :func:`whiten`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`,
+:class:`AdaptiveKLController`. Library only; the scheduled round in ``training.jobs`` calls
+:func:`ppo_train`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from training.models import end_of_turn_ids
+from training.reward import RewardNormalizer
+from training.rollout import (
+    Rollouts,
+    forward_response,
+    generate_rollouts,
+    logprobs_from_logits,
+    reference_model,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "PPOConfig", "AdaptiveKLController", "ValueHead", "Rollouts", "generate_rollouts",
+    "reference_model", "logprobs_from_logits", "per_token_kl", "compute_gae", "whiten",
+    "masked_mean", "clipped_policy_loss", "clipped_value_loss", "ppo_train",
+]
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters. Defaults fit a small model on 2 CPU cores in about a minute."""
+
+    init_kl_coef: float = 0.1  # β, the per-token KL penalty coefficient at the start
+    adaptive_kl: bool = True  # adjust β towards kl_target (Ziegler et al. 2019, §2.2)
+    kl_target: float = 4.0  # target KL per answer, nats (sum over answer tokens)
+    kl_horizon: int = 1000  # controller horizon, in samples
+    gamma: float = 1.0  # discount over answer tokens
+    lam: float = 0.95  # GAE λ
+    cliprange: float = 0.2  # ε of the clipped policy objective
+    cliprange_value: float = 0.2  # ε of the clipped value loss
+    vf_coef: float = 0.1  # weight of the value loss
+    ppo_epochs: int = 2  # passes over each rollout batch
+    mini_batch_size: int = 4  # answers per gradient step
+    rollout_batch_size: int = 8  # answers sampled per iteration
+    steps: int = 4  # iterations (rollout batches) per round
+    lr: float = 1e-4  # AdamW learning rate for the LoRA weights and the value head
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
+    max_new_tokens: int = 48  # answer length limit, tokens
+    no_eos_penalty: float = 1.0  # subtracted from the (normalised) score of answers cut at the limit
+    normalize_reward: bool = True  # normalise scores by the reference policy's answers (mean 0, std 1)
+    normalize_samples: int = 16  # reference answers sampled to fit the normalisation
+    score_clip: float = 5.0  # clip normalised scores to ±score_clip (0 = no clip)
+    whiten_advantages: bool = True  # advantages to mean 0 std 1 per batch
+    seed: int = 0  # prompt order and sampling seeds
+
+    def __post_init__(self):
+        positive = ("init_kl_coef", "kl_target", "kl_horizon", "cliprange", "cliprange_value",
+                    "ppo_epochs", "mini_batch_size", "rollout_batch_size", "steps", "lr",
+                    "max_grad_norm", "max_new_tokens", "normalize_samples")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("gamma", "lam"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        for name in ("vf_coef", "no_eos_penalty", "score_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PPOConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.mini_batch_size > self.rollout_batch_size:
+            raise ValueError(
+                f"PPOConfig.mini_batch_size ({self.mini_batch_size}) must be <= "
+                f"rollout_batch_size ({self.rollout_batch_size})"
+            )
+
+
+# ---------------------------------------------------------------- pure functions
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is 1; (B, T), (B, T) → scalar."""
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 estimator of KL(π ‖ π_ref) per sampled token: log π(a) − log π_ref(a), (B, T) nats.
+
+    Unbiased for the sequence KL when the tokens are sampled from π; this is the quantity both
+    penalised in the reward and logged as ``objective/kl`` (Ziegler et al. 2019)."""
+    return logprobs - ref_logprobs
+
+
+def compute_gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous
+    Control Using Generalized Advantage Estimation", eq. 16).
+
+    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  returns R_t = A_t + V_t, with
+    V and A zero after the last answer token.
+
+    Args:
+        rewards: (B, T) per-token rewards.
+        values: (B, T) value estimates V_t.
+        mask: (B, T) 1 on answer tokens; must be a prefix per row (right-padded answers).
+
+    Returns:
+        ``(advantages (B, T), returns (B, T))``, zero where ``mask`` is 0.
+    """
+    mask = mask.to(values.dtype)
+    rewards, values = rewards * mask, values * mask
+    T = rewards.shape[1]
+    advantages = torch.zeros_like(values)
+    last = torch.zeros_like(values[:, 0])  # A_{t+1}, (B,)
+    for t in reversed(range(T)):
+        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        advantages[:, t] = last
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(B, T) → (B, T): mean 0 (unless ``shift_mean=False``) and std 1 over masked positions,
+    zero elsewhere. Uses the unbiased variance."""
+    m = mask.to(x.dtype)
+    n = m.sum()
+    mean = (x * m).sum() / n.clamp(min=1.0)
+    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1.0)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * m
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+    mask: torch.Tensor, cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
+    eq. 7), as a loss to minimise:  mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)),
+    ρ_t = exp(log π − log π_old).
+
+    Args: (B, T) tensors; ``mask`` 1 on answer tokens.
+
+    Returns:
+        ``(loss, clipfrac, approx_kl)`` scalars: the fraction of tokens where the clipped term
+        was taken, and ½·mean (log π − log π_old)² (nats per token).
+    """
+    log_ratio = logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
+    return loss, clipfrac.detach(), approx_kl
+
+
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+    mask: torch.Tensor, cliprange_value: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss (Schulman et al. 2017 baselines; TRL's PPO):
+    ½ · mean_t max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²).
+
+    Returns ``(loss, clipfrac)`` scalars; clipfrac is the fraction of tokens where the clipped
+    term was larger."""
+    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
+    clipfrac = masked_mean((loss_clipped > loss_unclipped).to(values.dtype), mask)
+    return loss, clipfrac.detach()
+
+
+class AdaptiveKLController:
+    """Adaptive β (Ziegler et al. 2019, §2.2): e = clip(KL/target − 1, −0.2, 0.2),
+    β ← β · (1 + e · n_steps / horizon). KL above target makes β grow, below makes it shrink."""
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        if init_kl_coef <= 0 or target <= 0 or horizon <= 0:
+            raise ValueError("init_kl_coef, target and horizon must all be > 0")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Update β from the observed KL (nats per answer) over ``n_steps`` samples; returns β."""
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """Constant β (``PPOConfig.adaptive_kl=False``)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class ValueHead(torch.nn.Module):
+    """V(s_t) = w·h_t + b on the policy's last hidden state h_t; (B, T, H) → (B, T).
+    Zero-initialised, so the first values are 0."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.summary = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.summary.weight)
+        torch.nn.init.zeros_(self.summary.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
+    active = policy.active_adapter
+    active = active[0] if isinstance(active, list | tuple) else active
+    params = [(n, p) for n, p in policy.named_parameters() if "lora_" in n and f".{active}." in n]
+    if not params:
+        raise ValueError(
+            f"the policy has no LoRA weights for its active adapter {active!r}; "
+            "wrap the base with training.models.add_lora before PPO"
+        )
+    return params
+
+
+def _hidden_size(policy) -> int:
+    config = policy.get_base_model().config if hasattr(policy, "get_base_model") else policy.config
+    config = getattr(config, "text_config", None) or config
+    return int(config.hidden_size)
+
+
+def _prompt_batches(n_prompts: int, batch: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of prompt indices: shuffled passes over all prompts, repeated as needed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < batch * steps:
+        idx = list(range(n_prompts))
+        rng.shuffle(idx)
+        order += idx
+    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
+
+
+def fit_reference_normalizer(
+    policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], config: PPOConfig,
+    eos_ids: list[int] | None = None,
+) -> RewardNormalizer:
+    """Score ``config.normalize_samples`` answers of the reference policy (adapter disabled)
+    and fit a :class:`~training.reward.RewardNormalizer` on them (InstructGPT; Ziegler et al.)."""
+    eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
+    (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, config.seed + 7919)
+    batch = [prompts[i] for i in idx]
+    answers: list[str] = []
+    with reference_model(policy):
+        for start in range(0, len(batch), config.rollout_batch_size):
+            chunk = batch[start:start + config.rollout_batch_size]
+            ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
+                                   seed=config.seed * 1_000_003 + 500_000 + start)
+            answers += ro.answers
+    scores = torch.as_tensor(reward_fn(batch, answers), dtype=torch.float32).flatten()
+    return RewardNormalizer.fit(scores, clip=config.score_clip)
+
+
+def ppo_train(
+    policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], config: PPOConfig,
+    value_head: ValueHead | None = None, progress: bool = False,
+    normalizer: RewardNormalizer | None = None,
+) -> dict:
+    """Run ``config.steps`` PPO iterations on the active LoRA adapter of ``policy``.
+
+    Args:
+        policy: a peft ``PeftModel`` (base + LoRA adapter). Trained in place: only its active
+            adapter's LoRA weights change; every ``requires_grad`` flag is restored at the end.
+        reward_fn: ``(prompts (B lists of messages), answers (B str)) -> (B,)`` scores, e.g.
+            :func:`training.reward.make_reward_fn`. Higher is better; any scale.
+        prompts: conversations ending with a user turn; batches cycle through them.
+        value_head: trained in place if given (keep it across rounds); a fresh zero-initialised
+            one otherwise.
+        normalizer: score normalisation to use; if None and ``config.normalize_reward``, one is
+            fitted on the reference policy's answers first.
+
+    Returns:
+        Metrics (floats), averaged over iterations: ``objective/kl`` (nats per answer, the
+        penalised k1 KL), ``objective/reward`` (raw score), ``objective/score`` (normalised,
+        clipped, with the no-eos penalty), ``objective/rlhf_reward`` (score − β·KL),
+        ``objective/kl_coef`` (β at the end), ``objective/entropy``, ``ppo/clipfrac``,
+        ``ppo/approx_kl``, ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/val/clipfrac``,
+        ``ppo/grad_norm``, ``answer/length_tokens``, ``answer/no_eos_rate``, and
+        ``objective/reward_first`` / ``objective/reward_last`` (first and last iteration).
+
+    Raises:
+        ValueError: no prompts, or the policy has no LoRA adapter.
+        TypeError: the policy is not a peft model.
+    """
+    if not prompts:
+        raise ValueError("ppo_train needs at least one prompt")
+    t0 = time.time()
+    trainable = _active_lora_params(policy)
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    device = next(policy.parameters()).device
+    eos_ids = end_of_turn_ids(policy, tokenizer)
+    value_head = value_head or ValueHead(_hidden_size(policy))
+    value_head.to(device)
+    kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
+              if config.adaptive_kl else FixedKLController(config.init_kl_coef))
+    was_training = policy.training
+    policy.eval()  # no dropout: log-probs must be deterministic for the PPO ratio
+    if normalizer is None and config.normalize_reward:
+        normalizer = fit_reference_normalizer(policy, tokenizer, reward_fn, prompts, config, eos_ids)
+    for _, p in trainable:
+        p.requires_grad_(True)
+    params = [p for _, p in trainable] + list(value_head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.lr, eps=1e-5, weight_decay=0.0)
+    history: list[dict] = []
+    batches = _prompt_batches(len(prompts), config.rollout_batch_size, config.steps, config.seed)
+    iterator = batches
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(batches, desc="PPO", unit="batch")
+    try:
+        for step, idx in enumerate(iterator):
+            batch = [prompts[i] for i in idx]
+            B = len(batch)
+            # 1 rollout: pure sampling from the current policy.
+            ro = generate_rollouts(policy, tokenizer, batch, config.max_new_tokens, eos_ids,
+                                   seed=config.seed * 1_000_003 + step * B)
+            ids, attn = ro.input_ids, ro.attention_mask  # (B, Tq + Tr)
+            mask = ro.response_mask.float()  # (B, Tr)
+            Tr = mask.shape[1]
+            # 2 score: raw → normalised, clipped; minus the penalty when cut at the length limit.
+            raw = torch.as_tensor(reward_fn(batch, ro.answers), dtype=torch.float32).flatten()
+            if raw.shape[0] != B:
+                raise ValueError(f"reward_fn returned {raw.shape[0]} scores for {B} answers")
+            score = normalizer(raw) if normalizer is not None else raw  # (B,)
+            score = score - config.no_eos_penalty * (~ro.ended).float()
+            with torch.no_grad():
+                # 3 per-token KL to the reference (adapter disabled).
+                old_logprobs, hidden = forward_response(policy, ids, attn, Tr, output_hidden=True)
+                old_values = value_head(hidden) * mask  # (B, Tr)
+                with reference_model(policy):
+                    ref_logprobs, _ = forward_response(policy, ids, attn, Tr)  # (B, Tr)
+                kl = per_token_kl(old_logprobs, ref_logprobs) * mask  # (B, Tr) nats
+                # 4 rewards: −β·KL on every answer token, + score on the last one.
+                beta = kl_ctl.value
+                rewards = -beta * kl  # (B, Tr)
+                last = (mask.sum(dim=1) - 1).long()  # (B,) index of the last answer token
+                rewards[torch.arange(B), last] += score
+                # 5 GAE.
+                advantages, returns = compute_gae(rewards, old_values, mask, config.gamma, config.lam)
+                # 6 whiten advantages over answer tokens.
+                if config.whiten_advantages:
+                    advantages = whiten(advantages, mask)
+            # 7 minibatch epochs: clipped policy + value losses, gradient clipping.
+            stats: dict[str, list[float]] = {k: [] for k in (
+                "ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac", "ppo/approx_kl",
+                "ppo/val/clipfrac", "ppo/grad_norm")}
+            gen = torch.Generator().manual_seed(config.seed * 7 + step)
+            for _epoch in range(config.ppo_epochs):
+                perm = torch.randperm(B, generator=gen)
+                for start in range(0, B, config.mini_batch_size):
+                    mb = perm[start:start + config.mini_batch_size]
+                    logprobs, hid = forward_response(policy, ids[mb], attn[mb], Tr, output_hidden=True)
+                    values = value_head(hid)  # (b, Tr)
+                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+                        logprobs, old_logprobs[mb], advantages[mb], mask[mb], config.cliprange)
+                    vf_loss, vf_clipfrac = clipped_value_loss(
+                        values, old_values[mb], returns[mb], mask[mb], config.cliprange_value)
+                    loss = pg_loss + config.vf_coef * vf_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    optimizer.step()
+                    for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss),
+                                       ("ppo/clipfrac", clipfrac), ("ppo/approx_kl", approx_kl),
+                                       ("ppo/val/clipfrac", vf_clipfrac), ("ppo/grad_norm", grad_norm)):
+                        stats[key].append(float(value))
+            # 8 log; β follows the KL actually penalised.
+            kl_per_answer = float(kl.sum(dim=1).mean())
+            row = {k: sum(v) / len(v) for k, v in stats.items()}
+            row.update({
+                "objective/kl": kl_per_answer,
+                "objective/reward": float(raw.mean()),
+                "objective/score": float(score.mean()),
+                "objective/rlhf_reward": float((score - beta * kl.sum(dim=1)).mean()),
+                "objective/entropy": float((-old_logprobs * mask).sum(dim=1).mean()),
+                "answer/length_tokens": float(ro.lengths.float().mean()),
+                "answer/no_eos_rate": float((~ro.ended).float().mean()),
+            })
+            kl_ctl.update(kl_per_answer, B)
+            history.append(row)
+            if progress:
+                iterator.set_postfix(reward=f"{row['objective/reward']:.3f}", kl=f"{kl_per_answer:.2f}")
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        for n, p in policy.named_parameters():
+            if p.requires_grad != flags.get(n, p.requires_grad):
+                p.requires_grad_(flags[n])
+        policy.train(was_training)
+    metrics = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
+    metrics["objective/kl_coef"] = kl_ctl.value
+    metrics["objective/reward_first"] = history[0]["objective/reward"]
+    metrics["objective/reward_last"] = history[-1]["objective/reward"]
+    if normalizer is not None:
+        metrics["objective/ref_score_mean"] = normalizer.mean
+        metrics["objective/ref_score_std"] = normalizer.std
+    metrics["ppo/samples"] = float(sum(len(b) for b in batches))
+    metrics["time/ppo_s"] = time.time() - t0
+    summary = ", ".join(f"{k}={metrics[k]:.3g}" for k in (
+        "objective/reward", "objective/kl", "objective/kl_coef", "ppo/clipfrac",
+        "answer/length_tokens", "time/ppo_s"))
+    log.info("PPO round done: %s", summary)
+    if progress:
+        print(f"PPO: {summary}")
+    if any(math.isnan(v) for v in metrics.values() if isinstance(v, float)):
+        log.warning("PPO metrics contain NaN: %s", metrics)
+    return metrics

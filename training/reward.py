@@ -1,0 +1,418 @@
+"""Reward model: the policy's base weights + its own LoRA adapter + a scalar head, trained on votes.
+
+Loss: Bradley-Terry (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT eq. 1)
+``-log σ(r_chosen − r_rejected)``; a tie is a pair with target ½, i.e. the cross-entropy
+``-(½ log σ(d) + ½ log σ(−d))``, minimised at equal scores. Pairs whose two texts are identical
+carry no information and are dropped. "Both bad" votes are stored by the app but are not pairs
+for this loss: callers leave them out (a pair dict with ``"both_bad": True`` is dropped here too).
+
+The score is read from the last real token of prompt ⧺ answer (the answer's end-of-turn
+token), found from the attention mask, with position ids counted over real tokens: a sequence
+scored alone, right-padded or left-padded in a batch gets the same score, whatever the pad id
+(pad may equal eos) and however many end-of-turn tokens the prompt holds.
+
+The held-out split is by conversation (a stable hash of ``conversation_id`` and the seed), so a
+conversation never moves between splits as votes accumulate and successive reward models can be
+compared on the same held-out pairs (:func:`split_by_conversation`, :func:`evaluate_pairs`).
+
+Scores are normalised before PPO to mean 0, std 1 over the reference policy's answers and
+clipped (:class:`RewardNormalizer`; Ziegler et al. 2019, InstructGPT).
+
+Library only; the scheduled round in ``training.jobs`` calls :func:`train_reward_model`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer
+
+log = logging.getLogger(__name__)
+
+HEAD_FILE = "reward_head.safetensors"
+META_FILE = "reward_model.json"
+
+
+class NotEnoughVotesError(ValueError):
+    """Fewer usable preference pairs than ``RewardConfig.min_votes``; the round should be skipped."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model training hyper-parameters."""
+
+    lr: float = 2e-4  # AdamW learning rate for the LoRA weights and the head
+    epochs: int = 3  # passes over the training pairs
+    batch_size: int = 8  # pairs per gradient step
+    max_length: int = 512  # tokens of prompt ⧺ answer kept (the prompt is cut from the left)
+    heldout_fraction: float = 0.2  # share of conversations held out for accuracy
+    seed: int = 0  # split, shuffling and head initialisation
+    min_votes: int = 10  # fewer usable pairs than this: NotEnoughVotesError
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # the reward model's own adapter
+
+    def __post_init__(self):
+        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RewardConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.heldout_fraction < 1.0:
+            raise ValueError(f"RewardConfig.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        if self.min_votes < 1:
+            raise ValueError(f"RewardConfig.min_votes must be >= 1, got {self.min_votes}")
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+
+
+def _load_base(base):
+    """A fresh copy of the base causal LM: never the serving model."""
+    if isinstance(base, str | os.PathLike):
+        model, _ = load_model_and_tokenizer(base)
+        return model
+    raise TypeError(
+        f"pass the base model as a hub id or directory (got {type(base).__name__}); the reward "
+        "model loads its own copy so training never touches the serving model"
+    )
+
+
+class RewardModel(torch.nn.Module):
+    """Causal-LM backbone (frozen base + LoRA adapter ``"default"``) and a scalar head.
+
+    ``forward(input_ids (B, T), attention_mask (B, T)) -> (B,)`` scores, read at the last
+    position where ``attention_mask`` is 1.
+    """
+
+    def __init__(self, backbone, head: torch.nn.Linear, base_name: str = ""):
+        super().__init__()
+        self.backbone = backbone  # peft PeftModel
+        self.head = head  # Linear(hidden, 1)
+        self.base_name = str(base_name)
+
+    @staticmethod
+    def _hidden_size(model) -> int:
+        config = getattr(model.config, "text_config", None) or model.config
+        return int(config.hidden_size)
+
+    @classmethod
+    def from_base(cls, base_model_dir_or_id, lora_settings: LoraSettings | None = None, seed: int = 0):
+        """A fresh reward model on a new copy of the base: LoRA with B = 0, head ~ N(0, 1/(H+1))
+        (Stiennon et al. 2020 initialise the head so the initial scores have unit-ish scale)."""
+        model = _load_base(base_model_dir_or_id)
+        backbone = add_lora(model, lora_settings or LoraSettings())
+        H = cls._hidden_size(model)
+        head = torch.nn.Linear(H, 1)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(1, H, generator=gen) / math.sqrt(H + 1))
+            head.bias.zero_()
+        return cls(backbone, head, base_model_dir_or_id)
+
+    @classmethod
+    def load(cls, base_model_dir_or_id, directory, trainable: bool = False):
+        """Load a reward model written by :meth:`save` onto a new copy of the base.
+
+        Raises:
+            FileNotFoundError: ``directory`` lacks the adapter or the head file.
+        """
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / HEAD_FILE).is_file():
+            raise FileNotFoundError(f"no {HEAD_FILE} in {directory}; not a saved reward model")
+        model = _load_base(base_model_dir_or_id)
+        backbone = load_lora(model, directory, trainable=trainable)
+        state = load_file(str(directory / HEAD_FILE))
+        head = torch.nn.Linear(state["weight"].shape[1], 1)
+        head.load_state_dict(state)
+        head.requires_grad_(trainable)
+        return cls(backbone, head, base_model_dir_or_id)
+
+    def save(self, directory) -> None:
+        """Write the adapter, the head and a small JSON note to ``directory`` (created)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(str(directory))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                  str(directory / HEAD_FILE))
+        (directory / META_FILE).write_text(json.dumps({"base": self.base_name}) + "\n")
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA weights and the head (what the optimizer holds)."""
+        lora = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        return lora + list(self.head.parameters())
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T), (B, T) → (B,) scores at the last real token of each row."""
+        mask = attention_mask.long()
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T) real-token positions
+        base = self.backbone.get_base_model()
+        decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+        if decoder is not None:
+            hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             use_cache=False).last_hidden_state  # (B, T, H)
+        else:
+            hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                   output_hidden_states=True, use_cache=False).hidden_states[-1]
+        T = mask.shape[1]
+        last = (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # (B,) last real index
+        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+
+
+def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
+    """Tie-aware Bradley-Terry loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1).
+
+    Binary cross-entropy of σ(r_chosen − r_rejected) against target 1 (a preference) or ½ (a
+    tie): ``-log σ(d)`` for a preference, ``-(½ log σ(d) + ½ log σ(−d))`` for a tie.
+
+    Args: (B,) scores and (B,) bool ties. Returns the mean over the batch (scalar, nats).
+    """
+    d = r_chosen - r_rejected
+    target = torch.ones_like(d)
+    if tie is not None:
+        target = torch.where(tie.to(torch.bool), torch.full_like(d, 0.5), target)
+    return torch.nn.functional.binary_cross_entropy_with_logits(d, target)
+
+
+def answer_ids(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
+    """Token ids of ``prompt`` with ``answer`` as an assistant turn, through the chat template,
+    ending with the end-of-turn token (anything the template puts after it is cut; the token is
+    appended if the template leaves it out). Longer than ``max_length``: the front is cut."""
+    out = tokenizer.apply_chat_template(
+        list(prompt) + [{"role": "assistant", "content": answer}], tokenize=True,
+        add_generation_prompt=False)
+    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+    eot = tokenizer.eos_token_id
+    if eot is not None:
+        if eot in ids:
+            ids = ids[: len(ids) - ids[::-1].index(eot)]
+        if not ids or ids[-1] != eot:
+            ids.append(eot)
+    if max_length is not None and len(ids) > max_length:
+        ids = ids[-max_length:]
+    return ids
+
+
+def _usable(pair: dict) -> bool:
+    return not pair.get("both_bad", False) and pair["chosen"].strip() != pair["rejected"].strip()
+
+
+def encode_pairs(tokenizer, pairs: list[dict], max_length: int = 512) -> list[dict]:
+    """Tokenise preference pairs; pairs with identical texts (or marked ``both_bad``) are dropped.
+
+    Args:
+        pairs: ``{"conversation_id", "prompt": [messages], "chosen": str, "rejected": str,
+            "tie": bool}`` dicts.
+
+    Returns:
+        ``{"conversation_id", "chosen_ids", "rejected_ids", "tie"}`` dicts, in input order.
+
+    Raises:
+        KeyError: a pair lacks one of the keys above (``tie`` defaults to False).
+    """
+    out = []
+    for pair in pairs:
+        if not _usable(pair):
+            continue
+        out.append({
+            "conversation_id": str(pair["conversation_id"]),
+            "chosen_ids": answer_ids(tokenizer, pair["prompt"], pair["chosen"], max_length),
+            "rejected_ids": answer_ids(tokenizer, pair["prompt"], pair["rejected"], max_length),
+            "tie": bool(pair.get("tie", False)),
+        })
+    return out
+
+
+def _in_heldout(conversation_id: str, seed: int, fraction: float) -> float:
+    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_by_conversation(pairs: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Split pairs into ``(train, heldout)`` by ``conversation_id``, never by row.
+
+    A conversation is held out when a hash of (seed, id) falls below ``heldout_fraction``, so
+    the split is deterministic and a conversation keeps its side as data grows. With at least
+    two conversations and a fraction > 0, at least one is held out and one kept for training."""
+    if heldout_fraction <= 0:
+        return list(pairs), []
+    ids = sorted({str(p["conversation_id"]) for p in pairs})
+    u = {c: _in_heldout(c, seed, heldout_fraction) for c in ids}
+    held = {c for c in ids if u[c] < heldout_fraction}
+    if len(ids) >= 2 and not held:
+        held = {min(ids, key=u.get)}
+    if len(ids) >= 2 and held == set(ids):
+        held.discard(max(ids, key=u.get))
+    train = [p for p in pairs if str(p["conversation_id"]) not in held]
+    heldout = [p for p in pairs if str(p["conversation_id"]) in held]
+    return train, heldout
+
+
+def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _pair_scores(rm: RewardModel, batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected scores (B,), (B,) from one forward of 2B right-padded rows."""
+    ids, mask = _pad_right([p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad_id)
+    device = rm.head.weight.device
+    scores = rm(ids.to(device), mask.to(device))  # (2B,)
+    return scores[: len(batch)], scores[len(batch):]
+
+
+@torch.no_grad()
+def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: int = 16) -> dict:
+    """Held-out figures of ``rm`` on encoded pairs: ``rm/accuracy`` (share of non-tie pairs with
+    r_chosen > r_rejected; NaN if there are none) and ``rm/heldout_loss`` (NaN if no pairs)."""
+    rm.eval()
+    correct, n_pref, losses = 0, 0, []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
+        tie = torch.tensor([p["tie"] for p in batch])
+        losses.append(float(pairwise_loss(rc, rr, tie)) * len(batch))
+        correct += int(((rc > rr) & ~tie).sum())
+        n_pref += int((~tie).sum())
+    return {
+        "rm/accuracy": correct / n_pref if n_pref else float("nan"),
+        "rm/heldout_loss": sum(losses) / len(encoded) if encoded else float("nan"),
+    }
+
+
+def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig, init_dir=None) -> tuple[RewardModel, dict]:
+    """Train a reward model on preference pairs.
+
+    Args:
+        base: hub id or directory of the policy's base model (loaded afresh, frozen).
+        pairs: see :func:`encode_pairs`; identical-text and ``both_bad`` pairs are dropped.
+        init_dir: a previous reward model (:meth:`RewardModel.save`) to warm-start from.
+
+    Returns:
+        ``(rm, metrics)``: ``rm/accuracy`` (held-out, non-tie pairs; NaN if none),
+        ``rm/heldout_loss``, ``rm/loss`` (mean train loss of the last epoch), ``rm/train_pairs``,
+        ``rm/heldout_pairs``, ``rm/ties``, ``rm/dropped_pairs``, ``rm/train_s``.
+
+    Raises:
+        NotEnoughVotesError: fewer usable pairs than ``config.min_votes``.
+    """
+    t0 = time.time()
+    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    if len(encoded) < config.min_votes:
+        raise NotEnoughVotesError(
+            f"only {len(encoded)} usable preference pairs ({len(pairs) - len(encoded)} dropped as "
+            f"identical or both-bad); at least {config.min_votes} are needed (min_votes)"
+        )
+    train, heldout = split_by_conversation(encoded, config.heldout_fraction, config.seed)
+    if init_dir is not None:
+        rm = RewardModel.load(base, init_dir, trainable=True)
+    else:
+        rm = RewardModel.from_base(base, config.lora, seed=config.seed)
+    params = rm.trainable_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    rng = random.Random(config.seed)
+    rm.eval()  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
+    epoch_loss = float("nan")
+    for _epoch in range(config.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = [train[i] for i in order[start:start + config.batch_size]]
+            rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
+            loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in batch]))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            total += float(loss) * len(batch)
+        epoch_loss = total / max(len(train), 1)
+    optimizer.zero_grad(set_to_none=True)
+    metrics = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)
+    metrics.update({
+        "rm/loss": epoch_loss,
+        "rm/train_pairs": len(train),
+        "rm/heldout_pairs": len(heldout),
+        "rm/ties": sum(p["tie"] for p in encoded),
+        "rm/dropped_pairs": len(pairs) - len(encoded),
+        "rm/train_s": time.time() - t0,
+    })
+    log.info("reward model: accuracy=%.3f loss=%.4f train=%d heldout=%d", metrics["rm/accuracy"],
+             epoch_loss, len(train), len(heldout))
+    return rm, metrics
+
+
+@torch.no_grad()
+def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], answers: list[str],
+          batch_size: int = 16, max_length: int = 512) -> torch.Tensor:
+    """Raw reward-model scores (B,) of ``answers`` to ``prompts`` (answers rendered as an
+    assistant turn ending with the end-of-turn token).
+
+    Raises:
+        ValueError: ``prompts`` and ``answers`` differ in length.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    rm.eval()
+    rows = [answer_ids(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
+    out = []
+    for start in range(0, len(rows), batch_size):
+        ids, mask = _pad_right(rows[start:start + batch_size], tokenizer.pad_token_id)
+        out.append(rm(ids.to(rm.head.weight.device), mask.to(rm.head.weight.device)).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def make_reward_fn(rm: RewardModel, tokenizer, batch_size: int = 16, max_length: int = 512):
+    """``reward_fn(prompts, answers) -> (B,)`` raw scores, the callable :func:`training.ppo.ppo_train` takes."""
+
+    def reward_fn(prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
+        return score(rm, tokenizer, prompts, answers, batch_size, max_length)
+
+    return reward_fn
+
+
+@dataclass
+class RewardNormalizer:
+    """Affine normalisation of scores: (s − mean) / std, then clipped to ±clip (0 = no clip).
+
+    Fitted on the reference policy's answers so they score mean 0, std 1 (Ziegler et al. 2019;
+    Ouyang et al. 2022)."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    clip: float = 5.0
+
+    @classmethod
+    def fit(cls, scores: torch.Tensor, clip: float = 5.0, min_std: float = 1e-3) -> RewardNormalizer:
+        """Fit on (N,) scores; std below ``min_std`` is raised to it (constant scores).
+
+        Raises:
+            ValueError: no scores.
+        """
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+        if scores.numel() == 0:
+            raise ValueError("RewardNormalizer.fit needs at least one score")
+        std = float(scores.std()) if scores.numel() > 1 else 0.0
+        return cls(float(scores.mean()), max(std, min_std), clip)
+
+    def __call__(self, scores: torch.Tensor) -> torch.Tensor:
+        out = (torch.as_tensor(scores, dtype=torch.float32) - self.mean) / self.std
+        return out.clamp(-self.clip, self.clip) if self.clip > 0 else out
