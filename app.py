@@ -1,0 +1,135 @@
+"""RLHF chat: a chat app that learns from its users' side-by-side votes.
+
+    python app.py                      # offline starter model, UI at http://127.0.0.1:7860
+    python app.py --model ORG/NAME     # any causal LM with a chat template (hub id or directory)
+
+Composition root: config → storage → model → engine → scheduler → UI. Nothing else lives here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
+
+log = logging.getLogger("app")
+
+
+@dataclass
+class AppConfig:
+    """Every flag of ``python app.py``."""
+
+    model: str = help_field("", help="hub id or local directory of a causal LM with a chat template; empty: build/use the offline starter model")
+    quantize: str = help_field("none", help="load the served base in 8bit or 4bit (nf4) with bitsandbytes", choices=["none", "8bit", "4bit"])
+    data_dir: str = help_field("data", help="where the SQLite file, adapters, reward models and the starter live")
+    host: str = help_field("127.0.0.1", help="address to bind; 0.0.0.0 opens the app to the network")
+    port: int = help_field(7860, help="port of the web UI")
+    train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")
+    min_new_votes: int = help_field(20, help="new votes needed before a scheduled round starts")
+    min_votes: int = help_field(10, help="A/B votes (ties excluded) a round needs to train at all")
+    no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
+    temperature: float = help_field(0.8, help="sampling temperature of chat replies (0: greedy)")
+    top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
+    max_new_tokens: int = help_field(128, help="reply length limit in tokens")
+    seed: int = help_field(0, help="seed of the starter build and of training rounds")
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.train_every <= 0:
+            raise ValueError(f"--train-every must be > 0 minutes, got {self.train_every}")
+
+
+def _check_data_dir_model(data_dir: Path, model: str) -> None:
+    """Adapters only fit the base they were trained on: refuse a data dir made for another."""
+    marker = data_dir / "model.json"
+    if marker.is_file():
+        recorded = json.loads(marker.read_text()).get("model")
+        if recorded != model:
+            raise SystemExit(
+                f"error: {data_dir} holds adapters for model {recorded!r}, not {model!r}; "
+                "pass another --data-dir for this model."
+            )
+    else:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps({"model": model}))
+
+
+def build_app(config: AppConfig):
+    """Wire storage, model, engine, scheduler and UI; returns ``(demo, scheduler)``.
+
+    Raises:
+        training.models.ModelLoadError: the model cannot be loaded.
+    """
+    from chatapp.engine import ChatEngine, Sampling
+    from chatapp.service import ChatService
+    from chatapp.ui import UIParts, build_ui
+    from storage.db import open_store
+    from storage.registry import AdapterRegistry
+    from training.jobs import ADAPTERS_DIRNAME
+    from training.models import load_model_and_tokenizer
+    from training.scheduler import TrainingScheduler, subprocess_round
+
+    data_dir = Path(config.data_dir)
+    if config.model:
+        model_ref = config.model
+    else:
+        from training.starter import ensure_starter
+
+        model_ref = str(ensure_starter(data_dir, progress=True).resolve())
+    _check_data_dir_model(data_dir, config.model or "starter")
+    store = open_store(data_dir)
+    store.fail_stale_rounds("the app stopped while this round was running")
+    registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
+    registry.clean_staging()
+    model, tokenizer = load_model_and_tokenizer(model_ref, config.quantize)
+    engine = ChatEngine(model, tokenizer, registry)
+    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
+    service = ChatService(engine, store, sampling)
+    scheduler = None
+    if not config.no_train:
+        round_args = ["--data-dir", str(data_dir), "--model", model_ref,
+                      "--min-votes", str(config.min_votes), "--seed", str(config.seed)]  # fmt: skip
+        round_fn = subprocess_round(round_args, data_dir / "logs" / "training.log", store)
+        scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes)
+    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir))
+    return demo, scheduler
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags, build the app and serve it until interrupted; exit code 2 on bad input."""
+    parser = argparse.ArgumentParser(description="RLHF chat: chat, compare, vote; the model learns online.")
+    add_dataclass_args(parser, AppConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(AppConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from training.models import ModelLoadError
+
+    try:
+        demo, scheduler = build_app(config)
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if scheduler is not None:
+        scheduler.start()
+    print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)
+    try:
+        demo.queue(default_concurrency_limit=8).launch(server_name=config.host, server_port=config.port, show_error=True)
+    finally:
+        if scheduler is not None:
+            scheduler.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

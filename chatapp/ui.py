@@ -1,0 +1,220 @@
+"""The Gradio UI: a Chat tab (streaming, stop, new conversation, side-by-side comparisons with
+votes) and a Training tab (live version, rounds, vote counts, train now, rollback, export).
+
+Handlers only parse input, call one method of :class:`chatapp.service.ChatService` (or the
+store / scheduler) and render the result; errors become ``gr.Error`` / ``gr.Warning`` here only.
+Message text is HTML-escaped for display, so markup in a message is shown, never run; the store
+keeps it byte for byte.
+"""
+
+from __future__ import annotations
+
+import html
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+
+from chatapp.service import ChatService, ChatSession, UserInputError
+from storage.db import AlreadyVoted
+from storage.registry import AdapterRegistry
+from training.models import ContextTooLongError
+from training.scheduler import TrainingScheduler
+
+ROUND_COLUMNS = [
+    "round", "trigger", "status", "reason", "rm/accuracy", "objective/reward",
+    "objective/kl", "version", "started", "finished",
+]  # fmt: skip
+
+
+@dataclass
+class UIParts:
+    """What the UI needs from the rest of the app (wired by ``app.py``)."""
+
+    service: ChatService
+    registry: AdapterRegistry
+    scheduler: TrainingScheduler | None = None
+    data_dir: Path | None = None
+
+
+def _display(messages: list[dict]) -> list[dict]:
+    """Chatbot value: role/content dicts with the content HTML-escaped (shown literally)."""
+    return [{"role": m["role"], "content": html.escape(m["content"])} for m in messages]
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "" if value is None else str(value)
+
+
+def rounds_table(store) -> list[list[str]]:
+    """Rows of the rounds table, newest first."""
+    rows = []
+    for r in store.rounds(limit=50):
+        m = r.get("metrics") or {}
+        rows.append(
+            [
+                _fmt(r["id"]), r.get("trigger") or "", r["status"], r.get("reason") or "",
+                _fmt(m.get("rm/accuracy")), _fmt(m.get("objective/reward")),
+                _fmt(m.get("objective/kl")), _fmt(r.get("version")),
+                (r.get("started_at") or "")[:19], (r.get("finished_at") or "")[:19],
+            ]
+        )  # fmt: skip
+    return rows
+
+
+def status_markdown(parts: UIParts) -> str:
+    """The Training tab's summary: live version, vote counts, whether a round runs."""
+    store = parts.service.store
+    counts = store.vote_counts()
+    live = store.live_version()
+    running = parts.scheduler is not None and parts.scheduler.busy or store.running_round() is not None
+    return (
+        f"**Live policy version:** {live}  \n"
+        f"**Votes:** {counts['total']} (A {counts['a']}, B {counts['b']}, tie {counts['tie']}, "
+        f"both bad {counts['both_bad']}; {counts['pending']} comparisons awaiting a vote)  \n"
+        f"**Training:** {'a round is running' if running else 'idle'}"
+    )
+
+
+def build_ui(parts: UIParts) -> gr.Blocks:
+    """Build the Blocks app. Launch it with ``demo.queue().launch(...)``."""
+    service = parts.service
+    store = service.store
+    stops: dict[str, threading.Event] = {}  # session id → stop event of its running reply
+
+    def _session(state: ChatSession | None) -> ChatSession:
+        return state if state is not None else ChatSession()
+
+    def _stop_event(session: ChatSession) -> threading.Event:
+        event = threading.Event()
+        stops[session.session_id] = event
+        return event
+
+    def send(text, compare, state):
+        session = _session(state)
+        hidden = gr.update(visible=False)
+        try:
+            stop = _stop_event(session)
+            if compare:
+                pending_view = _display(session.messages) + [{"role": "user", "content": html.escape(text or "")}]
+                for a, b in service.compare(session, text, stop_event=stop):
+                    yield pending_view, "", a, b, gr.update(visible=True), gr.update(visible=False), session
+                if session.pending is None:  # stopped: no vote offered
+                    yield _display(session.messages), "", "", "", hidden, hidden, session
+                else:
+                    yield pending_view, "", gr.skip(), gr.skip(), gr.update(visible=True), gr.update(visible=True), session
+            else:
+                base = _display(session.messages) + [{"role": "user", "content": html.escape(text or "")}]
+                for partial in service.chat(session, text, stop_event=stop):
+                    view = base + [{"role": "assistant", "content": html.escape(partial)}]
+                    yield view, "", gr.skip(), gr.skip(), hidden, hidden, session
+                yield _display(session.messages), "", gr.skip(), gr.skip(), hidden, hidden, session
+        except (UserInputError, ContextTooLongError) as exc:
+            gr.Warning(str(exc))
+            yield _display(session.messages), text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), session
+
+    def stop(state):
+        if state is not None and state.session_id in stops:
+            stops[state.session_id].set()
+
+    def vote(choice, state):
+        session = _session(state)
+        try:
+            service.vote(session, choice)
+        except (UserInputError, AlreadyVoted) as exc:
+            raise gr.Error(str(exc)) from exc
+        hidden = gr.update(visible=False)
+        return _display(session.messages), "", "", hidden, hidden, session
+
+    def new_conversation(system_prompt, state):
+        session = service.new_conversation(_session(state), system_prompt)
+        hidden = gr.update(visible=False)
+        return [], "", "", hidden, hidden, session
+
+    def refresh_training():
+        versions = [str(v["version"]) for v in store.versions() if v.get("status") != "rejected"]
+        live = store.live_version()
+        return (
+            status_markdown(parts),
+            rounds_table(store),
+            gr.update(choices=versions, value=str(live) if live is not None else None),
+        )
+
+    def train_now():
+        if parts.scheduler is None:
+            raise gr.Error("Training is not enabled in this app.")
+        gr.Info(parts.scheduler.request_round())
+        return status_markdown(parts)
+
+    def export_votes():
+        out = Path(tempfile.mkdtemp(prefix="votes-")) / "votes.jsonl"
+        n = store.export_jsonl(out)
+        gr.Info(f"Exported {n} preference pairs.")
+        return str(out)
+
+    def rollback(version):
+        if version in (None, ""):
+            raise gr.Error("Pick a version to make live.")
+        try:
+            store.set_live(int(version))
+        except (KeyError, ValueError) as exc:
+            raise gr.Error(str(exc)) from exc
+        gr.Info(f"Version {version} is live; the next reply uses it.")
+        return status_markdown(parts)
+
+    with gr.Blocks(title="RLHF chat") as demo:
+        state = gr.State(None)
+        with gr.Tab("Chat"):
+            chatbot = gr.Chatbot(label="Conversation", height=420, sanitize_html=True)
+            with gr.Row():
+                text = gr.Textbox(placeholder="Type a message…", show_label=False, scale=6, max_lines=8)
+                send_btn = gr.Button("Send", variant="primary", scale=1)
+                stop_btn = gr.Button("Stop", variant="stop", scale=1)
+            with gr.Row():
+                compare = gr.Checkbox(value=True, label="Compare two answers side by side")
+                new_btn = gr.Button("New conversation", size="sm")
+            with gr.Accordion("System prompt (applies to the next new conversation)", open=False):
+                system_prompt = gr.Textbox(show_label=False, lines=2)
+            with gr.Group(visible=False) as compare_box:
+                with gr.Row():
+                    answer_a = gr.Textbox(label="Answer A", lines=6, interactive=False)
+                    answer_b = gr.Textbox(label="Answer B", lines=6, interactive=False)
+            with gr.Row(visible=False) as vote_row:
+                vote_a = gr.Button("A is better")
+                vote_b = gr.Button("B is better")
+                vote_tie = gr.Button("Tie")
+                vote_bad = gr.Button("Both bad")
+        with gr.Tab("Training"):
+            status = gr.Markdown(status_markdown(parts))
+            with gr.Row():
+                train_btn = gr.Button("Train now", variant="primary")
+                refresh_btn = gr.Button("Refresh")
+                export_btn = gr.Button("Export votes (JSONL)")
+            export_file = gr.File(label="Preference pairs (TRL conversational format)", interactive=False)
+            rounds = gr.Dataframe(headers=ROUND_COLUMNS, value=rounds_table(store), label="Training rounds", interactive=False, wrap=True)
+            with gr.Row():
+                version_pick = gr.Dropdown(label="Policy version", choices=[], interactive=True)
+                rollback_btn = gr.Button("Make this version live (rollback)")
+            timer = gr.Timer(5.0)
+
+        send_outputs = [chatbot, text, answer_a, answer_b, compare_box, vote_row, state]
+        send_btn.click(send, [text, compare, state], send_outputs, api_name="send")
+        text.submit(send, [text, compare, state], send_outputs, api_visibility="private")
+        # stop ends generation within one decoding step; the send handler then finishes normally
+        stop_btn.click(stop, [state], None, api_name="stop", queue=False)
+        vote_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
+        for button, choice in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "both_bad")):
+            button.click(lambda s, c=choice: vote(c, s), [state], vote_outputs, api_name=f"vote_{choice}")
+        new_btn.click(new_conversation, [system_prompt, state], [chatbot, answer_a, answer_b, compare_box, vote_row, state], api_name="new_conversation")
+        training_outputs = [status, rounds, version_pick]
+        refresh_btn.click(refresh_training, None, training_outputs, api_name="training_status")
+        timer.tick(refresh_training, None, training_outputs, api_visibility="private")
+        demo.load(refresh_training, None, training_outputs, api_visibility="private")
+        train_btn.click(train_now, None, status, api_name="train_now")
+        export_btn.click(export_votes, None, export_file, api_name="export_votes")
+        rollback_btn.click(rollback, version_pick, status, api_name="rollback")
+    return demo

@@ -1,0 +1,179 @@
+"""Chat, compare and vote through the service layer, on a tiny real model and a real SQLite file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from chatapp.engine import ChatEngine, Sampling
+from chatapp.service import ChatService, ChatSession, UserInputError
+from storage.db import AlreadyVoted, open_store
+from storage.registry import AdapterRegistry
+from training.models import (
+    ContextTooLongError,
+    fit_messages,
+    load_model_and_tokenizer,
+    render_prompt,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def service(tiny_model_dir, tmp_path):
+    store = open_store(tmp_path / "data")
+    registry = AdapterRegistry(tmp_path / "data" / "adapters", store)
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    engine = ChatEngine(model, tok, registry)
+    return ChatService(engine, store, Sampling(max_new_tokens=8), seed=0)
+
+
+def _drain(gen):
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
+
+
+def _count(store, table):
+    return store.db.execute(f"select count(*) from {table}").fetchone()[0]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t "])
+def test_empty_message_is_refused_and_nothing_stored(service, text):
+    session = ChatSession()
+    with pytest.raises(UserInputError, match="empty"):
+        _drain(service.chat(session, text))
+    with pytest.raises(UserInputError):
+        _drain(service.compare(session, text))
+    assert _count(service.store, "messages") == 0
+    assert _count(service.store, "conversations") == 0
+    assert session.messages == []
+
+
+def test_two_turn_chat_keeps_context_and_records_versions(service):
+    session = ChatSession(system_prompt="Be brief.")
+    streamed = list(service.chat(session, "hello there"))
+    assert streamed, "the reply must stream at least one piece"
+    assert all(streamed[i + 1].startswith(streamed[i]) for i in range(len(streamed) - 1))
+    _drain(service.chat(session, "what is 12 plus 30?"))
+    rows = service.store.messages(session.conversation_id)
+    assert [r["role"] for r in rows] == ["user", "assistant", "user", "assistant"]
+    assert [r["policy_version"] for r in rows if r["role"] == "assistant"] == [0, 0]
+    # the second prompt holds the whole conversation, system prompt first
+    ids = service.engine.prompt_ids(session.context()[:-1], 8)
+    text = service.engine.tokenizer.decode(ids)
+    assert text.index("Be brief.") < text.index("hello there") < text.index("what is 12 plus 30?")
+
+
+def test_fit_messages_drops_oldest_whole_turns(tiny_model_dir):
+    _, tok = load_model_and_tokenizer(tiny_model_dir)
+    messages = [{"role": "system", "content": "sys"}]
+    for i in range(6):
+        messages += [{"role": "user", "content": f"question {i} " * 3}, {"role": "assistant", "content": f"answer {i} " * 3}]
+    messages.append({"role": "user", "content": "newest"})
+    full = len(render_prompt(tok, messages))
+    kept = fit_messages(tok, messages, max_context_tokens=full // 2 + 10, max_new_tokens=10)
+    assert kept[0] == messages[0] and kept[-1] == messages[-1]
+    assert kept[1]["role"] == "user"  # starts on a whole turn
+    assert 3 <= len(kept) < len(messages)
+    assert len(render_prompt(tok, kept)) <= full // 2
+    assert kept[1:] == messages[len(messages) - len(kept) + 1:]  # a suffix of the turns
+    assert fit_messages(tok, messages, full + 10, 10) == messages
+
+
+def test_too_long_message_gets_a_clear_error_and_nothing_stored(service):
+    session = ChatSession()
+    with pytest.raises(ContextTooLongError, match="too long"):
+        _drain(service.chat(session, "word " * 5000))
+    assert _count(service.store, "messages") == 0
+
+
+def test_compare_vote_continues_with_chosen_answer(service):
+    session = ChatSession()
+    _drain(service.compare(session, "spell cat backwards"))
+    pending = session.pending
+    assert pending is not None
+    with pytest.raises(UserInputError, match="Vote"):
+        _drain(service.chat(session, "another message"))
+    row = service.store.comparison(pending.comparison_id)
+    assert (row["answer_a"], row["answer_b"]) == (pending.replies[0].text, pending.replies[1].text)
+    assert row["sampling_a"]["max_new_tokens"] == 8 and row["choice"] is None
+    assert row["context"][-1] == {"role": "user", "content": "spell cat backwards"}
+    service.vote(session, "b")
+    assert session.messages[-1]["content"] == pending.replies[1].text
+    stored = service.store.messages(session.conversation_id)
+    assert stored[-1]["content"] == pending.replies[1].text and stored[-1]["role"] == "assistant"
+    with pytest.raises(UserInputError):
+        service.vote(session, "a")  # nothing pending any more
+    with pytest.raises(AlreadyVoted):
+        service.store.vote(pending.comparison_id, "a")
+    assert service.store.comparison(pending.comparison_id)["choice"] == "b"
+
+
+@pytest.mark.parametrize("choice", ["tie", "both_bad"])
+def test_tie_and_both_bad_continue_with_a(service, choice):
+    session = ChatSession()
+    _drain(service.compare(session, "hello"))
+    a_text = session.pending.replies[0].text
+    service.vote(session, choice)
+    assert session.messages[-1]["content"] == a_text
+    assert service.store.vote_counts()[choice] == 1
+
+
+def test_stopped_reply_is_marked_and_never_offered_for_voting(service):
+    session = ChatSession()
+    stop = threading.Event()
+    gen = service.compare(session, "hello", stop_event=stop)
+    next(gen)  # the first streamed piece
+    stop.set()
+    _drain(gen)
+    assert session.pending is None
+    assert _count(service.store, "comparisons") == 0
+    last = service.store.messages(session.conversation_id)[-1]
+    assert last["role"] == "assistant" and last["sampling"]["stopped"] is True
+
+
+def test_published_version_serves_the_next_reply(service, tmp_path):
+    engine = service.engine
+    registry = engine.registry
+    # a new adapter with changed LoRA weights, published as version 1
+    src = registry.path(0)
+    from peft import PeftModel
+
+    base, _ = load_model_and_tokenizer(Path(engine.model.peft_config["v0"].base_model_name_or_path))
+    model = PeftModel.from_pretrained(base, str(src), is_trainable=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)
+    staging = registry.staging_dir()
+    model.save_pretrained(str(staging))
+    version = registry.publish(staging, parent=0, round_id=None, metrics={}, live=True)
+    assert version == 1
+    session = ChatSession()
+    reply = _drain(service.chat(session, "hello"))
+    assert reply.version == 1
+    assert service.store.messages(session.conversation_id)[-1]["policy_version"] == 1
+    # comparisons now pit live against its parent
+    _drain(service.compare(session, "again"))
+    assert sorted(r.version for r in session.pending.replies) == [0, 1]
+
+
+def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "app.py", "--model", str(tmp_path / "no-such-model"), "--data-dir", str(tmp_path / "d")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--model" in errors[0], proc.stderr
