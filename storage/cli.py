@@ -1,0 +1,79 @@
+"""Command line for the chat database: export votes for training, print statistics.
+
+    python -m storage export --data-dir data --out votes.jsonl   # TRL preference pairs
+    python -m storage stats  --data-dir data                     # votes, versions, rounds
+
+Only parses arguments and calls ``storage.Store``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from storage.db import DB_FILENAME, Store, open_store
+
+
+def _existing_store(data_dir: Path) -> Store:
+    db_path = data_dir / DB_FILENAME
+    if not db_path.is_file():
+        raise SystemExit(
+            f"error: no database at {db_path}; pass --data-dir pointing at the app's data folder"
+        )
+    return open_store(data_dir)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write preference pairs as JSONL to ``--out`` (``-`` for stdout)."""
+    with _existing_store(args.data_dir) as store:
+        if args.out == "-":
+            count = store.export_jsonl(sys.stdout)
+        else:
+            count = store.export_jsonl(args.out)
+    print(f"exported {count} preference pairs to {args.out}", file=sys.stderr)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Print vote counts, the live version and the latest rounds."""
+    with _existing_store(args.data_dir) as store:
+        counts = store.vote_counts()
+        print(
+            "votes: "
+            + " ".join(f"{k}={counts[k]}" for k in ("a", "b", "tie", "both_bad", "total", "pending"))
+        )
+        print(f"new votes since last trained round: {store.new_votes_since_last_round()}")
+        print(f"preference pairs: {len(store.preference_pairs())}")
+        print(f"live version: {store.live_version()}  (registered: {len(store.versions())})")
+        rounds = store.rounds(limit=args.rounds)
+        print(f"rounds (latest {len(rounds)}):")
+        for r in rounds:
+            metrics = json.dumps(r["metrics"], ensure_ascii=False) if r["metrics"] else ""
+            print(
+                f"  #{r['id']} {r['status']:<9} trigger={r['trigger']} version={r['version']} "
+                f"votes={r['votes_used']} started={r['started_at']} {r['reason']} {metrics}".rstrip()
+            )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m storage`` argument parser."""
+    parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write preference pairs (TRL format) as JSONL")
+    export.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with chat.db")
+    export.add_argument("--out", default="votes.jsonl", help="output file, '-' for stdout")
+    export.set_defaults(func=cmd_export)
+    stats = sub.add_parser("stats", help="print vote counts, live version and rounds")
+    stats.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with chat.db")
+    stats.add_argument("--rounds", type=int, default=10, help="how many recent rounds to list")
+    stats.set_defaults(func=cmd_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,386 @@
+"""The chat database: conversations, messages, side-by-side comparisons and their votes.
+
+``Store(path)`` opens (creating if needed) one SQLite file, in WAL mode with a 30 s busy
+timeout and foreign keys on, applies pending migrations (``storage/migrations.py``) and gives
+each thread its own connection, so Gradio workers, the scheduler and HTTP clients can use one
+``Store`` concurrently. Training rounds and the policy-version registry live in
+``storage/rounds.py`` and ``storage/versions.py`` and are methods of the same ``Store``.
+
+Timestamps are ISO-8601 UTC strings (``2025-01-31T12:00:00.000000+00:00``); text is stored
+exactly as given. Inspect a database with ``python -m storage stats --data-dir DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import uuid
+from pathlib import Path
+from typing import IO, Any
+
+import sqlite_utils
+
+from storage.connection import (
+    Connections,
+    UtcClock,
+    dumps,
+    loads,
+    normalize_timestamp,
+)
+from storage.errors import AlreadyVoted, UnknownComparison, UnknownConversation
+from storage.migrations import migrate, schema_version
+from storage.rounds import RoundsMixin
+from storage.versions import VersionsMixin
+
+DB_FILENAME = "chat.db"
+ROLES = ("system", "user", "assistant")
+CHOICES = ("a", "b", "tie", "both_bad")
+
+
+def open_store(data_dir: str | Path = "data") -> Store:
+    """Open (creating if needed) the store at ``data_dir / DB_FILENAME``."""
+    return Store(Path(data_dir) / DB_FILENAME)
+
+
+def _check_messages(messages: list[dict], what: str) -> list[dict]:
+    """Validate a list of chat messages and keep only ``role`` and ``content``."""
+    if not isinstance(messages, list):
+        raise ValueError(f"{what} must be a list of {{'role', 'content'}} dicts; got {messages!r}")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(
+            m.get("content"), str
+        ):
+            raise ValueError(
+                f"{what}[{i}] must be a dict with role in {ROLES} and a str content; got {m!r}"
+            )
+        clean.append({"role": m["role"], "content": m["content"]})
+    return clean
+
+
+def _decode_comparison(row: dict) -> dict:
+    row = dict(row)
+    for key in ("context", "sampling_a", "sampling_b"):
+        row[key] = loads(row[key])
+    return row
+
+
+class Store(RoundsMixin, VersionsMixin):
+    """All persistent state of the app in one SQLite file; safe to share between threads.
+
+    ``path``: the database file (parent directories are created; ``':memory:'`` is refused
+    because every thread would get its own empty database). ``busy_timeout_s``: how long a
+    writer waits for the lock before ``sqlite3.OperationalError: database is locked``.
+    """
+
+    def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
+        self._connections = Connections(Path(path), busy_timeout_s)
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = UtcClock()
+        db = self.db
+        db.enable_wal()
+        migrate(db)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        """The calling thread's ``sqlite_utils.Database`` on this file."""
+        return self._connections.get()
+
+    def close(self) -> None:
+        """Close every thread's connection (the store reopens lazily if used again)."""
+        self._connections.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _now(self) -> str:
+        return self._clock.now()
+
+    def schema_version(self) -> int:
+        """Number of the last applied migration."""
+        return schema_version(self.db)
+
+    # -- conversations and messages -------------------------------------------------------
+
+    def new_conversation(self, session_id: str, system_prompt: str | None = None) -> str:
+        """Start a conversation for browser session ``session_id``; returns its uuid (str)."""
+        conversation_id = str(uuid.uuid4())
+        self.db.table("conversations").insert(
+            {
+                "id": conversation_id,
+                "session_id": session_id,
+                "system_prompt": system_prompt,
+                "created_at": self._now(),
+            }
+        )
+        return conversation_id
+
+    def conversation(self, conversation_id: str) -> dict:
+        """One conversation row. Raises ``UnknownConversation`` (a ``KeyError``) if absent."""
+        try:
+            return dict(self.db.table("conversations").get(conversation_id))
+        except sqlite_utils.db.NotFoundError:
+            raise UnknownConversation(f"no conversation with id {conversation_id!r}") from None
+
+    def add_message(
+        self,
+        conversation_id: str,
+        role: str,
+        content: str,
+        policy_version: int | None = None,
+        sampling: dict | None = None,
+    ) -> int:
+        """Append a message and return its id (int, increasing).
+
+        ``role`` is ``'system' | 'user' | 'assistant'``; ``policy_version`` the version that
+        generated an assistant message; ``sampling`` the JSON-able generation settings.
+        Raises ``ValueError`` for a bad role or non-str content, ``UnknownConversation``.
+        """
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}; got {role!r}")
+        if not isinstance(content, str):
+            raise ValueError(f"content must be a str; got {type(content).__name__}")
+        table = self.db.table("messages")
+        try:
+            table.insert(
+                {
+                    "conversation_id": conversation_id,
+                    "role": role,
+                    "content": content,
+                    "policy_version": policy_version,
+                    "sampling": dumps(sampling),
+                    "created_at": self._now(),
+                }
+            )
+        except sqlite3.IntegrityError as e:
+            raise UnknownConversation(
+                f"no conversation with id {conversation_id!r}; call new_conversation() first"
+            ) from e
+        return int(table.last_pk)
+
+    def messages(self, conversation_id: str) -> list[dict]:
+        """A conversation's messages in order, as dicts with ``id, role, content,
+        policy_version, sampling`` (decoded) and ``created_at``.
+
+        Raises ``UnknownConversation`` if the conversation does not exist.
+        """
+        rows = self.db.table("messages").rows_where(
+            "conversation_id = ?",
+            [conversation_id],
+            select="id, role, content, policy_version, sampling, created_at",
+            order_by="id",
+        )
+        out = [{**r, "sampling": loads(r["sampling"])} for r in rows]
+        if not out:
+            self.conversation(conversation_id)  # raises if unknown
+        return out
+
+    # -- comparisons and votes ------------------------------------------------------------
+
+    def add_comparison(
+        self,
+        conversation_id: str,
+        session_id: str,
+        context: list[dict],
+        answer_a: str,
+        answer_b: str,
+        version_a: int | None,
+        version_b: int | None,
+        sampling_a: dict | None,
+        sampling_b: dict | None,
+    ) -> str:
+        """Store two answers shown side by side, awaiting a vote; returns the comparison uuid.
+
+        ``context`` is the list of ``{role, content}`` messages before the answers (other keys
+        are dropped). Raises ``ValueError`` for malformed context or non-str answers,
+        ``UnknownConversation`` if the conversation does not exist.
+        """
+        context = _check_messages(context, "context")
+        for name, answer in (("answer_a", answer_a), ("answer_b", answer_b)):
+            if not isinstance(answer, str):
+                raise ValueError(f"{name} must be a str; got {type(answer).__name__}")
+        comparison_id = str(uuid.uuid4())
+        try:
+            self.db.table("comparisons").insert(
+                {
+                    "id": comparison_id,
+                    "conversation_id": conversation_id,
+                    "session_id": session_id,
+                    "context": dumps(context),
+                    "answer_a": answer_a,
+                    "answer_b": answer_b,
+                    "version_a": version_a,
+                    "version_b": version_b,
+                    "sampling_a": dumps(sampling_a),
+                    "sampling_b": dumps(sampling_b),
+                    "choice": None,
+                    "created_at": self._now(),
+                    "voted_at": None,
+                }
+            )
+        except sqlite3.IntegrityError as e:
+            raise UnknownConversation(
+                f"no conversation with id {conversation_id!r}; call new_conversation() first"
+            ) from e
+        return comparison_id
+
+    def comparison(self, comparison_id: str) -> dict:
+        """One comparison with ``context``/``sampling_*`` decoded; ``choice`` None if unvoted.
+
+        Raises ``UnknownComparison`` (a ``KeyError``) if absent.
+        """
+        try:
+            row = self.db.table("comparisons").get(comparison_id)
+        except sqlite_utils.db.NotFoundError:
+            raise UnknownComparison(
+                f"no comparison with id {comparison_id!r}; it may have expired with its page"
+            ) from None
+        return _decode_comparison(row)
+
+    def vote(self, comparison_id: str, choice: str) -> dict:
+        """Record the vote ``choice`` (``'a' | 'b' | 'tie' | 'both_bad'``); returns the row.
+
+        Atomic: of two racing votes exactly one wins. Raises ``ValueError`` for another
+        choice, ``AlreadyVoted`` (a ``ValueError``) if the comparison already has a vote —
+        which is kept unchanged — and ``UnknownComparison`` if it does not exist.
+        """
+        if choice not in CHOICES:
+            raise ValueError(
+                f"choice must be one of 'a', 'b', 'tie', 'both_bad'; got {choice!r}"
+            )
+        cursor = self.db.execute(
+            "UPDATE comparisons SET choice = ?, voted_at = ? WHERE id = ? AND choice IS NULL",
+            [choice, self._now(), comparison_id],
+        )
+        if cursor.rowcount == 0:
+            first = self.comparison(comparison_id)  # raises UnknownComparison
+            raise AlreadyVoted(
+                f"comparison {comparison_id} was already voted {first['choice']!r} at "
+                f"{first['voted_at']}; the first vote is kept"
+            )
+        return self.comparison(comparison_id)
+
+    def voted_comparisons(self, after: str | None = None) -> list[dict]:
+        """All voted comparisons, oldest vote first, decoded.
+
+        ``after``: an ISO-8601 timestamp; only votes strictly later are returned.
+        Raises ``ValueError`` if ``after`` is not ISO-8601.
+        """
+        where, params = "choice IS NOT NULL", []
+        if after is not None:
+            where += " AND voted_at > ?"
+            params.append(normalize_timestamp(after))
+        rows = self.db.table("comparisons").rows_where(where, params, order_by="voted_at, id")
+        return [_decode_comparison(r) for r in rows]
+
+    def vote_counts(self) -> dict[str, int]:
+        """``{'a', 'b', 'tie', 'both_bad'}`` vote counts, ``total`` (voted) and ``pending``."""
+        counts: dict[str, int] = dict.fromkeys((*CHOICES, "total", "pending"), 0)
+        for choice, n in self.db.execute(
+            "SELECT choice, COUNT(*) FROM comparisons GROUP BY choice"
+        ):
+            if choice is None:
+                counts["pending"] = n
+            else:
+                counts[choice] = n
+                counts["total"] += n
+        return counts
+
+    def new_votes_since_last_round(self) -> int:
+        """Votes cast after the start of the newest round that trained (status
+        ``'succeeded'`` or ``'rejected'``); all votes if no round has trained yet."""
+        since = self._last_trained_round_start()
+        if since is None:
+            sql, params = "SELECT COUNT(*) FROM comparisons WHERE choice IS NOT NULL", []
+        else:
+            sql = "SELECT COUNT(*) FROM comparisons WHERE choice IS NOT NULL AND voted_at > ?"
+            params = [since]
+        return self.db.execute(sql, params).fetchone()[0]
+
+    # -- training data --------------------------------------------------------------------
+
+    def preference_pairs(self) -> list[dict]:
+        """Decided votes in TRL's conversational preference format, oldest vote first.
+
+        One ``{"prompt": context, "chosen": [assistant winner], "rejected": [assistant
+        loser]}`` per vote for ``'a'`` or ``'b'``; ties, both_bad and pairs whose two answers
+        are identical are left out.
+        """
+        pairs = []
+        for row in self.db.table("comparisons").rows_where(
+            "choice IN ('a', 'b') AND answer_a != answer_b",
+            select="context, answer_a, answer_b, choice",
+            order_by="voted_at, id",
+        ):
+            winner, loser = row["answer_a"], row["answer_b"]
+            if row["choice"] == "b":
+                winner, loser = loser, winner
+            pairs.append(
+                {
+                    "prompt": loads(row["context"]),
+                    "chosen": [{"role": "assistant", "content": winner}],
+                    "rejected": [{"role": "assistant", "content": loser}],
+                }
+            )
+        return pairs
+
+    def export_jsonl(self, path_or_fileobj: str | Path | IO[str]) -> int:
+        """Write ``preference_pairs()`` as JSON lines (UTF-8, non-ASCII kept); returns the count.
+
+        A path is written atomically (temp file, then rename); a text file object is written
+        to as is and left open.
+        """
+        pairs = self.preference_pairs()
+        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        if hasattr(path_or_fileobj, "write"):
+            path_or_fileobj.write(lines)
+            return len(pairs)
+        path = Path(path_or_fileobj)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_text(lines, encoding="utf-8", newline="\n")
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return len(pairs)
+
+    def prompts(self, limit: int | None = None) -> list[dict]:
+        """Training prompts from stored chats, newest first, at most ``limit``.
+
+        One ``{"conversation_id", "messages"}`` per user message, where ``messages`` is the
+        conversation up to and including it (``{role, content}`` only; the conversation's
+        system prompt first if it has one). Identical message sequences appear once.
+        """
+        rows = self.db.execute(
+            "SELECT m.id, m.conversation_id, m.role, m.content, c.system_prompt "
+            "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
+            "ORDER BY m.conversation_id, m.id"
+        )
+        candidates: list[tuple[int, str, list[dict[str, Any]]]] = []
+        conversation_id, history = None, []
+        for message_id, conv_id, role, content, system_prompt in rows:
+            if conv_id != conversation_id:
+                conversation_id = conv_id
+                history = [{"role": "system", "content": system_prompt}] if system_prompt else []
+            history.append({"role": role, "content": content})
+            if role == "user":
+                candidates.append((message_id, conv_id, list(history)))
+        candidates.sort(key=lambda c: c[0], reverse=True)
+        out, seen = [], set()
+        for _, conv_id, messages in candidates:
+            key = tuple((m["role"], m["content"]) for m in messages)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append({"conversation_id": conv_id, "messages": [dict(m) for m in messages]})
+            if limit is not None and len(out) >= limit:
+                break
+        return out

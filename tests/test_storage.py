@@ -1,0 +1,484 @@
+"""Storage layer on real SQLite files: schema, text fidelity, votes under concurrency,
+training data formats, rounds, the policy registry, adapter publishing and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from storage import (
+    DB_FILENAME,
+    AdapterRegistry,
+    AlreadyVoted,
+    RejectedVersion,
+    RoundAlreadyRunning,
+    Store,
+    UnknownComparison,
+    UnknownConversation,
+    UnknownRound,
+    UnknownVersion,
+    open_store,
+)
+from storage.migrations import MIGRATIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+HOSTILE = {
+    "html_js": '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;&lt;',
+    "emoji": "👩‍👩‍👧‍👦 🏳️‍🌈 ✨ \U0001f600 — “quotes” ½",
+    "rtl": "مرحبا بالعالم \u202eevil\u202c שלום עולם",
+    "sql": "'; DROP TABLE messages; --",
+    "whitespace": "  leading\r\n\ttabs\n\n trailing  ",
+    "nul": "before\x00after",
+    "big": "x" * 50_000 + "ü" * 25_000 + "🙂" * 5_000,  # > 100 KB of UTF-8
+}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "data" / DB_FILENAME)
+    yield s
+    s.close()
+
+
+def comparison(store: Store, answer_a="Paris.", answer_b="Lyon.", context=None) -> str:
+    conv = store.new_conversation("session-1")
+    context = context or [{"role": "user", "content": "Capital of France?"}]
+    return store.add_comparison(
+        conv, "session-1", context, answer_a, answer_b, 0, 1, {"temperature": 0.7}, {"top_p": 0.9}
+    )
+
+
+def write_adapter(directory: Path, marker: str = "w") -> Path:
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    (directory / "adapter_model.safetensors").write_bytes(marker.encode() * 64)
+    return directory
+
+
+# -- schema ---------------------------------------------------------------------------------
+
+
+def test_migrations_idempotent_and_data_survives_reopen(tmp_path):
+    path = tmp_path / "nested" / "dir" / "chat.db"
+    first = Store(path)
+    conv = first.new_conversation("s")
+    first.close()
+    second = Store(path)  # runs migrate() again: must apply nothing
+    rows = list(second.db.query("SELECT version, name FROM schema_migrations ORDER BY version"))
+    assert [r["version"] for r in rows] == list(range(1, len(MIGRATIONS) + 1))
+    assert second.schema_version() == len(MIGRATIONS)
+    assert second.conversation(conv)["session_id"] == "s"
+    second.close()
+
+
+def test_failed_migration_rolls_back_whole(tmp_path, monkeypatch):
+    import storage.migrations as migrations
+
+    path = tmp_path / "chat.db"
+    Store(path).close()
+
+    def m_broken(db):
+        db.create_table("half_done", {"id": int}, pk="id")
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(migrations, "MIGRATIONS", [*MIGRATIONS, m_broken])
+    with pytest.raises(RuntimeError, match="boom"):
+        Store(path)
+    monkeypatch.undo()
+    store = Store(path)
+    assert "half_done" not in store.db.table_names()
+    assert store.schema_version() == len(MIGRATIONS)
+    store.close()
+
+
+def test_pragmas_on_every_thread(store):
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    seen = {}
+
+    def probe():
+        db = store.db
+        seen["fk"] = db.execute("PRAGMA foreign_keys").fetchone()[0]
+        seen["busy"] = db.execute("PRAGMA busy_timeout").fetchone()[0]
+        seen["same_conn"] = db is store.db
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join()
+    assert seen == {"fk": 1, "busy": 30_000, "same_conn": True}
+
+
+def test_memory_database_refused():
+    with pytest.raises(ValueError, match="memory"):
+        Store(":memory:")
+
+
+def test_one_live_version_enforced_by_schema(store):
+    store.register_version(0, "/a", status="live")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.db.execute(
+            "INSERT INTO policy_versions (version, path, status, created_at) "
+            "VALUES (1, '/b', 'live', 'x')"
+        )
+
+
+# -- conversations and text fidelity ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_hostile_text_round_trips_exactly(store, name):
+    text = HOSTILE[name]
+    conv = store.new_conversation("sess", system_prompt=text)
+    store.add_message(conv, "user", text)
+    store.add_message(conv, "assistant", text, policy_version=3, sampling={"note": text})
+    msgs = store.messages(conv)
+    assert [m["content"] for m in msgs] == [text, text]
+    assert msgs[1]["sampling"] == {"note": text}
+    assert store.conversation(conv)["system_prompt"] == text
+    cid = store.add_comparison(conv, "sess", [{"role": "user", "content": text}], text, text + "!",
+                               3, 4, {"k": text}, None)
+    row = store.comparison(cid)
+    assert (row["answer_a"], row["answer_b"]) == (text, text + "!")
+    assert row["context"] == [{"role": "user", "content": text}]
+    assert row["sampling_a"] == {"k": text} and row["sampling_b"] is None
+    assert store.db.table("messages").count == 2  # the SQL-looking text dropped nothing
+
+
+def test_messages_ordered_with_fields_and_utc_timestamps(store):
+    conv = store.new_conversation("s")
+    ids = [store.add_message(conv, role, f"m{i}") for i, role in
+           enumerate(["system", "user", "assistant", "user"])]
+    assert ids == sorted(ids)
+    msgs = store.messages(conv)
+    assert [m["content"] for m in msgs] == ["m0", "m1", "m2", "m3"]
+    assert set(msgs[0]) >= {"id", "role", "content", "policy_version", "created_at"}
+    stamps = [datetime.fromisoformat(m["created_at"]) for m in msgs]
+    assert all(t.utcoffset().total_seconds() == 0 for t in stamps)
+    assert stamps == sorted(stamps) and len(set(stamps)) == 4
+
+
+def test_unknown_ids_and_bad_input_raise_clear_errors(store):
+    with pytest.raises(UnknownConversation, match="new_conversation"):
+        store.add_message("nope", "user", "hi")
+    with pytest.raises(UnknownConversation):
+        store.messages("nope")
+    with pytest.raises(ValueError, match="role"):
+        store.add_message(store.new_conversation("s"), "robot", "hi")
+    with pytest.raises(ValueError, match=r"context\[0\]"):
+        store.add_comparison(store.new_conversation("s"), "s", [{"role": "user"}], "a", "b",
+                             0, 0, None, None)
+    with pytest.raises(UnknownComparison, match="no comparison") as err:
+        store.comparison("missing")
+    assert isinstance(err.value, KeyError) and str(err.value).startswith("no comparison")
+
+
+# -- votes -----------------------------------------------------------------------------------
+
+
+def test_second_vote_rejected_and_first_kept(store):
+    cid = comparison(store)
+    first = store.vote(cid, "a")
+    assert first["choice"] == "a" and first["voted_at"]
+    with pytest.raises(AlreadyVoted, match="first vote is kept"):
+        store.vote(cid, "b")
+    again = store.comparison(cid)
+    assert (again["choice"], again["voted_at"]) == ("a", first["voted_at"])
+    with pytest.raises(ValueError, match="'a', 'b', 'tie', 'both_bad'"):
+        store.vote(comparison(store), "A")
+    with pytest.raises(UnknownComparison):
+        store.vote("missing", "a")
+
+
+def test_concurrent_votes_on_distinct_comparisons_all_stored(store):
+    n_threads, per_thread = 20, 10
+    ids = [[comparison(store, f"a{t}-{i}", f"b{t}-{i}") for i in range(per_thread)]
+           for t in range(n_threads)]
+    barrier, errors = threading.Barrier(n_threads), []
+
+    def voter(mine):
+        try:
+            barrier.wait()
+            for i, cid in enumerate(mine):
+                store.vote(cid, "ab"[i % 2])
+        except Exception as e:  # reported below, not swallowed
+            errors.append(e)
+
+    threads = [threading.Thread(target=voter, args=(mine,)) for mine in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    counts = store.vote_counts()
+    assert counts["total"] == n_threads * per_thread and counts["pending"] == 0
+    assert counts["a"] == counts["b"] == n_threads * per_thread // 2
+
+
+def test_racing_votes_on_one_comparison_exactly_one_wins(store):
+    for _ in range(10):
+        cid = comparison(store)
+        barrier, outcomes = threading.Barrier(2), []
+
+        def voter(choice, cid=cid, barrier=barrier, outcomes=outcomes):
+            barrier.wait()
+            try:
+                outcomes.append(("won", store.vote(cid, choice)["choice"]))
+            except AlreadyVoted:
+                outcomes.append(("lost", choice))
+
+        threads = [threading.Thread(target=voter, args=(c,)) for c in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        winners = [c for kind, c in outcomes if kind == "won"]
+        assert len(outcomes) == 2 and len(winners) == 1
+        assert store.comparison(cid)["choice"] == winners[0]
+
+
+def test_vote_counts_and_voted_comparisons_after(store):
+    cids = [comparison(store) for _ in range(5)]
+    store.vote(cids[0], "a")
+    store.vote(cids[1], "tie")
+    middle = store.comparison(cids[1])["voted_at"]
+    store.vote(cids[2], "both_bad")
+    store.vote(cids[3], "b")
+    assert store.vote_counts() == {"a": 1, "b": 1, "tie": 1, "both_bad": 1, "total": 4,
+                                   "pending": 1}
+    assert [c["id"] for c in store.voted_comparisons()] == cids[:4]
+    later = store.voted_comparisons(after=middle)
+    assert [c["id"] for c in later] == cids[2:4]
+    assert later[0]["context"] == [{"role": "user", "content": "Capital of France?"}]
+    # same instant written as 'Z' selects the same rows
+    z = datetime.fromisoformat(middle).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    assert [c["id"] for c in store.voted_comparisons(after=z)] == cids[2:4]
+    with pytest.raises(ValueError, match="ISO-8601"):
+        store.voted_comparisons(after="yesterday")
+
+
+# -- training data ---------------------------------------------------------------------------
+
+
+def test_preference_pairs_format_and_exclusions(store):
+    ctx = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    store.vote(comparison(store, "4", "5", ctx), "a")
+    store.vote(comparison(store, "five", "four", ctx), "b")
+    store.vote(comparison(store, "x", "y", ctx), "tie")
+    store.vote(comparison(store, "x", "y", ctx), "both_bad")
+    store.vote(comparison(store, "same", "same", ctx), "a")
+    comparison(store, "unvoted", "other", ctx)
+    assert store.preference_pairs() == [
+        {"prompt": ctx, "chosen": [{"role": "assistant", "content": "4"}],
+         "rejected": [{"role": "assistant", "content": "5"}]},
+        {"prompt": ctx, "chosen": [{"role": "assistant", "content": "four"}],
+         "rejected": [{"role": "assistant", "content": "five"}]},
+    ]
+
+
+def test_export_jsonl_to_path_and_fileobj(store, tmp_path):
+    for i in range(3):
+        store.vote(comparison(store, f"ünï {i} 🙂", f"other {i}"), "ab"[i % 2])
+    store.vote(comparison(store), "tie")
+    out = tmp_path / "exports" / "votes.jsonl"
+    assert store.export_jsonl(out) == 3
+    text = out.read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert len(lines) == 3 and "🙂" in text and "\\u" not in text
+    assert [json.loads(line) for line in lines] == store.preference_pairs()
+    buf = io.StringIO()
+    assert store.export_jsonl(buf) == 3 and buf.getvalue() == text
+    assert [p.name for p in out.parent.iterdir()] == ["votes.jsonl"]  # no temp file left
+
+
+def test_prompts_history_order_dedup_and_limit(store):
+    old = store.new_conversation("s", system_prompt="You are terse.")
+    store.add_message(old, "user", "hi")
+    store.add_message(old, "assistant", "hello")
+    store.add_message(old, "user", "bye")
+    dup = store.new_conversation("s2", system_prompt="You are terse.")
+    store.add_message(dup, "user", "hi")  # same sequence as old's first prompt
+    plain = store.new_conversation("s3")
+    store.add_message(plain, "user", "newest")
+    prompts = store.prompts()
+    assert prompts == [
+        {"conversation_id": plain, "messages": [{"role": "user", "content": "newest"}]},
+        {"conversation_id": dup, "messages": [{"role": "system", "content": "You are terse."},
+                                              {"role": "user", "content": "hi"}]},
+        {"conversation_id": old, "messages": [{"role": "system", "content": "You are terse."},
+                                              {"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"},
+                                              {"role": "user", "content": "bye"}]},
+    ]
+    assert store.prompts(limit=2) == prompts[:2]
+
+
+# -- rounds ----------------------------------------------------------------------------------
+
+
+def test_rounds_lifecycle(store):
+    assert store.running_round() is None and store.rounds() == []
+    r1 = store.start_round("schedule")
+    assert store.running_round()["id"] == r1
+    with pytest.raises(RoundAlreadyRunning, match="fail_stale_rounds"):
+        store.start_round("manual")
+    with pytest.raises(ValueError, match="succeeded"):
+        store.finish_round(r1, "done")
+    done = store.finish_round(r1, "succeeded", "ok", {"objective/kl": 0.1}, version=1,
+                              votes_used=7)
+    assert (done["status"], done["metrics"], done["version"], done["votes_used"]) == (
+        "succeeded", {"objective/kl": 0.1}, 1, 7)
+    assert done["finished_at"] > done["started_at"]
+    with pytest.raises(ValueError, match="already finished"):
+        store.finish_round(r1, "failed")
+    r2 = store.start_round("manual")
+    assert [r["id"] for r in store.rounds()] == [r2, r1]
+    assert [r["id"] for r in store.rounds(limit=1)] == [r2]
+    assert store.fail_stale_rounds("crashed") == 1
+    assert store.round(r2)["status"] == "failed" and store.round(r2)["reason"] == "crashed"
+    assert store.running_round() is None and store.fail_stale_rounds("again") == 0
+    with pytest.raises(UnknownRound):
+        store.round(999)
+
+
+def test_new_votes_since_last_round(store):
+    for _ in range(3):
+        store.vote(comparison(store), "a")
+    assert store.new_votes_since_last_round() == 3  # no round yet: all votes
+    r = store.start_round("schedule")
+    store.finish_round(r, "skipped", "not enough votes")
+    assert store.new_votes_since_last_round() == 3  # a skipped round trained nothing
+    r = store.start_round("schedule")
+    store.vote(comparison(store), "tie")  # cast while the round runs: after its start
+    store.finish_round(r, "succeeded")
+    assert store.new_votes_since_last_round() == 1
+    store.vote(comparison(store), "b")
+    r = store.start_round("manual")
+    store.finish_round(r, "failed", "oom")
+    assert store.new_votes_since_last_round() == 2
+    r = store.start_round("manual")
+    store.finish_round(r, "rejected", "candidate lost the gate")
+    assert store.new_votes_since_last_round() == 0
+
+
+# -- policy versions -------------------------------------------------------------------------
+
+
+def test_version_registry_live_rollback_and_errors(store):
+    assert store.next_version() == 0 and store.live_version() is None
+    rid = store.start_round("manual")
+    store.register_version(0, "/v0", None, None, None, status="live")
+    store.register_version(1, "/v1", 0, rid, {"rm/accuracy": 0.8})
+    assert store.live_version() == 0 and store.next_version() == 2
+    assert store.set_live(1)["status"] == "live"
+    assert [(v["version"], v["status"]) for v in store.versions()] == [(0, "retired"), (1, "live")]
+    assert store.version(1)["metrics"] == {"rm/accuracy": 0.8} and store.version(1)["parent"] == 0
+    store.set_live(0)  # rollback
+    assert store.live_version() == 0 and store.version(1)["status"] == "retired"
+    store.set_version_status(1, "rejected")
+    with pytest.raises(RejectedVersion, match="rejected"):
+        store.set_live(1)
+    with pytest.raises(ValueError, match="set_live"):
+        store.set_version_status(0, "retired")
+    with pytest.raises(UnknownVersion):
+        store.set_live(7)
+    with pytest.raises(ValueError, match="already registered"):
+        store.register_version(1, "/again", 0, None, None)
+    with pytest.raises(UnknownRound):
+        store.register_version(2, "/v2", 1, 999, None)
+    assert store.live_version() == 0
+
+
+def test_registry_publish_numbering_and_rollback(store, tmp_path):
+    root = tmp_path / "adapters"
+    reg = AdapterRegistry(root, store)
+    staging = write_adapter(reg.staging_dir())
+    assert staging.parent == root / ".staging"
+    assert not list(root.glob("v*"))  # a staging dir is never visible as a version
+    v0 = reg.publish(staging, parent=None, round_id=None, metrics=None)
+    assert v0 == 0 and not staging.exists() and reg.is_complete(root / "v0")
+    r = store.start_round("manual")
+    v1 = reg.publish(write_adapter(reg.staging_dir(), "1"), parent=0, round_id=r,
+                     metrics={"objective/reward": 1.5})
+    v2 = reg.publish(write_adapter(reg.staging_dir(), "2"), parent=1, round_id=None,
+                     metrics=None, live=False)
+    assert (v1, v2) == (1, 2)
+    assert store.live_version() == 1 and store.version(2)["status"] == "candidate"
+    assert reg.path(1) == (root / "v1").resolve()
+    assert (reg.path(1) / "adapter_model.safetensors").read_bytes() == b"1" * 64
+    store.set_live(0)
+    assert reg.live_path() == (root / "v0").resolve()
+    assert sorted(p.name for p in root.iterdir()) == [".staging", "v0", "v1", "v2"]
+    assert Path(store.version(2)["path"]).is_absolute()
+    assert list((root / ".staging").iterdir()) == []
+    moved = tmp_path / "moved"
+    root.rename(moved)  # data folder relocated: paths resolve under the new root
+    assert AdapterRegistry(moved, store).path(2) == moved.resolve() / "v2"
+
+
+def test_registry_refuses_incomplete_and_foreign_dirs(store, tmp_path):
+    reg = AdapterRegistry(tmp_path / "adapters", store)
+    half = reg.staging_dir()
+    (half / "adapter_config.json").write_text("{}")  # weights not written yet
+    with pytest.raises(ValueError, match="not a complete adapter"):
+        reg.publish(half, None, None, None)
+    outside = write_adapter(tmp_path)
+    with pytest.raises(ValueError, match="staging_dir"):
+        reg.publish(outside, None, None, None)
+    with pytest.raises(ValueError, match="staging_dir"):
+        reg.discard(outside)
+    assert store.versions() == [] and (tmp_path / "adapter_config.json").exists()
+
+
+def test_registry_crash_leftovers(store, tmp_path):
+    root = tmp_path / "adapters"
+    reg = AdapterRegistry(root, store)
+    (root / "v0").mkdir()
+    write_adapter(root / "v0")  # a crash after the rename, before registering
+    assert reg.publish(write_adapter(reg.staging_dir()), None, None, None) == 1
+    assert [v["version"] for v in store.versions()] == [1]
+    # registering fails (unknown round): the directory goes back to staging
+    staging = write_adapter(reg.staging_dir())
+    with pytest.raises(UnknownRound):
+        reg.publish(staging, 1, 999, None)
+    assert reg.is_complete(staging) and not (root / "v2").exists()
+    reg.discard(staging)
+    assert not staging.exists()
+    reg.staging_dir()
+    write_adapter(reg.staging_dir())
+    assert reg.clean_staging() == 2 and list(reg.staging_root.iterdir()) == []
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "storage", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_export_and_stats(tmp_path):
+    data = tmp_path / "data"
+    with open_store(data) as store:
+        store.vote(comparison(store, "oui 🇫🇷", "non"), "a")
+        store.vote(comparison(store), "b")
+        store.vote(comparison(store), "tie")
+        store.finish_round(store.start_round("manual"), "skipped", "too few votes")
+    out = tmp_path / "votes.jsonl"
+    result = run_cli("export", "--data-dir", str(data), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and json.loads(lines[0])["chosen"][0]["content"] == "oui 🇫🇷"
+    stats = run_cli("stats", "--data-dir", str(data))
+    assert stats.returncode == 0, stats.stderr
+    assert "a=1 b=1 tie=1 both_bad=0 total=3 pending=0" in stats.stdout
+    assert "skipped" in stats.stdout and "too few votes" in stats.stdout
+    missing = run_cli("export", "--data-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode != 0 and "no database" in missing.stderr
+    assert not (tmp_path / "nowhere").exists()
