@@ -234,7 +234,7 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int = 512) -> list[di
     return out
 
 
-def _in_heldout(conversation_id: str, seed: int, fraction: float) -> float:
+def _in_heldout(conversation_id: str, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
 
@@ -248,7 +248,7 @@ def split_by_conversation(pairs: list[dict], heldout_fraction: float, seed: int)
     if heldout_fraction <= 0:
         return list(pairs), []
     ids = sorted({str(p["conversation_id"]) for p in pairs})
-    u = {c: _in_heldout(c, seed, heldout_fraction) for c in ids}
+    u = {c: _in_heldout(c, seed) for c in ids}
     held = {c for c in ids if u[c] < heldout_fraction}
     if len(ids) >= 2 and not held:
         held = {min(ids, key=u.get)}
@@ -343,7 +343,7 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += float(loss.detach()) * len(batch)
         epoch_loss = total / max(len(train), 1)
     optimizer.zero_grad(set_to_none=True)
     metrics = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)

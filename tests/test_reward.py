@@ -1,0 +1,215 @@
+"""Reward model: tie-aware Bradley-Terry loss, padding-invariant scoring, split by conversation,
+training on a toy preference, save/load."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from training.models import LoraSettings, load_tokenizer
+from training.reward import (
+    NotEnoughVotesError,
+    RewardConfig,
+    RewardModel,
+    RewardNormalizer,
+    answer_ids,
+    encode_pairs,
+    pairwise_loss,
+    score,
+    split_by_conversation,
+    train_reward_model,
+)
+
+
+def test_pairwise_loss_hand_computed():
+    # d = 1, preference: −log σ(1) = log(1 + e^−1) = 0.3132617
+    # d = 0, preference: log 2 = 0.6931472
+    # d = 2, tie: −(½ log σ(2) + ½ log σ(−2)) = ½(0.1269280 + 2.1269280) = 1.1269280
+    rc = torch.tensor([1.0, 0.0, 2.0])
+    rr = torch.tensor([0.0, 0.0, 0.0])
+    tie = torch.tensor([False, False, True])
+    expected = (math.log1p(math.exp(-1)) + math.log(2) + 0.5 * (math.log1p(math.exp(-2)) + math.log1p(math.exp(2)))) / 3
+    assert pairwise_loss(rc, rr, tie).item() == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx((0.3132617 + 0.6931472 + 1.1269280) / 3, rel=1e-6)
+
+
+def test_tie_target_is_half():
+    d = torch.tensor([0.0], requires_grad=True)
+    loss = pairwise_loss(d, torch.zeros(1), torch.tensor([True]))
+    loss.backward()
+    assert d.grad.abs().item() < 1e-7  # a tie is minimised at equal scores
+    for start in (1.5, -1.5):
+        d = torch.tensor([start], requires_grad=True)
+        pairwise_loss(d, torch.zeros(1), torch.tensor([True])).backward()
+        assert d.grad.item() * start > 0  # gradient descent pulls d back towards 0
+    # a preference keeps pushing r_chosen up at d = 0
+    d = torch.tensor([0.0], requires_grad=True)
+    pairwise_loss(d, torch.zeros(1), torch.tensor([False])).backward()
+    assert d.grad.item() < 0
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def rm(tiny_model_dir):
+    model = RewardModel.from_base(str(tiny_model_dir), LoraSettings(r=4))
+    with torch.no_grad():  # a non-zero adapter, so LoRA is part of what is checked
+        for n, p in model.backbone.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_score_padding_invariant(rm, tok, pad_is_eos):
+    # The prompt holds end-of-turn tokens (system and user turns, a previous assistant turn).
+    prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello there"},
+              {"role": "assistant", "content": "hi"}, {"role": "user", "content": "what is 12 plus 30?"}]
+    short = [{"role": "user", "content": "hi"}]
+    seq = answer_ids(tok, prompt, "it is 42.")
+    other = answer_ids(tok, short, "tac")
+    assert seq.count(tok.eos_token_id) >= 4 and seq[-1] == tok.eos_token_id
+    pad = tok.eos_token_id if pad_is_eos else tok.pad_token_id
+    n, m = len(seq), len(other)
+    alone = rm(torch.tensor([seq]), torch.ones(1, n, dtype=torch.long))
+    right_ids = torch.tensor([seq, other + [pad] * (n - m)])
+    right_mask = torch.tensor([[1] * n, [1] * m + [0] * (n - m)])
+    left_ids = torch.tensor([seq, [pad] * (n - m) + other])
+    left_mask = torch.tensor([[1] * n, [0] * (n - m) + [1] * m])
+    # the short row padded both ways, the long one padded too (a third, longer row)
+    longer = seq + answer_ids(tok, short, "x")
+    k = len(longer)
+    pad_long_right = torch.tensor([seq + [pad] * (k - n), longer])
+    pad_long_left = torch.tensor([[pad] * (k - n) + seq, longer])
+    mask_r = torch.tensor([[1] * n + [0] * (k - n), [1] * k])
+    mask_l = torch.tensor([[0] * (k - n) + [1] * n, [1] * k])
+    with torch.no_grad():
+        r = rm(right_ids, right_mask)
+        lft = rm(left_ids, left_mask)
+        other_alone = rm(torch.tensor([other]), torch.ones(1, m, dtype=torch.long))
+        rr = rm(pad_long_right, mask_r)
+        ll = rm(pad_long_left, mask_l)
+    for value in (r[0], lft[0], rr[0], ll[0]):
+        assert abs(value.item() - alone.item()) < 1e-4
+    for value in (r[1], lft[1]):
+        assert abs(value.item() - other_alone.item()) < 1e-4
+    assert abs(alone.item() - other_alone.item()) > 1e-3  # scores do depend on the text
+
+
+def test_score_function_matches_forward(rm, tok):
+    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "the capital of France?"}]]
+    answers = ["hi!", "Paris, the capital of France."]
+    batched = score(rm, tok, prompts, answers, batch_size=2)
+    singles = torch.cat([score(rm, tok, [p], [a]) for p, a in zip(prompts, answers, strict=True)])
+    assert batched.shape == (2,)
+    torch.testing.assert_close(batched, singles, atol=1e-4, rtol=0)
+
+
+def test_answer_ids_ends_with_end_of_turn(tok):
+    ids = answer_ids(tok, [{"role": "user", "content": "hi"}], "hello")
+    assert ids[-1] == tok.eos_token_id
+    assert ids[-3:-1] != [] and tok.decode(ids[:-1]).endswith("hello")
+    cut = answer_ids(tok, [{"role": "user", "content": "hi " * 50}], "hello", max_length=8)
+    assert len(cut) == 8 and cut[-1] == tok.eos_token_id
+
+
+def _pair(conv, chosen, rejected, tie=False):
+    return {"conversation_id": conv, "prompt": [{"role": "user", "content": "say something"}],
+            "chosen": chosen, "rejected": rejected, "tie": tie}
+
+
+def test_identical_texts_and_both_bad_dropped(tok):
+    pairs = [_pair("a", "same", "same"), _pair("a", "x", "y"), _pair("b", "p ", "p"),
+             {**_pair("c", "u", "v"), "both_bad": True}]
+    enc = encode_pairs(tok, pairs)
+    assert len(enc) == 1 and enc[0]["conversation_id"] == "a"
+
+
+def test_split_by_conversation_never_by_row():
+    pairs = [_pair(f"c{i % 10}", f"x{i}", f"y{i}") for i in range(60)]
+    train, held = split_by_conversation(pairs, 0.3, seed=1)
+    train_ids = {p["conversation_id"] for p in train}
+    held_ids = {p["conversation_id"] for p in held}
+    assert held and train and not train_ids & held_ids
+    assert len(train) + len(held) == 60
+    again_train, again_held = split_by_conversation(list(reversed(pairs)), 0.3, seed=1)
+    assert {p["conversation_id"] for p in again_held} == held_ids  # deterministic, order-free
+    # a conversation keeps its side when more conversations arrive
+    more = pairs + [_pair(f"new{i}", "a", "b") for i in range(20)]
+    _, held_more = split_by_conversation(more, 0.3, seed=1)
+    assert held_ids <= {p["conversation_id"] for p in held_more}
+    # two conversations: one each side
+    t2, h2 = split_by_conversation([_pair("a", "x", "y"), _pair("b", "x", "y")], 0.01, seed=0)
+    assert len(t2) == 1 and len(h2) == 1
+
+
+def test_too_few_votes_raises(tiny_model_dir, tok):
+    pairs = [_pair("a", "x", "y"), _pair("b", "same", "same")]
+    with pytest.raises(NotEnoughVotesError, match="min_votes"):
+        train_reward_model(str(tiny_model_dir), tok, pairs, RewardConfig(min_votes=2))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="heldout_fraction"):
+        RewardConfig(heldout_fraction=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        RewardConfig(lr=0)
+
+
+def test_normalizer():
+    norm = RewardNormalizer.fit(torch.tensor([1.0, 2.0, 3.0]), clip=0.5)
+    assert norm.mean == pytest.approx(2.0) and norm.std == pytest.approx(1.0)
+    torch.testing.assert_close(norm(torch.tensor([2.0, 2.5, 10.0, -10.0])),
+                               torch.tensor([0.0, 0.5, 0.5, -0.5]))
+    assert RewardNormalizer.fit(torch.tensor([3.0, 3.0])).std > 0  # constant scores: no division by 0
+
+
+WORDS = ["hello", "Paris", "Tokyo", "cat", "sorry", "today", "nice", "name"]
+
+
+def _toy_pairs(n_conv=24, per_conv=2):
+    """Chosen always contains 'Paris'; rejected never does."""
+    pairs = []
+    for c in range(n_conv):
+        for j in range(per_conv):
+            a, b = WORDS[(c + j) % len(WORDS)], WORDS[(c * 3 + j + 1) % len(WORDS)]
+            a = a if a != "Paris" else "cat"
+            b = b if b != "Paris" else "sorry"
+            pairs.append(_pair(f"conv{c}", f"{a} Paris {b}", f"{b} {a} today", tie=False))
+    pairs.append(_pair("conv0", "nice", "name", tie=True))
+    return pairs
+
+
+def test_train_reward_model_learns_toy_preference(tiny_model_dir, tok, tmp_path):
+    pairs = _toy_pairs()
+    cfg = RewardConfig(lr=3e-3, epochs=4, batch_size=8, heldout_fraction=0.25, seed=0,
+                       min_votes=10, lora=LoraSettings(r=4))
+    rm, metrics = train_reward_model(str(tiny_model_dir), tok, pairs, cfg)
+    assert metrics["rm/heldout_pairs"] > 0 and metrics["rm/train_pairs"] > 0
+    assert metrics["rm/train_pairs"] + metrics["rm/heldout_pairs"] == len(pairs)
+    assert metrics["rm/ties"] == 1
+    assert metrics["rm/accuracy"] > 0.5, metrics
+    # an untrained model scores ~log 2 = 0.69 on held-out pairs; trained, far below
+    assert metrics["rm/heldout_loss"] < 0.3, metrics
+    # base weights frozen and unchanged; LoRA moved
+    fresh = RewardModel.from_base(str(tiny_model_dir), LoraSettings(r=4))
+    base_now = {n: p for n, p in rm.backbone.named_parameters() if "lora_" not in n}
+    base_ref = dict(fresh.backbone.named_parameters())
+    assert all(torch.equal(p, base_ref[n]) for n, p in base_now.items())
+    assert any(p.abs().sum() > 0 for n, p in rm.backbone.named_parameters() if "lora_B" in n)
+    # save → load gives the same scores; warm start continues from it
+    rm.save(tmp_path / "rm")
+    loaded = RewardModel.load(str(tiny_model_dir), tmp_path / "rm")
+    prompts = [p["prompt"] for p in pairs[:4]]
+    answers = [p["chosen"] for p in pairs[:4]]
+    torch.testing.assert_close(score(rm, tok, prompts, answers), score(loaded, tok, prompts, answers))
+    rm2, m2 = train_reward_model(str(tiny_model_dir), tok, pairs, RewardConfig(
+        lr=3e-3, epochs=1, heldout_fraction=0.25, min_votes=10, lora=LoraSettings(r=4)),
+        init_dir=tmp_path / "rm")
+    assert m2["rm/heldout_pairs"] == metrics["rm/heldout_pairs"]  # the same split
+    assert m2["rm/accuracy"] > 0.5
