@@ -106,7 +106,8 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 if session.pending is None:  # stopped: no vote offered
                     yield _display(session.messages), "", "", "", hidden, hidden, session
                 else:
-                    yield pending_view, "", gr.skip(), gr.skip(), gr.update(visible=True), gr.update(visible=True), session
+                    a, b = (r.text for r in session.pending.replies)
+                    yield pending_view, "", a, b, gr.update(visible=True), gr.update(visible=True), session
             else:
                 base = _display(session.messages) + [{"role": "user", "content": html.escape(text or "")}]
                 for partial in service.chat(session, text, stop_event=stop):
