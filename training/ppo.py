@@ -411,7 +411,7 @@ def ppo_train(
                     for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss),
                                        ("ppo/clipfrac", clipfrac), ("ppo/approx_kl", approx_kl),
                                        ("ppo/val/clipfrac", vf_clipfrac), ("ppo/grad_norm", grad_norm)):
-                        stats[key].append(float(value))
+                        stats[key].append(float(value.detach()))
             # 8 log; β follows the KL actually penalised.
             kl_per_answer = float(kl.sum(dim=1).mean())
             row = {k: sum(v) / len(v) for k, v in stats.items()}

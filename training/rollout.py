@@ -147,7 +147,8 @@ def generate_rollouts(
     mask = query_mask  # (B, T) grows by one column a step
     positions = position_ids_from_mask(mask)  # (B, Tq)
     out = policy(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    past = out.past_key_values
+    cache_key = "cache" if "cache" in out.keys() else "past_key_values"  # transformers 5 renamed it
+    past = out[cache_key]
     next_pos = positions[:, -1:] + 1  # (B, 1)
     tokens: list[torch.Tensor] = []  # each (B,)
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -166,9 +167,9 @@ def generate_rollouts(
         mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=device)], dim=1)
         out = policy(
             input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-            past_key_values=past, use_cache=True,
+            use_cache=True, **{cache_key: past},
         )
-        past = out.past_key_values
+        past = out[cache_key]
         next_pos = next_pos + 1
 
     response_ids = torch.stack(tokens, dim=1)  # (B, Tr)
