@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from training.models import LoraSettings, add_lora, end_of_turn_ids, load_model_and_tokenizer
-from training.ppo import PPOConfig, ValueHead, generate_rollouts, per_token_kl, ppo_train, reference_model
+from training.ppo import (
+    PPOConfig,
+    ValueHead,
+    generate_rollouts,
+    per_token_kl,
+    ppo_train,
+    reference_model,
+)
 from training.rollout import forward_response
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.cli import help_field
 from training.models import end_of_turn_ids
 from training.reward import RewardNormalizer
 from training.rollout import (
@@ -59,28 +60,28 @@ RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 class PPOConfig:
     """PPO hyper-parameters. Defaults fit a small model on 2 CPU cores in about a minute."""
 
-    init_kl_coef: float = 0.1  # β, the per-token KL penalty coefficient at the start
-    adaptive_kl: bool = True  # adjust β towards kl_target (Ziegler et al. 2019, §2.2)
-    kl_target: float = 4.0  # target KL per answer, nats (sum over answer tokens)
-    kl_horizon: int = 1000  # controller horizon, in samples
-    gamma: float = 1.0  # discount over answer tokens
-    lam: float = 0.95  # GAE λ
-    cliprange: float = 0.2  # ε of the clipped policy objective
-    cliprange_value: float = 0.2  # ε of the clipped value loss
-    vf_coef: float = 0.1  # weight of the value loss
-    ppo_epochs: int = 2  # passes over each rollout batch
-    mini_batch_size: int = 4  # answers per gradient step
-    rollout_batch_size: int = 8  # answers sampled per iteration
-    steps: int = 4  # iterations (rollout batches) per round
-    lr: float = 1e-4  # AdamW learning rate for the LoRA weights and the value head
-    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
-    max_new_tokens: int = 48  # answer length limit, tokens
-    no_eos_penalty: float = 1.0  # subtracted from the (normalised) score of answers cut at the limit
-    normalize_reward: bool = True  # normalise scores by the reference policy's answers (mean 0, std 1)
-    normalize_samples: int = 16  # reference answers sampled to fit the normalisation
-    score_clip: float = 5.0  # clip normalised scores to ±score_clip (0 = no clip)
-    whiten_advantages: bool = True  # advantages to mean 0 std 1 per batch
-    seed: int = 0  # prompt order and sampling seeds
+    init_kl_coef: float = help_field(0.1, help="β, the per-token KL penalty coefficient at the start")
+    adaptive_kl: bool = help_field(True, help="adjust β towards kl_target (Ziegler et al. 2019, §2.2)")
+    kl_target: float = help_field(4.0, help="target KL per answer, nats (sum over answer tokens)")
+    kl_horizon: int = help_field(1000, help="controller horizon, in samples")
+    gamma: float = help_field(1.0, help="discount over answer tokens")
+    lam: float = help_field(0.95, help="GAE λ")
+    cliprange: float = help_field(0.2, help="ε of the clipped policy objective")
+    cliprange_value: float = help_field(0.2, help="ε of the clipped value loss")
+    vf_coef: float = help_field(0.1, help="weight of the value loss")
+    ppo_epochs: int = help_field(2, help="passes over each rollout batch")
+    mini_batch_size: int = help_field(4, help="answers per gradient step")
+    rollout_batch_size: int = help_field(8, help="answers sampled per iteration")
+    steps: int = help_field(4, help="iterations (rollout batches) per round")
+    lr: float = help_field(1e-4, help="AdamW learning rate for the LoRA weights and the value head")
+    max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
+    max_new_tokens: int = help_field(48, help="answer length limit, tokens")
+    no_eos_penalty: float = help_field(1.0, help="subtracted from the (normalised) score of answers cut at the limit")
+    normalize_reward: bool = help_field(True, help="normalise scores by the reference policy's answers (mean 0, std 1)")
+    normalize_samples: int = help_field(16, help="reference answers sampled to fit the normalisation")
+    score_clip: float = help_field(5.0, help="clip normalised scores to ±score_clip (0 = no clip)")
+    whiten_advantages: bool = help_field(True, help="advantages to mean 0 std 1 per batch")
+    seed: int = help_field(0, help="prompt order and sampling seeds")
 
     def __post_init__(self):
         positive = ("init_kl_coef", "kl_target", "kl_horizon", "cliprange", "cliprange_value",

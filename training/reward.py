@@ -30,11 +30,12 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from training.cli import help_field
 from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -51,18 +52,19 @@ class NotEnoughVotesError(ValueError):
 class RewardConfig:
     """Reward-model training hyper-parameters."""
 
-    lr: float = 2e-4  # AdamW learning rate for the LoRA weights and the head
-    epochs: int = 3  # passes over the training pairs
-    batch_size: int = 8  # pairs per gradient step
-    max_length: int = 512  # tokens of prompt ⧺ answer kept (the prompt is cut from the left)
-    heldout_fraction: float = 0.2  # share of conversations held out for accuracy
-    seed: int = 0  # split, shuffling and head initialisation
-    min_votes: int = 10  # fewer usable pairs than this: NotEnoughVotesError
-    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm)
-    lora: LoraSettings = field(default_factory=LoraSettings)  # the reward model's own adapter
+    lr: float = help_field(2e-4, help="AdamW learning rate for the LoRA weights and the head")
+    epochs: int = help_field(3, help="passes over the training pairs")
+    batch_size: int = help_field(8, help="pairs per gradient step")
+    max_length: int = help_field(512, help="tokens of prompt ⧺ answer kept (the prompt is cut from the left)")
+    heldout_fraction: float = help_field(0.2, help="share of conversations held out for accuracy")
+    seed: int = help_field(0, help="split, shuffling and head initialisation")
+    min_votes: int = help_field(10, help="fewer usable pairs than this: NotEnoughVotesError")
+    max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
+    score_clip: float = help_field(5.0, help="PPO reward: normalised scores clipped to ±score_clip")
+    lora: LoraSettings = help_field(default_factory=LoraSettings, help="the reward model's own adapter")
 
     def __post_init__(self):
-        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm"):
+        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "score_clip"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RewardConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.heldout_fraction < 1.0:
@@ -307,7 +309,10 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
     Returns:
         ``(rm, metrics)``: ``rm/accuracy`` (held-out, non-tie pairs; NaN if none),
         ``rm/heldout_loss``, ``rm/loss`` (mean train loss of the last epoch), ``rm/train_pairs``,
-        ``rm/heldout_pairs``, ``rm/ties``, ``rm/dropped_pairs``, ``rm/train_s``.
+        ``rm/heldout_pairs``, ``rm/heldout_conversations``, ``rm/ties``, ``rm/dropped_pairs``,
+        ``rm/prev_accuracy`` (the ``init_dir`` model on the same held-out pairs before training,
+        NaN without one: keep the new RM only if ``rm/accuracy >= rm/prev_accuracy``),
+        ``rm/train_s``.
 
     Raises:
         NotEnoughVotesError: fewer usable pairs than ``config.min_votes``.
@@ -320,8 +325,11 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
             f"identical or both-bad); at least {config.min_votes} are needed (min_votes)"
         )
     train, heldout = split_by_conversation(encoded, config.heldout_fraction, config.seed)
+    heldout_ids = [p["conversation_id"] for p in heldout]
+    prev: dict = {}
     if init_dir is not None:
         rm = RewardModel.load(base, init_dir, trainable=True)
+        prev = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)  # same split, before training
     else:
         rm = RewardModel.from_base(base, config.lora, seed=config.seed)
     params = rm.trainable_parameters()
@@ -353,6 +361,8 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         "rm/heldout_pairs": len(heldout),
         "rm/ties": sum(p["tie"] for p in encoded),
         "rm/dropped_pairs": len(pairs) - len(encoded),
+        "rm/prev_accuracy": prev.get("rm/accuracy", float("nan")),
+        "rm/heldout_conversations": len(set(heldout_ids)),
         "rm/train_s": time.time() - t0,
     })
     log.info("reward model: accuracy=%.3f loss=%.4f train=%d heldout=%d", metrics["rm/accuracy"],

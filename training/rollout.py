@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.models import render_prompt
+from training.models import end_of_turn_ids, render_prompt
 
 
 @dataclass
@@ -39,6 +39,11 @@ class Rollouts:
     response_mask: torch.Tensor  # (B, Tr) long, 1 up to and including the first end-of-turn
     ended: torch.Tensor  # (B,) bool, the answer ended with an end-of-turn token
     answers: list[str]  # decoded answers, end-of-turn and special tokens removed
+
+    @property
+    def texts(self) -> list[str]:
+        """Alias of :attr:`answers`."""
+        return self.answers
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -98,7 +103,7 @@ def generate_rollouts(
     tokenizer,
     prompts: list[list[dict]],
     max_new_tokens: int,
-    eos_ids: Sequence[int],
+    eos_ids: Sequence[int] | None = None,
     seed: int | Sequence[int] | None = None,
     temperature: float = 1.0,
 ) -> Rollouts:
@@ -115,7 +120,7 @@ def generate_rollouts(
             user turn to answer; rendered with the chat template and a generation prompt.
         max_new_tokens: the answer length limit, in tokens.
         eos_ids: token ids that end the turn; the answer stops at the first one (kept in
-            ``response_ids`` and in the mask).
+            ``response_ids`` and in the mask). Default: ``end_of_turn_ids(policy, tokenizer)``.
         seed: an int (row i uses ``seed + i``), one seed per prompt, or None (random). With the
             same row seed a prompt gets the same tokens alone as in any batch.
 
@@ -130,6 +135,8 @@ def generate_rollouts(
         raise ValueError("generate_rollouts needs at least one prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if eos_ids is None:
+        eos_ids = end_of_turn_ids(policy, tokenizer)
     if not eos_ids:
         raise ValueError("eos_ids is empty; pass training.models.end_of_turn_ids(model, tokenizer)")
     if temperature <= 0:
