@@ -1,0 +1,98 @@
+"""Promotion gate: rejects a losing, drifting, collapsed or over-long candidate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.gate import GateConfig, gate_decision, run_gate
+from training.models import LoraSettings, add_lora, load_model_and_tokenizer
+
+CFG = GateConfig(min_win_rate=0.55, max_kl=5.0, min_distinct=0.5, max_length_ratio=1.5,
+                 length_slack_tokens=2.0)
+
+
+def _decide(**over):
+    n = 8
+    args = dict(
+        candidate_scores=torch.arange(n, dtype=torch.float32) + 1.0,  # beats live on every prompt
+        live_scores=torch.arange(n, dtype=torch.float32),
+        candidate_answers=[f"answer {i}" for i in range(n)],
+        candidate_kl=torch.full((n,), 1.0),
+        candidate_lengths=torch.full((n,), 10.0),
+        live_lengths=torch.full((n,), 10.0),
+        config=CFG,
+    )
+    args.update(over)
+    return gate_decision(**args)
+
+
+def test_good_candidate_passes():
+    result = _decide()
+    assert result.passed and result.reason == ""
+    assert result.metrics["gate/win_rate"] == 1.0 and result.metrics["gate/distinct"] == 1.0
+
+
+def test_win_rate_counts_ties_half():
+    # 2 wins, 2 ties, 4 losses: (2 + 1) / 8
+    cand = torch.tensor([1.0, 1.0, 0.0, 0.0, -1.0, -1.0, -1.0, -1.0])
+    result = _decide(candidate_scores=cand, live_scores=torch.zeros(8))
+    assert result.metrics["gate/win_rate"] == pytest.approx(3 / 8)
+    assert not result.passed and "win rate" in result.reason
+
+
+def test_collapsed_candidate_rejected():
+    result = _decide(candidate_answers=["the same"] * 7 + ["other"])
+    assert not result.passed and "collapsed" in result.reason
+
+
+def test_over_long_candidate_rejected():
+    result = _decide(candidate_lengths=torch.full((8,), 18.0))  # limit 1.5·10 + 2 = 17
+    assert not result.passed and "grew" in result.reason
+    assert _decide(candidate_lengths=torch.full((8,), 16.0)).passed
+
+
+def test_drifting_candidate_rejected():
+    result = _decide(candidate_kl=torch.full((8,), 6.0))
+    assert not result.passed and "KL" in result.reason
+
+
+def test_mismatched_inputs():
+    with pytest.raises(ValueError, match="same N"):
+        _decide(live_scores=torch.zeros(3))
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin contention on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_run_gate_on_two_adapters(tiny_model_dir, single_thread):
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    policy = add_lora(model, LoraSettings(r=4), adapter_name="live")
+    policy.add_adapter("candidate", LoraSettings(r=4).peft_config())
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B.candidate" in name:
+                p.normal_(0, 0.3)
+    policy.set_adapter("live")
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+    # reward = answer length in characters: a long-winded candidate "wins" but the gate sees it
+    result = run_gate(policy, tok, lambda p, a: torch.tensor([float(len(x)) for x in a]), prompts,
+                      GateConfig(n_prompts=6, max_new_tokens=6, min_win_rate=0.0, max_kl=1e9),
+                      candidate_adapter="candidate", live_adapter="live")
+    assert result.metrics["gate/n"] == 6 and result.metrics["gate/kl"] > 0
+    assert result.passed, result.reason
+    assert policy.active_adapter == "live"
+    assert flags == {n: p.requires_grad for n, p in policy.named_parameters()}
+    strict = run_gate(policy, tok, lambda p, a: torch.zeros(len(a)), prompts,
+                      GateConfig(n_prompts=6, max_new_tokens=6, max_kl=1e-6),
+                      candidate_adapter="candidate")
+    assert not strict.passed and "KL" in strict.reason and "win rate" in strict.reason
+    with pytest.raises(ValueError, match="no adapter"):
+        run_gate(policy, tok, lambda p, a: torch.zeros(len(a)), prompts, GateConfig(), "nope")

@@ -1,0 +1,162 @@
+"""Promotion gate: a candidate adapter goes live only if it beats the live one without cheating.
+
+On held-out prompts, the candidate must
+
+1. win against the live version, as judged by the reward model (wins + ½ ties over n), at a rate
+   of at least ``min_win_rate``;
+2. stay close to the reference: mean KL per answer (k1, nats) at most ``max_kl``;
+3. not collapse: distinct answers across different prompts at least ``min_distinct`` of them;
+4. not grow long: mean answer length at most ``max_length_ratio`` × the live version's
+   (+ ``length_slack_tokens``), the classic reward-hacking symptom (Singhal et al. 2023,
+   "A Long Way to Go: Investigating Length Correlations in RLHF").
+
+:func:`gate_decision` is the pure rule on precomputed figures; :func:`run_gate` samples both
+adapters of one ``PeftModel`` and applies it. Library only; ``training.jobs`` records the
+result's ``reason`` when a candidate is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from training.cli import help_field
+from training.rollout import forward_response, generate_rollouts, reference_model
+
+
+@dataclass
+class GateConfig:
+    """Thresholds of the promotion gate."""
+
+    min_win_rate: float = help_field(0.55, help="RM-judged win rate vs live (ties count ½) needed")
+    max_kl: float = help_field(10.0, help="largest mean KL per answer to the reference, nats")
+    min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
+    max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
+    length_slack_tokens: float = help_field(4.0, help="tokens allowed on top of the length ratio")
+    n_prompts: int = help_field(32, help="held-out prompts sampled")
+    max_new_tokens: int = help_field(48, help="answer length limit, tokens")
+    seed: int = help_field(0, help="sampling seed (the same for both versions)")
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_win_rate <= 1.0:
+            raise ValueError(f"GateConfig.min_win_rate must be in [0, 1], got {self.min_win_rate}")
+        if not 0.0 <= self.min_distinct <= 1.0:
+            raise ValueError(f"GateConfig.min_distinct must be in [0, 1], got {self.min_distinct}")
+        for name in ("max_kl", "max_length_ratio", "n_prompts", "max_new_tokens"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"GateConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.length_slack_tokens < 0:
+            raise ValueError(f"GateConfig.length_slack_tokens must be >= 0, got {self.length_slack_tokens}")
+
+
+@dataclass
+class GateResult:
+    """``passed``; ``reason`` ("" when passed, else every failed check, "; "-joined); metrics."""
+
+    passed: bool
+    reason: str
+    metrics: dict = field(default_factory=dict)
+
+
+def gate_decision(
+    candidate_scores: torch.Tensor, live_scores: torch.Tensor, candidate_answers: list[str],
+    candidate_kl: torch.Tensor, candidate_lengths: torch.Tensor, live_lengths: torch.Tensor,
+    config: GateConfig,
+) -> GateResult:
+    """Apply the gate to figures measured on N held-out prompts (one answer each, paired).
+
+    Args:
+        candidate_scores, live_scores: (N,) reward-model scores of the paired answers.
+        candidate_answers: N candidate answers, to different prompts.
+        candidate_kl: (N,) KL per candidate answer to the reference, nats.
+        candidate_lengths, live_lengths: (N,) answer lengths, tokens.
+
+    Returns:
+        :class:`GateResult` with metrics ``gate/win_rate``, ``gate/kl``, ``gate/distinct``,
+        ``gate/length_tokens``, ``gate/live_length_tokens``, ``gate/n``.
+
+    Raises:
+        ValueError: empty or mismatched inputs.
+    """
+    n = len(candidate_answers)
+    sizes = {len(candidate_scores), len(live_scores), len(candidate_kl), len(candidate_lengths), len(live_lengths)}
+    if n == 0 or sizes != {n}:
+        raise ValueError(f"gate inputs must all hold the same N > 0 entries, got {sizes | {n}}")
+    diff = torch.as_tensor(candidate_scores, dtype=torch.float64) - torch.as_tensor(live_scores, dtype=torch.float64)
+    win_rate = float(((diff > 1e-6).double() + 0.5 * (diff.abs() <= 1e-6).double()).mean())
+    kl = float(torch.as_tensor(candidate_kl, dtype=torch.float64).mean())
+    distinct = len({a.strip() for a in candidate_answers}) / n
+    length = float(torch.as_tensor(candidate_lengths, dtype=torch.float64).mean())
+    live_length = float(torch.as_tensor(live_lengths, dtype=torch.float64).mean())
+    max_length = config.max_length_ratio * live_length + config.length_slack_tokens
+    reasons = []
+    if win_rate < config.min_win_rate:
+        reasons.append(f"win rate {win_rate:.2f} vs live is below {config.min_win_rate:.2f}")
+    if kl > config.max_kl:
+        reasons.append(f"KL to the reference {kl:.2f} nats exceeds {config.max_kl:.2f}")
+    if distinct < config.min_distinct:
+        reasons.append(f"collapsed: only {distinct:.0%} distinct answers across {n} prompts "
+                       f"(need {config.min_distinct:.0%})")
+    if length > max_length:
+        reasons.append(f"answers grew: mean {length:.1f} tokens vs live {live_length:.1f} "
+                       f"(limit {max_length:.1f})")
+    metrics = {"gate/win_rate": win_rate, "gate/kl": kl, "gate/distinct": distinct,
+               "gate/length_tokens": length, "gate/live_length_tokens": live_length, "gate/n": n}
+    return GateResult(not reasons, "; ".join(reasons), metrics)
+
+
+@torch.no_grad()
+def run_gate(
+    policy, tokenizer, reward_fn: Callable[[list[list[dict]], list[str]], torch.Tensor],
+    prompts: list[list[dict]], config: GateConfig, candidate_adapter: str,
+    live_adapter: str | None = None,
+) -> GateResult:
+    """Sample the candidate and the live adapter of ``policy`` on held-out ``prompts`` (the
+    first ``config.n_prompts`` distinct ones), score both with ``reward_fn`` and apply
+    :func:`gate_decision`. ``live_adapter=None`` compares against the reference (adapters
+    disabled). The active adapter and every ``requires_grad`` flag are restored afterwards.
+
+    Raises:
+        ValueError: no prompts, or an adapter name the policy does not hold.
+    """
+    seen, chosen = set(), []
+    for p in prompts:
+        key = repr(p)
+        if key not in seen:
+            seen.add(key)
+            chosen.append(p)
+        if len(chosen) == config.n_prompts:
+            break
+    if not chosen:
+        raise ValueError("run_gate needs at least one held-out prompt")
+    names = set(getattr(policy, "peft_config", {}))
+    for name in (candidate_adapter, live_adapter):
+        if name is not None and name not in names:
+            raise ValueError(f"the policy has no adapter {name!r}; it holds {sorted(names)}")
+    active = policy.active_adapter
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    try:
+        policy.set_adapter(candidate_adapter)
+        cand = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)
+        Tr = cand.response_ids.shape[1]
+        logprobs, _ = forward_response(policy, cand.input_ids, cand.attention_mask, Tr)
+        with reference_model(policy):
+            ref_logprobs, _ = forward_response(policy, cand.input_ids, cand.attention_mask, Tr)
+        kl = ((logprobs - ref_logprobs) * cand.response_mask).sum(dim=1)  # (N,) nats
+        if live_adapter is None:
+            with reference_model(policy):
+                live = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)
+        else:
+            policy.set_adapter(live_adapter)
+            live = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)
+    finally:
+        policy.set_adapter(active)
+        for n, p in policy.named_parameters():
+            if n in flags and p.requires_grad != flags[n]:
+                p.requires_grad_(flags[n])
+    cand_scores = torch.as_tensor(reward_fn(chosen, cand.answers), dtype=torch.float32).flatten()
+    live_scores = torch.as_tensor(reward_fn(chosen, live.answers), dtype=torch.float32).flatten()
+    return gate_decision(cand_scores, live_scores, cand.answers, kl, cand.lengths.float(),
+                         live.lengths.float(), config)
