@@ -213,3 +213,31 @@ def test_train_reward_model_learns_toy_preference(tiny_model_dir, tok, tmp_path)
         init_dir=tmp_path / "rm")
     assert m2["rm/heldout_pairs"] == metrics["rm/heldout_pairs"]  # the same split
     assert m2["rm/accuracy"] > 0.5
+
+
+def test_cli_trains_and_saves_from_exported_pairs(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from training.ppo import main as ppo_main
+    from training.reward import load_pairs_jsonl, main
+
+    path = tmp_path / "votes.jsonl"
+    rows = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],
+             "rejected": [{"role": "assistant", "content": p["rejected"]}]} for p in _toy_pairs(8, 2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = load_pairs_jsonl(path)
+    assert len(loaded) == len(rows) and loaded[0]["chosen"] == rows[0]["chosen"][0]["content"]
+    assert main(["--model", str(tiny_model_dir), "--pairs", str(path), "--out", str(tmp_path / "rm"),
+                 "--epochs", "1", "--min-votes", "4", "--lora.r", "4"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["rm/train_pairs"] + metrics["rm/heldout_pairs"] == len(rows)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": r["prompt"]}) + "\n" for r in rows[:4]))
+    assert ppo_main(["--model", str(tiny_model_dir), "--rm", str(tmp_path / "rm"), "--prompts", str(prompts),
+                     "--out", str(tmp_path / "adapter"), "--steps", "1", "--rollout-batch-size", "4",
+                     "--mini-batch-size", "4", "--max-new-tokens", "4", "--normalize-samples", "4"]) == 0
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": []}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        load_pairs_jsonl(bad)

@@ -19,22 +19,29 @@ LoRA weights and the value head; base weights never change.
 
 Pure, hand-checkable pieces: :func:`logprobs_from_logits`, :func:`per_token_kl`,
 :func:`compute_gae`, :func:`whiten`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`,
-:class:`AdaptiveKLController`. Library only; the scheduled round in ``training.jobs`` calls
-:func:`ppo_train`.
+:class:`AdaptiveKLController`. The scheduled round in ``training.jobs`` calls :func:`ppo_train`. From the command line::
+
+    python -m training.ppo --model DIR_OR_HUB_ID --rm rm/ --prompts prompts.jsonl --out adapter/ \
+        [--adapter previous_adapter/] [--steps 8 --lr 1e-4 ...]
+
+(``prompts.jsonl``: one ``{"messages": [...]}`` a line, each ending with a user turn.)
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from training.cli import help_field
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.models import end_of_turn_ids
 from training.reward import RewardNormalizer
 from training.rollout import (
@@ -337,7 +344,8 @@ def ppo_train(
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     device = next(policy.parameters()).device
     eos_ids = end_of_turn_ids(policy, tokenizer)
-    value_head = value_head or ValueHead(_hidden_size(policy))
+    if value_head is None:
+        value_head = ValueHead(_hidden_size(policy))
     value_head.to(device)
     kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
               if config.adaptive_kl else FixedKLController(config.init_kl_coef))
@@ -371,7 +379,8 @@ def ppo_train(
             if raw.shape[0] != B:
                 raise ValueError(f"reward_fn returned {raw.shape[0]} scores for {B} answers")
             score = normalizer(raw) if normalizer is not None else raw  # (B,)
-            score = score - config.no_eos_penalty * (~ro.ended).float()
+            score = score - config.no_eos_penalty * (~ro.ended).float().cpu()
+            score = score.to(device)
             with torch.no_grad():
                 # 3 per-token KL to the reference (adapter disabled).
                 old_logprobs, hidden = forward_response(policy, ids, attn, Tr, output_hidden=True)
@@ -383,7 +392,7 @@ def ppo_train(
                 beta = kl_ctl.value
                 rewards = -beta * kl  # (B, Tr)
                 last = (mask.sum(dim=1) - 1).long()  # (B,) index of the last answer token
-                rewards[torch.arange(B), last] += score
+                rewards[torch.arange(B, device=device), last] += score
                 # 5 GAE.
                 advantages, returns = compute_gae(rewards, old_values, mask, config.gamma, config.lam)
                 # 6 whiten advantages over answer tokens.
@@ -453,3 +462,36 @@ def ppo_train(
     if any(math.isnan(v) for v in metrics.values() if isinstance(v, float)):
         log.warning("PPO metrics contain NaN: %s", metrics)
     return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: one PPO round against a saved reward model; saves the adapter."""
+    parser = argparse.ArgumentParser(description="PPO on a LoRA adapter against a saved reward model.")
+    parser.add_argument("--model", required=True, help="base model: hub id or local directory")
+    parser.add_argument("--rm", required=True, help="reward model directory (python -m training.reward)")
+    parser.add_argument("--prompts", required=True, help='JSONL, one {"messages": [...]} a line')
+    parser.add_argument("--out", required=True, help="directory to save the trained adapter to")
+    parser.add_argument("--adapter", default=None, help="adapter to start from (default: a fresh one)")
+    add_dataclass_args(parser, PPOConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(PPOConfig, args)
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [json.loads(line)["messages"] for line in f if line.strip()]
+    except (ValueError, OSError, KeyError) as exc:
+        parser.error(f"{exc.__class__.__name__}: {exc}")
+    from training.models import add_lora, load_lora, load_model_and_tokenizer
+    from training.reward import RewardModel, make_reward_fn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    policy = load_lora(model, args.adapter, trainable=True) if args.adapter else add_lora(model)
+    rm = RewardModel.load(args.model, args.rm)
+    metrics = ppo_train(policy, tokenizer, make_reward_fn(rm, tokenizer), prompts, config, progress=True)
+    policy.save_pretrained(args.out)
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,24 +18,29 @@ compared on the same held-out pairs (:func:`split_by_conversation`, :func:`evalu
 Scores are normalised before PPO to mean 0, std 1 over the reference policy's answers and
 clipped (:class:`RewardNormalizer`; Ziegler et al. 2019, InstructGPT).
 
-Library only; the scheduled round in ``training.jobs`` calls :func:`train_reward_model`.
+The scheduled round in ``training.jobs`` calls :func:`train_reward_model`. From the command line,
+on pairs exported with ``python -m storage export`` (TRL's conversational preference format)::
+
+    python -m training.reward --model DIR_OR_HUB_ID --pairs votes.jsonl --out rm/ [--epochs 3 ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from training.cli import help_field
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer
 
 log = logging.getLogger(__name__)
@@ -426,3 +431,73 @@ class RewardNormalizer:
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         out = (torch.as_tensor(scores, dtype=torch.float32) - self.mean) / self.std
         return out.clamp(-self.clip, self.clip) if self.clip > 0 else out
+
+
+def _text(value) -> str:
+    """An answer given as a string or as TRL's list of messages (the last message's content)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return str(value[-1].get("content", ""))
+    raise ValueError(f"an answer must be a string or a list of messages, got {type(value).__name__}")
+
+
+def load_pairs_jsonl(path) -> list[dict]:
+    """Read preference pairs, one JSON object a line: ``prompt`` (messages), ``chosen`` and
+    ``rejected`` (strings or TRL's lists of messages), optional ``tie`` and
+    ``conversation_id`` (default: a hash of the prompt's first message, so one conversation
+    stays on one side of the held-out split).
+
+    Raises:
+        ValueError: a line is not valid JSON or lacks ``prompt``/``chosen``/``rejected``.
+    """
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt = row["prompt"]
+                first = json.dumps(prompt[:1], sort_keys=True)
+                pairs.append({
+                    "conversation_id": str(row.get("conversation_id") or hashlib.sha1(first.encode()).hexdigest()),
+                    "prompt": prompt, "chosen": _text(row["chosen"]), "rejected": _text(row["rejected"]),
+                    "tie": bool(row.get("tie", False)),
+                })
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{n}: not a preference pair ({exc.__class__.__name__}: {exc}); "
+                                 "expected {\"prompt\": [...], \"chosen\": ..., \"rejected\": ...}") from exc
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: train a reward model on a JSONL file of pairs and save it."""
+    parser = argparse.ArgumentParser(description="Train a reward model on preference pairs (JSONL).")
+    parser.add_argument("--model", required=True, help="base model: hub id or local directory")
+    parser.add_argument("--pairs", required=True, help="JSONL preference pairs (python -m storage export)")
+    parser.add_argument("--out", required=True, help="directory to save the reward model to")
+    parser.add_argument("--init-dir", default=None, help="a saved reward model to warm-start from")
+    add_dataclass_args(parser, RewardConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(RewardConfig, args)
+        pairs = load_pairs_jsonl(args.pairs)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
+    from training.models import load_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tokenizer = load_tokenizer(args.model)
+    try:
+        rm, metrics = train_reward_model(args.model, tokenizer, pairs, config, init_dir=args.init_dir)
+    except NotEnoughVotesError as exc:
+        print(f"not trained: {exc}", file=sys.stderr)
+        return 2
+    rm.save(args.out)
+    print(json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
