@@ -170,8 +170,8 @@ def test_ppo_train_moves_reward_and_only_lora(tiny_model_dir):
 
     start = mean_reward()
     value_head = ValueHead(32)
-    config = PPOConfig(lr=3e-2, steps=8, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2,
-                       max_new_tokens=8, init_kl_coef=0.01, seed=0)
+    config = PPOConfig(lr=5e-2, steps=12, rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2,
+                       max_new_tokens=8, init_kl_coef=0.01, normalize_samples=16, seed=0)
     metrics = ppo_train(policy, tok, e_reward, PROMPTS, config, value_head=value_head)
     end = mean_reward()
     assert end > start + 0.1, (start, end)
