@@ -33,6 +33,7 @@ class AppConfig:
     train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")
     min_new_votes: int = help_field(20, help="new votes needed before a scheduled round starts")
     min_votes: int = help_field(10, help="A/B votes (ties excluded) a round needs to train at all")
+    gate: bool = help_field(True, help="promote a trained adapter only if it passes the gate (win rate, KL, collapse, length)")
     no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
     temperature: float = help_field(0.8, help="sampling temperature of chat replies (0: greedy)")
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
@@ -95,7 +96,8 @@ def build_app(config: AppConfig):
     scheduler = None
     if not config.no_train:
         round_args = ["--data-dir", str(data_dir), "--model", model_ref,
-                      "--min-votes", str(config.min_votes), "--seed", str(config.seed)]  # fmt: skip
+                      "--min-votes", str(config.min_votes), "--seed", str(config.seed),
+                      "--gate-enabled", str(config.gate).lower()]  # fmt: skip
         round_fn = subprocess_round(round_args, data_dir / "logs" / "training.log", store)
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes)
     demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir))

@@ -26,6 +26,7 @@ from storage.db import Store
 log = logging.getLogger(__name__)
 
 JOB_ID = "rlhf-round"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m training.jobs` resolves
 
 
 def subprocess_round(args: list[str], log_path: Path, store: Store) -> Callable[[str], dict]:
@@ -40,6 +41,7 @@ def subprocess_round(args: list[str], log_path: Path, store: Store) -> Callable[
                 [sys.executable, "-m", "training.jobs", *args, "--trigger", trigger],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                cwd=PROJECT_ROOT,
                 check=False,
             )
         stale = store.running_round()

@@ -1,0 +1,242 @@
+"""One training round: votes → reward model → KL-regularized PPO on the LoRA adapter → publish.
+
+Run it by hand (the app's scheduler runs exactly this, in a child process):
+
+    python -m training.jobs --data-dir data --model data/starter
+
+Steps, each recorded in the ``training_rounds`` table:
+  1. read the votes; fewer A/B votes than ``min_votes`` → the round is skipped, reason recorded;
+  2. train the reward model (warm-started from the previous round's) on all votes;
+  3. PPO on a trainable copy of the live adapter, with the reward model's normalised score;
+  4. write the new adapter to a staging directory, then rename it into place as version N+1
+     and make it live (the serving engine picks it up at its next reply).
+A round that raises is recorded as failed with the reason; nothing half-written is published.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from storage.db import Store, open_store
+from storage.registry import AdapterRegistry
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.gate import GateConfig, run_gate
+from training.models import load_lora, load_model_and_tokenizer
+from training.ppo import PPOConfig, ppo_train
+from training.reward import (
+    NotEnoughVotesError,
+    RewardConfig,
+    RewardModel,
+    make_reward_fn,
+    train_reward_model,
+)
+
+log = logging.getLogger(__name__)
+
+ADAPTERS_DIRNAME = "adapters"
+REWARD_DIRNAME = "reward"
+
+
+@dataclass
+class RoundConfig:
+    """Settings of one training round (flags of ``python -m training.jobs``)."""
+
+    data_dir: str = help_field("data", help="directory holding chat.db, adapters/ and reward/")
+    model: str = help_field("", help="base model: hub id or local directory (the policy's base)")
+    min_votes: int = help_field(10, help="fewest A/B votes (ties excluded) needed to train")
+    max_prompts: int = help_field(64, help="most prompts from stored conversations used for PPO")
+    threads: int = help_field(0, help="torch CPU threads for training (0: all but one core)")
+    seed: int = help_field(0, help="random seed of the round")
+    gate_enabled: bool = help_field(True, help="promote only candidates that pass the gate (training.gate)")
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        if self.min_votes < 1:
+            raise ValueError(f"min_votes must be >= 1, got {self.min_votes}")
+        if self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        self.reward.min_votes = self.min_votes  # one knob: --min-votes
+
+
+def preference_pairs(store: Store) -> list[dict]:
+    """The votes as reward-model pairs: ``{"conversation_id", "prompt", "chosen", "rejected",
+    "tie"}``. A/B votes give chosen/rejected; ties give ``tie=True`` (order irrelevant);
+    "both bad" votes are stored but left out of the loss."""
+    pairs = []
+    for c in store.voted_comparisons():
+        if c["choice"] == "both_bad":
+            continue
+        a, b = c["answer_a"], c["answer_b"]
+        chosen, rejected = (b, a) if c["choice"] == "b" else (a, b)
+        pairs.append(
+            {
+                "conversation_id": c["conversation_id"],
+                "prompt": c["context"],
+                "chosen": chosen,
+                "rejected": rejected,
+                "tie": c["choice"] == "tie",
+            }
+        )
+    return pairs
+
+
+def split_prompts(prompts: list[dict], heldout_fraction: float, seed: int) -> tuple[list, list]:
+    """Split ``{"conversation_id", "messages"}`` prompts by conversation (never by row) into
+    PPO prompts and held-out gate prompts; both are lists of message lists. When a side would
+    be empty, both use all prompts."""
+    from training.reward import split_by_conversation
+
+    train, heldout = split_by_conversation(prompts, heldout_fraction, seed)
+    train_msgs = [p["messages"] for p in train]
+    heldout_msgs = [p["messages"] for p in heldout]
+    if not train_msgs or not heldout_msgs:
+        everything = [p["messages"] for p in prompts]
+        return everything, everything
+    return train_msgs, heldout_msgs
+
+
+def _save_adapter(policy, adapter_name: str, directory: Path) -> None:
+    """``save_pretrained`` one adapter with its files at the top of ``directory``."""
+    policy.save_pretrained(str(directory), selected_adapters=[adapter_name])
+    nested = directory / adapter_name
+    if nested.is_dir():  # peft nests adapters not named "default"
+        for f in nested.iterdir():
+            f.rename(directory / f.name)
+        nested.rmdir()
+
+
+def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trigger: str = "manual") -> dict:
+    """Run one training round and record it; never raises for a failed round.
+
+    Returns:
+        the round's row as recorded: ``{"id", "status", "reason", "metrics", "version", …}``
+        with status ``succeeded``, ``rejected`` (the gate said no), ``skipped`` or ``failed``.
+
+    Raises:
+        storage.RoundAlreadyRunning: another round is recorded as running.
+    """
+    round_id = store.start_round(trigger)
+    staging: Path | None = None
+    rm_staging: Path | None = None
+    try:
+        # 1. votes and prompts
+        pairs = preference_pairs(store)
+        n_ab = sum(1 for p in pairs if not p["tie"])
+        if n_ab < config.min_votes:
+            reason = f"too few votes: {n_ab} A/B votes, need at least {config.min_votes} (--min-votes)"
+            store.finish_round(round_id, "skipped", reason=reason, votes_used=len(pairs))
+            return store.round(round_id)
+        stored = store.prompts(limit=config.max_prompts)
+        if not stored:
+            store.finish_round(round_id, "skipped", reason="no stored conversations to take prompts from")
+            return store.round(round_id)
+        ppo_prompts, gate_prompts = split_prompts(stored, config.reward.heldout_fraction, config.seed)
+        live = store.live_version()
+        if live is None:
+            raise RuntimeError("no live policy version to train from")
+        torch.manual_seed(config.seed)
+
+        # 2. reward model from the base weights, warm-started from the last one; it replaces
+        #    the last one only if at least as accurate on the same held-out split
+        model, tokenizer = load_model_and_tokenizer(config.model)
+        rm_root = Path(config.data_dir) / REWARD_DIRNAME
+        latest = rm_root / "latest"
+        init_dir = latest if (latest / "reward_model.json").is_file() else None
+        try:
+            rm, rm_metrics = train_reward_model(config.model, tokenizer, pairs, config.reward, init_dir=init_dir)
+        except NotEnoughVotesError as exc:
+            store.finish_round(round_id, "skipped", reason=f"too few votes: {exc}", votes_used=len(pairs))
+            return store.round(round_id)
+        prev_acc, new_acc = rm_metrics.get("rm/prev_accuracy"), rm_metrics.get("rm/accuracy")
+        keep_new = init_dir is None or not (new_acc is not None and prev_acc is not None and new_acc < prev_acc)
+        rm_metrics["rm/replaced"] = float(keep_new)
+        if keep_new:
+            rm_staging = rm_root / f".staging-{round_id}"
+            shutil.rmtree(rm_staging, ignore_errors=True)
+            rm.save(rm_staging)
+        else:
+            rm = RewardModel.load(config.model, init_dir)
+        reward_fn = make_reward_fn(rm, tokenizer)
+
+        # 3. PPO on a trainable copy of the live adapter; reference = adapter disabled
+        policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
+        ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo)
+        metrics = {**rm_metrics, **ppo_metrics}
+
+        # 4. gate: candidate vs live on held-out prompts, judged by the reward model
+        passed, reason = True, ""
+        if config.gate_enabled:
+            load_lora(policy, registry.path(live), adapter_name="live")
+            result = run_gate(policy, tokenizer, reward_fn, gate_prompts, config.gate, "policy", "live")
+            metrics.update(result.metrics)
+            passed, reason = result.passed, result.reason
+
+        # 5. publish: staging dir → renamed into place as version N+1
+        staging = registry.staging_dir()
+        _save_adapter(policy, "policy", staging)
+        version = registry.publish(staging, parent=live, round_id=round_id, metrics=metrics, live=passed)
+        staging = None
+        if not passed:
+            store.set_version_status(version, "rejected")
+        if rm_staging is not None:
+            if latest.exists():
+                shutil.rmtree(latest)
+            rm_staging.rename(latest)
+            rm_staging = None
+        store.finish_round(
+            round_id,
+            "succeeded" if passed else "rejected",
+            reason=reason,
+            metrics=metrics,
+            version=version,
+            votes_used=len(pairs),
+        )
+    except Exception as exc:  # noqa: BLE001 - recorded; the scheduler keeps running
+        log.error("training round %s failed:\n%s", round_id, traceback.format_exc())
+        if staging is not None:
+            registry.discard(staging)
+        if rm_staging is not None:
+            shutil.rmtree(rm_staging, ignore_errors=True)
+        store.finish_round(round_id, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+    return store.round(round_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit code 0 unless the round failed."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dataclass_args(parser, RoundConfig)
+    parser.add_argument("--trigger", default="manual", help="recorded with the round")
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(RoundConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if not config.model:
+        parser.error("--model is required (a hub id or a local model directory)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    threads = config.threads or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    store = open_store(config.data_dir)
+    registry = AdapterRegistry(Path(config.data_dir) / ADAPTERS_DIRNAME, store)
+    result = run_round(config, store, registry, trigger=args.trigger)
+    summary = {k: result.get(k) for k in ("id", "status", "reason", "version")}
+    print(f"round {summary['id']}: {summary['status']} {summary['reason'] or ''} version={summary['version']}")
+    return 1 if result.get("status") == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
