@@ -108,6 +108,15 @@ def split_prompts(prompts: list[dict], heldout_fraction: float, seed: int) -> tu
     return train_msgs, heldout_msgs
 
 
+def _last_kl_coef(store: Store) -> float | None:
+    """β at the end of the newest round that trained (succeeded or rejected), if any."""
+    for r in store.rounds(limit=20):
+        beta = (r.get("metrics") or {}).get("objective/kl_coef")
+        if r["status"] in ("succeeded", "rejected") and isinstance(beta, (int, float)) and beta > 0:
+            return float(beta)
+    return None
+
+
 def _save_adapter(policy, adapter_name: str, directory: Path) -> None:
     """``save_pretrained`` one adapter with its files at the top of ``directory``."""
     policy.save_pretrained(str(directory), selected_adapters=[adapter_name])
@@ -171,7 +180,11 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             rm = RewardModel.load(config.model, init_dir)
         reward_fn = make_reward_fn(rm, tokenizer)
 
-        # 3. PPO on a trainable copy of the live adapter; reference = adapter disabled
+        # 3. PPO on a trainable copy of the live adapter; reference = adapter disabled.
+        #    β carries over from the last round that trained, so the KL controller keeps adapting
+        previous_beta = _last_kl_coef(store)
+        if previous_beta is not None and config.ppo.adaptive_kl:
+            config.ppo.init_kl_coef = previous_beta
         policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
         ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo)
         metrics = {**rm_metrics, **ppo_metrics}

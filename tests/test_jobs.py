@@ -1,0 +1,172 @@
+"""Training rounds (training.jobs.run_round) and their scheduling, on a tiny model and real SQLite."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from chatapp.engine import ChatEngine
+from storage.db import open_store
+from storage.registry import AdapterRegistry
+from training.gate import GateConfig
+from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
+from training.models import load_model_and_tokenizer
+from training.ppo import PPOConfig
+from training.reward import RewardConfig
+from training.scheduler import TrainingScheduler
+
+
+@pytest.fixture
+def world(tiny_model_dir, tmp_path):
+    """A store + registry with version 0 published by a real engine, as the app does."""
+    data = tmp_path / "data"
+    store = open_store(data)
+    registry = AdapterRegistry(data / ADAPTERS_DIRNAME, store)
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    ChatEngine(model, tok, registry)  # publishes v0
+    return store, registry, data
+
+
+def _add_votes(store, n: int, choices=("a", "b")):
+    """``n`` voted comparisons over 4 conversations; answer A is always the short one."""
+    for i in range(n):
+        if i % 3 == 0:
+            conv = store.new_conversation(f"s{i}")
+        question = f"question number {i}"
+        store.add_message(conv, "user", question)
+        context = [{"role": "user", "content": question}]
+        cid = store.add_comparison(conv, f"s{i}", context, f"ok {i}", f"a much longer answer {i} " * 3, 0, 0, {}, {})
+        store.vote(cid, choices[i % len(choices)])
+        store.add_message(conv, "assistant", f"ok {i}", policy_version=0)
+
+
+def _config(data: Path, model_dir, **overrides) -> RoundConfig:
+    fast = dict(
+        data_dir=str(data),
+        model=str(model_dir),
+        min_votes=6,
+        reward=RewardConfig(epochs=1, batch_size=4),
+        ppo=PPOConfig(steps=1, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, normalize_samples=4),
+        gate=GateConfig(n_prompts=4, max_new_tokens=6),
+    )
+    fast.update(overrides)
+    return RoundConfig(**fast)
+
+
+def _version_dirs(data: Path) -> list[str]:
+    return sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir() if p.name.startswith("v"))
+
+
+def test_preference_pairs_keep_ties_and_drop_both_bad(world):
+    store, _, _ = world
+    _add_votes(store, 8, choices=("a", "b", "tie", "both_bad"))
+    pairs = preference_pairs(store)
+    assert len(pairs) == 6
+    assert sum(p["tie"] for p in pairs) == 2
+    for p in pairs:
+        if not p["tie"]:
+            assert p["chosen"] != p["rejected"]
+    b_votes = [c for c in store.voted_comparisons() if c["choice"] == "b"]
+    assert any(p["chosen"] == b_votes[0]["answer_b"] for p in pairs)
+
+
+def test_too_few_votes_skips_with_reason(world, tiny_model_dir):
+    store, registry, data = world
+    _add_votes(store, 3)
+    result = run_round(_config(data, tiny_model_dir), store, registry)
+    assert result["status"] == "skipped"
+    assert "too few votes" in result["reason"] and "3" in result["reason"]
+    assert store.live_version() == 0 and _version_dirs(data) == ["v0"]
+
+
+def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir):
+    store, registry, data = world
+    _add_votes(store, 12)
+    result = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
+    assert result["status"] == "succeeded", result
+    assert result["version"] == 1 and store.live_version() == 1
+    assert store.version(1)["parent"] == 0
+    assert _version_dirs(data) == ["v0", "v1"]
+    assert (data / "reward" / "latest" / "reward_model.json").is_file()
+    assert "rm/accuracy" in result["metrics"] and "objective/kl" in result["metrics"]
+    # a second round warm-starts the reward model from the first
+    again = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
+    assert again["status"] == "succeeded", again
+    assert again["version"] == 2 and store.version(2)["parent"] == 1
+    assert "rm/prev_accuracy" in again["metrics"] and again["metrics"]["rm/replaced"] in (0.0, 1.0)
+
+
+def test_gate_rejection_is_recorded_and_live_keeps_serving(world, tiny_model_dir):
+    store, registry, data = world
+    _add_votes(store, 12)
+    strict = GateConfig(n_prompts=4, max_new_tokens=6, min_win_rate=1.0)  # unreachable bar
+    result = run_round(_config(data, tiny_model_dir, gate=strict), store, registry)
+    assert result["status"] == "rejected", result
+    assert "win rate" in result["reason"]
+    assert store.live_version() == 0
+    assert store.version(result["version"])["status"] == "rejected"
+    with pytest.raises(ValueError):
+        store.set_live(result["version"])
+
+
+def test_failed_round_is_recorded_and_publishes_nothing(world, tmp_path):
+    store, registry, data = world
+    _add_votes(store, 12)
+    broken = tmp_path / "not-a-model"
+    broken.mkdir()
+    result = run_round(_config(data, broken), store, registry)
+    assert result["status"] == "failed" and result["reason"]
+    assert store.live_version() == 0 and _version_dirs(data) == ["v0"]
+    staging = data / ADAPTERS_DIRNAME / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    # the next round runs
+    assert store.running_round() is None
+
+
+def test_scheduler_never_runs_two_rounds_at_once(world):
+    store, _, _ = world
+    started, release = threading.Event(), threading.Event()
+    calls = []
+
+    def slow_round(trigger):
+        calls.append(trigger)
+        started.set()
+        release.wait(10)
+        return {"status": "succeeded"}
+
+    scheduler = TrainingScheduler(slow_round, store, train_every_min=60, min_new_votes=1)
+    first = threading.Thread(target=scheduler.run_now, args=("manual",))
+    first.start()
+    assert started.wait(10)
+    assert scheduler.busy
+    assert scheduler.run_now("manual") is None  # refused, not queued
+    assert "already running" in scheduler.request_round()
+    release.set()
+    first.join(10)
+    assert calls == ["manual"] and not scheduler.busy
+
+
+def test_scheduled_tick_waits_for_enough_new_votes(world):
+    store, _, _ = world
+    calls = []
+    scheduler = TrainingScheduler(lambda t: calls.append(t) or {"status": "succeeded"}, store, 60, min_new_votes=5)
+    _add_votes(store, 3)
+    assert scheduler.scheduled_tick() is None and calls == []
+    _add_votes(store, 3)
+    scheduler.scheduled_tick()
+    assert calls == ["schedule"]
+
+
+def test_a_raising_round_is_logged_and_the_scheduler_lives_on(world, caplog):
+    store, _, _ = world
+
+    def boom(trigger):
+        raise RuntimeError("out of memory (simulated)")
+
+    scheduler = TrainingScheduler(boom, store, 60, min_new_votes=0)
+    with caplog.at_level("ERROR"):
+        assert scheduler.run_now("manual") is None
+    assert "out of memory" in caplog.text and "Traceback" in caplog.text
+    assert not scheduler.busy
