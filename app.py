@@ -30,6 +30,9 @@ class AppConfig:
     data_dir: str = help_field("data", help="where the SQLite file, adapters, reward models and the starter live")
     host: str = help_field("127.0.0.1", help="address to bind; 0.0.0.0 opens the app to the network")
     port: int = help_field(7860, help="port of the web UI")
+    auth: str = help_field("", help="USER:PASS: admin actions (Train now, rollback, export) need this login; chat stays open")
+    auth_file: str = help_field("", help="file of USER:PASS lines, one admin each (with or instead of --auth)")
+    concurrency: int = help_field(8, help="requests the server handles at once per action (Gradio queue)")
     train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")
     min_new_votes: int = help_field(20, help="new votes needed before a scheduled round starts")
     min_votes: int = help_field(10, help="A/B votes (ties excluded) a round needs to train at all")
@@ -45,6 +48,12 @@ class AppConfig:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.train_every <= 0:
             raise ValueError(f"--train-every must be > 0 minutes, got {self.train_every}")
+        if self.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if self.auth:
+            from chatapp.auth import parse_credential
+
+            parse_credential(self.auth)  # fail early: USER:PASS
 
 
 def _check_data_dir_model(data_dir: Path, model: str) -> None:
@@ -65,9 +74,14 @@ def _check_data_dir_model(data_dir: Path, model: str) -> None:
 def build_app(config: AppConfig):
     """Wire storage, model, engine, scheduler and UI; returns ``(demo, scheduler)``.
 
+    The scheduler is not started; :meth:`TrainingScheduler.start` makes it the one scheduler
+    of ``config.data_dir`` (a second app on the same directory stays on standby).
+
     Raises:
         training.models.ModelLoadError: the model cannot be loaded.
+        ValueError, OSError: a malformed or unreadable ``--auth-file``.
     """
+    from chatapp.auth import AdminAuth
     from chatapp.engine import ChatEngine, Sampling
     from chatapp.service import ChatService
     from chatapp.ui import UIParts, build_ui
@@ -77,6 +91,7 @@ def build_app(config: AppConfig):
     from training.models import load_model_and_tokenizer
     from training.scheduler import TrainingScheduler, subprocess_round
 
+    admin = AdminAuth.from_options(config.auth, config.auth_file)
     data_dir = Path(config.data_dir)
     if config.model:
         model_ref = config.model
@@ -98,10 +113,30 @@ def build_app(config: AppConfig):
         round_args = ["--data-dir", str(data_dir), "--model", model_ref,
                       "--min-votes", str(config.min_votes), "--seed", str(config.seed),
                       "--gate-enabled", str(config.gate).lower()]  # fmt: skip
-        round_fn = subprocess_round(round_args, data_dir / "logs" / "training.log", store)
+        round_fn = subprocess_round(round_args, data_dir / "logs" / "training.log", store, registry)
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes)
-    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir))
+    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir, admin=admin))
     return demo, scheduler
+
+
+def launch(demo, config: AppConfig, block: bool = True):
+    """Serve ``demo`` on ``config.host:config.port`` with the app's queue settings; with
+    ``block=False`` return at once (tests). Warns when the app is reachable from the network
+    while admin actions are open."""
+    loopback = config.host in ("127.0.0.1", "localhost", "::1")
+    if not loopback and not (config.auth or config.auth_file):
+        log.warning(
+            "serving on %s without --auth: anyone who can reach it can train, roll back and "
+            "export every vote; pass --auth USER:PASS", config.host,
+        )  # fmt: skip
+    demo.queue(default_concurrency_limit=config.concurrency)
+    return demo.launch(
+        server_name=config.host,
+        server_port=config.port,
+        show_error=True,
+        prevent_thread_lock=not block,
+        quiet=not block,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = dataclass_from_args(AppConfig, args)
     except ValueError as exc:
+        parser.error(str(exc))
+    from chatapp.auth import AdminAuth
+
+    try:
+        AdminAuth.from_options(config.auth, config.auth_file)  # a bad --auth-file fails here
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -126,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.start()
     print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)
     try:
-        demo.queue(default_concurrency_limit=8).launch(server_name=config.host, server_port=config.port, show_error=True)
+        launch(demo, config)
     finally:
         if scheduler is not None:
             scheduler.shutdown()

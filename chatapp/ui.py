@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from chatapp.auth import AdminAuth, AdminRequired
 from chatapp.service import ChatService, ChatSession, UserInputError
 from storage.db import AlreadyVoted
 from storage.registry import AdapterRegistry
@@ -37,6 +38,7 @@ class UIParts:
     registry: AdapterRegistry
     scheduler: TrainingScheduler | None = None
     data_dir: Path | None = None
+    admin: AdminAuth | None = None  # None: admin actions are open (local use)
 
 
 def _display(messages: list[dict]) -> list[dict]:
@@ -145,19 +147,30 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             gr.update(choices=versions, value=str(live) if live is not None else None),
         )
 
-    def train_now():
+    def _require_admin(user, password, action: str) -> None:
+        if parts.admin is None:
+            return
+        try:
+            parts.admin.require(user, password, action)
+        except AdminRequired as exc:
+            raise gr.Error(str(exc), title="Admin login required") from exc
+
+    def train_now(user=None, password=None):
+        _require_admin(user, password, "Train now")
         if parts.scheduler is None:
             raise gr.Error("Training is not enabled in this app.")
         gr.Info(parts.scheduler.request_round())
         return status_markdown(parts)
 
-    def export_votes():
+    def export_votes(user=None, password=None):
+        _require_admin(user, password, "Exporting the votes")
         out = Path(tempfile.mkdtemp(prefix="votes-")) / "votes.jsonl"
         n = store.export_jsonl(out)
         gr.Info(f"Exported {n} preference pairs.")
         return str(out)
 
-    def rollback(version):
+    def rollback(version, user=None, password=None):
+        _require_admin(user, password, "Rollback")
         if version in (None, ""):
             raise gr.Error("Pick a version to make live.")
         try:
@@ -191,6 +204,9 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 vote_bad = gr.Button("Both bad")
         with gr.Tab("Training"):
             status = gr.Markdown(status_markdown(parts))
+            with gr.Row(visible=parts.admin is not None):
+                admin_user = gr.Textbox(label="Admin user", scale=1)
+                admin_password = gr.Textbox(label="Admin password", type="password", scale=1)
             with gr.Row():
                 train_btn = gr.Button("Train now", variant="primary")
                 refresh_btn = gr.Button("Refresh")
@@ -215,7 +231,8 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         refresh_btn.click(refresh_training, None, training_outputs, api_name="training_status")
         timer.tick(refresh_training, None, training_outputs, api_visibility="private")
         demo.load(refresh_training, None, training_outputs, api_visibility="private")
-        train_btn.click(train_now, None, status, api_name="train_now")
-        export_btn.click(export_votes, None, export_file, api_name="export_votes")
-        rollback_btn.click(rollback, version_pick, status, api_name="rollback")
+        admin = [admin_user, admin_password]  # checked in each admin handler
+        train_btn.click(train_now, admin, status, api_name="train_now")
+        export_btn.click(export_votes, admin, export_file, api_name="export_votes")
+        rollback_btn.click(rollback, [version_pick, *admin], status, api_name="rollback")
     return demo

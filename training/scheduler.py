@@ -3,7 +3,16 @@
 A ``BackgroundScheduler`` checks every ``train_every_min`` minutes whether at least
 ``min_new_votes`` votes arrived since the last round that trained, and if so starts one. A
 "Train now" request starts one at once. Never two rounds at once: a non-blocking lock guards
-:meth:`TrainingScheduler.run_now`, whoever calls it.
+:meth:`TrainingScheduler.run_now`, whoever calls it, and the store refuses a second running
+round across processes.
+
+One schedule per data directory: :meth:`TrainingScheduler.start` takes an exclusive
+``flock`` on ``DATA/scheduler.lock``. A second app built on the same data directory — a
+reload in the same process, or a second process — finds the lock held and stays on standby
+(it still runs "Train now" rounds, which the store serializes). The lock lives in the data
+directory, not in a module-level registry, because what must be unique is "who schedules
+rounds for these votes", and the operating system releases it when its holder dies, even by
+``kill -9``.
 
 The round itself runs in a child process (``python -m training.jobs``) by default, so that a
 crash or out-of-memory in training cannot take the chat down; its adapter reaches serving only
@@ -12,45 +21,107 @@ through the registry.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import subprocess
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from storage.db import Store
+from storage.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
 
 JOB_ID = "rlhf-round"
+LOCK_FILENAME = "scheduler.lock"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m training.jobs` resolves
 
 
-def subprocess_round(args: list[str], log_path: Path, store: Store) -> Callable[[str], dict]:
-    """A round function that runs ``python -m training.jobs ARGS --trigger T`` in a child
-    process, its output appended to ``log_path``. If the child dies without finishing its round
-    (killed, out of memory), the round is marked failed."""
+class SubprocessRound:
+    """A round function that runs ``COMMAND ARGS --trigger T`` in a child process (by default
+    ``python -m training.jobs``), its output appended to ``log_path``.
 
-    def run(trigger: str) -> dict:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as out:
-            proc = subprocess.run(
-                [sys.executable, "-m", "training.jobs", *args, "--trigger", trigger],
+    If the child dies without finishing the round it started (killed, out of memory), that
+    round — and only that one, never another process's — is marked failed, and staging
+    directories it left are deleted (never published, never served).
+
+    Args:
+        args: flags for ``training.jobs`` (``--data-dir``, ``--model``, …).
+        log_path: file that receives the child's stdout and stderr.
+        store: the store the child records its round in.
+        registry: if given, its staging area is cleaned after a child that failed.
+        command: the program to run instead of ``python -m training.jobs`` (tests).
+    """
+
+    def __init__(
+        self,
+        args: list[str],
+        log_path: Path,
+        store: Store,
+        registry: AdapterRegistry | None = None,
+        command: list[str] | None = None,
+    ):
+        self.args = list(args)
+        self.log_path = Path(log_path)
+        self.store = store
+        self.registry = registry
+        self.command = command or [sys.executable, "-m", "training.jobs"]
+        self.proc: subprocess.Popen | None = None  # the running child, if any
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running child, or None between rounds."""
+        proc = self.proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def _last_round_id(self) -> int:
+        newest = self.store.rounds(limit=1)
+        return newest[0]["id"] if newest else 0
+
+    def __call__(self, trigger: str) -> dict:
+        before = self._last_round_id()
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(
+                [*self.command, *self.args, "--trigger", trigger],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=PROJECT_ROOT,
-                check=False,
             )
-        stale = store.running_round()
-        if stale is not None:
-            store.fail_stale_rounds(f"training process exited with code {proc.returncode}; see {log_path}")
-        rounds = store.rounds(limit=1)
-        return rounds[0] if rounds else {"status": "failed", "reason": f"exit code {proc.returncode}"}
+            try:
+                code = self.proc.wait()
+            finally:
+                self.proc = None
+        reason = f"training process exited with code {code}; see {self.log_path}"
+        mine = [r for r in self.store.rounds(limit=20) if r["id"] > before]  # newest first
+        for r in mine:
+            if r["status"] == "running":
+                log.error("round %s: %s", r["id"], reason)
+                self.store.finish_round(r["id"], "failed", reason=reason)
+        if code != 0 and self.registry is not None and self.store.running_round() is None:
+            removed = self.registry.clean_staging()
+            if removed:
+                log.warning("removed %d staging directories left by the failed round", removed)
+        if mine:
+            return self.store.round(mine[0]["id"])  # newest first
+        return {"status": "failed", "reason": reason}
 
-    return run
+    def terminate(self) -> None:
+        """Ask a running child to stop (SIGTERM); its round is then recorded as failed."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+
+
+def subprocess_round(args: list[str], log_path: Path, store: Store, registry: AdapterRegistry | None = None) -> SubprocessRound:
+    """A :class:`SubprocessRound` running ``python -m training.jobs ARGS``."""
+    return SubprocessRound(args, log_path, store, registry)
 
 
 class TrainingScheduler:
@@ -58,30 +129,79 @@ class TrainingScheduler:
 
     Args:
         round_fn: runs one round given its trigger (``"schedule"`` or ``"manual"``) and returns
-            the recorded round dict; may raise (logged, the scheduler keeps running).
-        store: to count new votes.
+            the recorded round dict; may raise (logged with its traceback and recorded as a
+            failed round; the scheduler keeps running).
+        store: to count new votes and record failures.
         train_every_min: minutes between checks (> 0).
         min_new_votes: votes since the last round that trained needed to start a scheduled one.
+        lock_path: the file whose ``flock`` makes this the one scheduler of its data
+            directory (default: ``scheduler.lock`` next to the store's database file).
     """
 
-    def __init__(self, round_fn: Callable[[str], dict], store: Store, train_every_min: float, min_new_votes: int):
+    def __init__(
+        self,
+        round_fn: Callable[[str], dict],
+        store: Store,
+        train_every_min: float,
+        min_new_votes: int,
+        lock_path: Path | None = None,
+    ):
         if train_every_min <= 0:
             raise ValueError(f"train_every_min must be > 0, got {train_every_min}")
         self.round_fn = round_fn
         self.store = store
         self.train_every_min = train_every_min
         self.min_new_votes = min_new_votes
+        self.lock_path = Path(lock_path) if lock_path else Path(store.path).with_name(LOCK_FILENAME)
         self._round_lock = threading.Lock()
         self._scheduler = BackgroundScheduler(daemon=True)
+        self._lock_file = None
         self.last_result: dict | None = None
+        self.last_error: str | None = None  # traceback of the last round that raised
 
     @property
     def busy(self) -> bool:
-        """True while a round runs."""
+        """True while a round started by this scheduler runs."""
         return self._round_lock.locked()
 
-    def start(self) -> None:
-        """Start the background scheduler with its one periodic job."""
+    @property
+    def running(self) -> bool:
+        """True when this scheduler owns the schedule of its data directory."""
+        return self._scheduler.running
+
+    def jobs(self) -> list:
+        """The APScheduler jobs of this scheduler (one when running, none on standby)."""
+        return self._scheduler.get_jobs()
+
+    def _acquire(self) -> bool:
+        """Take the data directory's scheduler lock without waiting; False if held."""
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock_path, "a+")  # noqa: SIM115 - held open while the lock is held
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            log.warning(
+                "training rounds for %s are already scheduled (lock %s held by %s); this app "
+                "stays on standby: chat and Train now work, the schedule runs there",
+                self.lock_path.parent, self.lock_path, holder,
+            )  # fmt: skip
+            return False
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._lock_file = f
+        return True
+
+    def start(self) -> bool:
+        """Start the background scheduler with its one periodic job; returns False (standby)
+        if another scheduler already owns this data directory. Calling it again only
+        replaces the job."""
+        if not self._scheduler.running and not self._acquire():
+            return False
         self._scheduler.add_job(
             self.scheduled_tick,
             "interval",
@@ -91,11 +211,21 @@ class TrainingScheduler:
             max_instances=1,
             coalesce=True,
         )
-        self._scheduler.start()
+        if not self._scheduler.running:
+            self._scheduler.start()
+        return True
 
     def shutdown(self) -> None:
+        """Stop the schedule, stop a running child round and release the data-dir lock."""
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+        terminate = getattr(self.round_fn, "terminate", None)
+        if terminate is not None:
+            terminate()
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
 
     def scheduled_tick(self) -> dict | None:
         """The periodic job: start a round if enough new votes arrived; else do nothing."""
@@ -107,22 +237,34 @@ class TrainingScheduler:
 
     def run_now(self, trigger: str = "manual") -> dict | None:
         """Run one round in the calling thread; returns its record, or None if a round is
-        already running (the request is dropped, never queued)."""
+        already running (the request is dropped, never queued) or the round raised."""
         if not self._round_lock.acquire(blocking=False):
             log.info("round request (%s) ignored: a round is already running", trigger)
             return None
         try:
             self.last_result = self.round_fn(trigger)
             return self.last_result
-        except Exception:  # noqa: BLE001 - logged with its traceback; the scheduler lives on
+        except Exception as exc:  # noqa: BLE001 - logged with its traceback; the scheduler lives on
+            self.last_error = traceback.format_exc()
             log.exception("training round (%s) raised", trigger)
+            self._record_failure(trigger, exc)
             return None
         finally:
             self._round_lock.release()
 
+    def _record_failure(self, trigger: str, exc: Exception) -> None:
+        """Record a round whose function raised as a failed round (when none is running)."""
+        try:
+            if self.store.running_round() is not None:
+                return
+            round_id = self.store.start_round(trigger)
+            self.store.finish_round(round_id, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+        except Exception:  # noqa: BLE001 - the store itself is failing; the log has it
+            log.exception("could not record the failed round (%s)", trigger)
+
     def request_round(self) -> str:
         """Start a round in the background now ("Train now"); returns a message for the UI."""
-        if self.busy:
+        if self.busy or self.store.running_round() is not None:
             return "A training round is already running."
         threading.Thread(target=self.run_now, args=("manual",), name="train-now", daemon=True).start()
         return "Training round started; this tab refreshes when it ends."

@@ -1,0 +1,157 @@
+"""Faults in training never reach chat: ``kill -9`` of the training child while it is writing
+its adapter → chat keeps answering on the live version, the round is recorded as failed, the
+half-written directory is removed and never served (not even after a restart), and the next
+round runs and publishes. The app runs in-process on a free port with the tiny model; the
+round is a real ``python -m training.jobs`` child."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from app import AppConfig, build_app, launch
+from storage.db import open_store
+from storage.registry import AdapterRegistry
+
+pytestmark = pytest.mark.slow
+WAIT_S = 300  # a deadline against hangs only
+
+# `python -m training.jobs`, except that saving the adapter writes half of its weights file,
+# says so, and hangs until killed: the child dies mid-publish.
+HALF_WRITE_THEN_HANG = r"""
+import sys, time
+from pathlib import Path
+import training.jobs as jobs
+marker = Path(sys.argv[1])
+save = jobs._save_adapter
+def half_save(policy, name, directory):
+    save(policy, name, directory)
+    for f in Path(directory).glob("*.safetensors"):
+        data = f.read_bytes()
+        f.write_bytes(data[: len(data) // 2])
+    marker.write_text(str(directory))
+    time.sleep(600)
+jobs._save_adapter = half_save
+sys.exit(jobs.main(sys.argv[2:]))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _add_votes(store, n: int) -> None:
+    for i in range(n):
+        if i % 3 == 0:
+            conv = store.new_conversation(f"s{i}")
+        question = f"question number {i}"
+        store.add_message(conv, "user", question)
+        context = [{"role": "user", "content": question}]
+        cid = store.add_comparison(conv, f"s{i}", context, f"ok {i}", f"a longer answer {i} " * 3, 0, 0, {}, {})
+        store.vote(cid, "a" if i % 2 else "b")
+        store.add_message(conv, "assistant", f"ok {i}", policy_version=0)
+
+
+def _last_reply_version(store) -> int:
+    return store.db.execute(
+        "select policy_version from messages where role = 'assistant' order by id desc limit 1"
+    ).fetchone()[0]
+
+
+@pytest.fixture
+def app_config(tiny_model_dir, tmp_path):
+    return AppConfig(
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        min_votes=6, max_new_tokens=4, gate=False,
+    )  # fmt: skip
+
+
+def test_kill_9_mid_publish_chat_lives_round_failed_nothing_half_written_served(app_config, tmp_path):
+    from gradio_client import Client
+
+    data = Path(app_config.data_dir)
+    demo, scheduler = build_app(app_config)
+    launch(demo, app_config, block=False)
+    store = open_store(data)
+    _add_votes(store, 12)
+    client = Client(f"http://127.0.0.1:{app_config.port}/", verbose=False)
+    marker = tmp_path / "half-written"
+    round_fn = scheduler.round_fn
+    round_fn.command = [sys.executable, "-c", HALF_WRITE_THEN_HANG, str(marker)]
+    try:
+        runner = threading.Thread(target=scheduler.run_now, args=("manual",))
+        runner.start()
+        for _ in range(WAIT_S * 10):
+            if marker.exists() or not runner.is_alive():
+                break
+            threading.Event().wait(0.1)
+        log = data / "logs" / "training.log"
+        assert marker.exists(), log.read_text(errors="replace")[-3000:]
+        staging = Path(marker.read_text())
+        # the child is frozen mid-publish: a half-written adapter sits in staging
+        assert AdapterRegistry.is_complete(staging), "the staging dir looks complete to a naive check"
+        assert store.running_round() is not None
+        # chat answers meanwhile, on the live version
+        chat, *_ = client.predict("hello during the round", False, api_name="/send")
+        assert chat[-1]["role"] == "assistant" and _last_reply_version(store) == 0
+
+        os.kill(round_fn.pid, signal.SIGKILL)
+        runner.join(WAIT_S)
+        assert not runner.is_alive()
+        result = scheduler.last_result
+        assert result["status"] == "failed" and "code -9" in result["reason"], result
+        status, rounds, _ = client.predict(api_name="/training_status")
+        assert rounds["data"][0][2] == "failed"
+        assert not staging.exists(), "the half-written adapter was left in staging"
+        assert [v["version"] for v in store.versions()] == [0] and store.live_version() == 0
+        assert sorted(p.name for p in (data / "adapters").iterdir() if p.name.startswith("v")) == ["v0"]
+        chat, *_ = client.predict("hello after the kill", False, api_name="/send")
+        assert chat[-1]["role"] == "assistant" and _last_reply_version(store) == 0
+
+        # the next round runs (the real job this time) and its adapter is served
+        round_fn.command = [sys.executable, "-m", "training.jobs"]
+        result = scheduler.run_now("manual")
+        assert result["status"] == "succeeded", f"{result}\n{log.read_text(errors='replace')[-3000:]}"
+        assert store.live_version() == result["version"] == 1
+        client.predict("hello after the next round", False, api_name="/send")
+        assert _last_reply_version(store) == 1
+    finally:
+        demo.close()
+        scheduler.shutdown()
+
+
+def test_restart_after_a_crash_cleans_staging_and_fails_the_stale_round(app_config):
+    """A crash of the whole app mid-round (round left 'running', staging left on disk): the
+    next start marks the round failed, deletes the staging dir and serves the live version."""
+    data = Path(app_config.data_dir)
+    demo, scheduler = build_app(app_config)
+    demo.close()
+    scheduler.shutdown()
+    store = open_store(data)
+    stale = store.start_round("schedule")
+    registry = AdapterRegistry(data / "adapters", store)
+    staging = registry.staging_dir()
+    (staging / "adapter_config.json").write_text("{}")
+    (staging / "adapter_model.safetensors").write_bytes(b"\0" * 8)  # garbage weights
+
+    demo, scheduler = build_app(app_config)  # the restart
+    try:
+        assert store.round(stale)["status"] == "failed"
+        assert not staging.exists()
+        launch(demo, app_config, block=False)
+        from gradio_client import Client
+
+        client = Client(f"http://127.0.0.1:{app_config.port}/", verbose=False)
+        chat, *_ = client.predict("hello after the restart", False, api_name="/send")
+        assert chat[-1]["role"] == "assistant" and _last_reply_version(store) == 0
+    finally:
+        demo.close()
+        scheduler.shutdown()
