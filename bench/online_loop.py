@@ -1,0 +1,421 @@
+"""Benchmark of the online RLHF loop: simulated users vote through the running app (HTTP), rounds
+train, and a gold judgement scores the result (Ziegler et al. 2019; AlpacaFarm, Dubois et al. 2023).
+
+    python -m bench.online_loop --votes 300 --noise 0.1 --annotator bench.annotators:prefers_correct
+
+What it does:
+  1. launches ``python app.py`` on 127.0.0.1 (a temporary data dir unless ``--data-dir``; the
+     offline starter model, built once and cached in ``data/starter``, unless ``--model``);
+  2. simulated users (one ``gradio_client.Client`` — one browser session — each) take prompts in
+     turn: earlier user turns are sent as plain chat, the last one as a side-by-side comparison,
+     and the annotator votes (with probability ``--noise`` the vote is flipped: A↔B, a tie becomes
+     A or B at random);
+  3. every ``--round-every`` votes a round is started with "Train now" and awaited (the app
+     trains in its child process: reward model → PPO → gate → publish);
+  4. the app is stopped and the result evaluated in-process on held-out prompts that no user
+     sent: ``gold_win_rate`` (live vs version 0, judged by the annotator without noise: wins + ½
+     ties over n), ``gold_win_rate_bon4`` (best of 4 samples of version 0 picked by the final
+     reward model vs version 0, judged the same way), ``kl_nats`` (mean per answer, k1, live vs
+     reference). Answers are sampled with pure temperature-1 sampling (the distribution PPO
+     optimises and whose KL is measured).
+
+Prints progress, then one JSON object (also written to ``--json``). Every wait is bounded and
+the app (with any training child) is always stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import importlib
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class BenchConfig:
+    """Flags of ``python -m bench.online_loop``."""
+
+    annotator: str = help_field("bench.annotators:prefers_correct", help="MODULE:FUNCTION, (messages, a, b) -> 'a'|'b'|'tie'")
+    votes: int = help_field(300, help="comparisons voted through the app")
+    round_every: int = help_field(50, help="votes between training rounds (Train now, then wait for the round)")
+    noise: float = help_field(0.0, help="probability that a vote is flipped")
+    prompts: str = help_field("", help="JSONL, one {\"messages\": [...]} a line (default: the starter's held-out prompts)")
+    model: str = help_field("", help="base model dir or hub id (default: the offline starter, cached in data/starter)")
+    seed: int = help_field(0, help="prompt order, noise, evaluation sampling")
+    json: str = help_field("", help="also write the result JSON here")
+    port: int = help_field(0, help="app port (0: a free one)")
+    data_dir: str = help_field("", help="app data dir (default: a new temporary dir)")
+    users: int = help_field(4, help="simulated users (browser sessions), taking prompts in turn")
+    eval_prompts: int = help_field(120, help="held-out prompts for the gold evaluation")
+    eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
+    min_votes: int = help_field(10, help="the app's --min-votes")
+    max_new_tokens: int = help_field(48, help="the app's --max-new-tokens (reply limit)")
+    temperature: float = help_field(1.0, help="the app's --temperature for replies and comparisons")
+    round_timeout_s: float = help_field(900.0, help="longest wait for one round")
+    startup_timeout_s: float = help_field(600.0, help="longest wait for the app to come up")
+    threads: int = help_field(0, help="torch threads of the evaluation (0: all cores)")
+
+    def __post_init__(self):
+        if ":" not in self.annotator:
+            raise ValueError(f"--annotator must be MODULE:FUNCTION, got {self.annotator!r}")
+        for name in ("votes", "round_every", "users", "eval_prompts", "eval_max_new_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.noise <= 1.0:
+            raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
+
+
+def load_annotator(spec: str):
+    """``"module:function"`` → the function."""
+    module, _, name = spec.partition(":")
+    fn = getattr(importlib.import_module(module), name, None)
+    if not callable(fn):
+        raise ValueError(f"{spec}: {module} has no function {name!r}")
+    return fn
+
+
+def load_prompts(config: BenchConfig) -> tuple[list[list[dict]], list[list[dict]]]:
+    """``(user prompts, evaluation prompts)``, disjoint. Default: the starter's held-out prompts
+    (held-out phrasings and values), users and evaluation drawn with different seeds."""
+    if config.prompts:
+        with open(config.prompts, encoding="utf-8") as f:
+            rows = [json.loads(line)["messages"] for line in f if line.strip()]
+        random.Random(config.seed).shuffle(rows)
+        n_eval = min(config.eval_prompts, len(rows) // 2)
+        if n_eval < 1:
+            raise ValueError(f"{config.prompts}: need at least 2 prompts")
+        return rows[n_eval:], rows[:n_eval]
+    from training.starter.corpus import heldout_prompts
+
+    users = [p["messages"] for p in heldout_prompts(config.seed, max(config.votes, 60))]
+    seen = {json.dumps(m) for m in users}
+    evals = [p["messages"] for p in heldout_prompts(config.seed + 10_000, 3 * config.eval_prompts)
+             if json.dumps(p["messages"]) not in seen][: config.eval_prompts]
+    return users, evals
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ the app ---------------------
+class App:
+    """``python app.py`` in its own process group (so its training child is stopped with it)."""
+
+    def __init__(self, config: BenchConfig, model_ref: str, data_dir: Path, port: int):
+        self.url = f"http://127.0.0.1:{port}/"
+        self.log_path = data_dir / "bench-app.log"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "app.py", "--data-dir", str(data_dir), "--model", model_ref,
+               "--host", "127.0.0.1", "--port", str(port), "--train-every", "100000",
+               "--min-new-votes", "1000000", "--min-votes", str(config.min_votes), "--gate", "true",
+               "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
+               "--seed", str(config.seed)]  # fmt: skip
+        self._log = open(self.log_path, "ab")
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+               "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
+        self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+
+    def wait_up(self, timeout_s: float) -> None:
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the app exited with code {self.proc.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"the app did not come up within {timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(timeout=30)
+        self._log.close()
+
+
+def _text(content) -> str:
+    """A chatbot message's content as plain text (Gradio may give a string or a list of parts)."""
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    elif isinstance(content, dict):
+        content = content.get("text", "")
+    return html.unescape(str(content))
+
+
+def wait_for_round(client, before: int, timeout_s: float) -> list | None:
+    """Poll /training_status until a round newer than the first ``before`` has finished; its row."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        _, table, _ = client.predict(api_name="/training_status")
+        rows = table["data"] if isinstance(table, dict) else table
+        if len(rows) > before and rows[0][2] != "running":
+            return rows[0]
+        time.sleep(3.0)
+    return None
+
+
+def _train_now(client) -> None:
+    """Press "Train now" (no admin login: the bench launches the app without ``--auth``)."""
+    try:
+        client.predict("", "", api_name="/train_now")  # (admin user, password) when the app has them
+    except TypeError:
+        client.predict(api_name="/train_now")
+
+
+def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], log) -> dict:
+    """Simulated users chat, compare and vote through HTTP; rounds every ``round_every`` votes."""
+    from gradio_client import Client
+
+    rng = random.Random(config.seed + 1)
+    clients = [Client(app.url, verbose=False) for _ in range(config.users)]
+    votes, errors, flipped, attempts, rounds = 0, 0, 0, 0, []
+    tally = {"a": 0, "b": 0, "tie": 0}
+    since_round = 0
+    t0 = time.time()
+    while votes < config.votes and attempts < 2 * config.votes:
+        client = clients[attempts % len(clients)]
+        messages = prompts[attempts % len(prompts)]
+        attempts += 1
+        try:
+            system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+            client.predict(system, api_name="/new_conversation")
+            context = [{"role": "system", "content": system}] if system else []
+            users = [m["content"] for m in messages if m["role"] == "user"]
+            for text in users[:-1]:  # earlier turns: plain chat, the model's own replies
+                chat, *_ = client.predict(text, False, api_name="/send")
+                reply = _text(chat[-1]["content"]) if chat and chat[-1]["role"] == "assistant" else ""
+                context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+            context.append({"role": "user", "content": users[-1]})
+            _, _, answer_a, answer_b = client.predict(users[-1], True, api_name="/send")
+            choice = annotator(context, answer_a or "", answer_b or "")
+            if rng.random() < config.noise:
+                flipped += 1
+                choice = {"a": "b", "b": "a"}.get(choice) or rng.choice("ab")
+            client.predict(api_name=f"/vote_{choice}")
+        except Exception as exc:  # noqa: BLE001 - a failed turn is counted and skipped
+            errors += 1
+            log(f"  turn {attempts} failed: {exc.__class__.__name__}: {str(exc)[:200]}")
+            if app.proc.poll() is not None:
+                raise RuntimeError(f"the app died; see {app.log_path}") from exc
+            continue
+        votes += 1
+        since_round += 1
+        tally[choice] += 1
+        if votes % 25 == 0:
+            log(f"votes {votes}/{config.votes} (a {tally['a']}, b {tally['b']}, tie {tally['tie']}, "
+                f"flipped {flipped}) {time.time() - t0:.0f}s")
+        if since_round >= config.round_every or (votes == config.votes and since_round >= config.min_votes):
+            since_round = 0
+            _, table, _ = clients[0].predict(api_name="/training_status")
+            before = len(table["data"] if isinstance(table, dict) else table)
+            t_round = time.time()
+            _train_now(clients[0])
+            row = wait_for_round(clients[0], before, config.round_timeout_s)
+            if row is None:
+                log(f"round after {votes} votes did not finish within {config.round_timeout_s:.0f}s")
+                rounds.append({"votes": votes, "status": "timeout"})
+                continue
+            rec = {"votes": votes, "round": row[0], "status": row[2], "reason": row[3],
+                   "rm_accuracy": row[4], "reward": row[5], "kl": row[6], "version": row[7],
+                   "seconds": round(time.time() - t_round, 1)}
+            rounds.append(rec)
+            log(f"round {rec['round']} after {votes} votes: {rec['status']} {rec['reason'] or ''} "
+                f"rm_acc={rec['rm_accuracy']} reward={rec['reward']} kl={rec['kl']} "
+                f"version={rec['version']} ({rec['seconds']}s)")
+    return {"votes": votes, "errors": errors, "flipped": flipped, "tally": tally, "rounds": rounds,
+            "drive_s": time.time() - t0}
+
+
+# ------------------------------------------------------------------ gold evaluation -------------
+def _judge(annotator, messages, x: str, y: str, rng: random.Random) -> float:
+    """1 if the annotator prefers ``x`` over ``y``, ½ on a tie, else 0 (x shown as A or B at random)."""
+    if rng.random() < 0.5:
+        verdict = annotator(messages, x, y)
+        return {"a": 1.0, "tie": 0.5}.get(verdict, 0.0)
+    verdict = annotator(messages, y, x)
+    return {"b": 1.0, "tie": 0.5}.get(verdict, 0.0)
+
+
+def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, prompts: list[list[dict]], log) -> dict:
+    """Gold figures of the live version against version 0 (see the module docstring)."""
+    import torch
+
+    from storage.db import open_store
+    from storage.registry import AdapterRegistry
+    from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
+    from training.models import end_of_turn_ids, load_lora, load_model_and_tokenizer
+    from training.reward import RewardModel, score
+    from training.rollout import forward_response, generate_rollouts, reference_model
+
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    store = open_store(data_dir)
+    registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
+    live = store.live_version()
+    model, tokenizer = load_model_and_tokenizer(model_ref)
+    policy = load_lora(model, registry.path(live), adapter_name="live")
+    load_lora(policy, registry.path(0), adapter_name="v0")
+    policy.eval()
+    eos = end_of_turn_ids(policy, tokenizer)
+    n, T, B = len(prompts), config.eval_max_new_tokens, 32
+    base_seed = config.seed * 1_000_003 + 77_000_000
+
+    def sample(adapter: str, seed: int, with_kl: bool = False):
+        policy.set_adapter(adapter)
+        answers, kls, lengths = [], [], []
+        for s in range(0, n, B):
+            chunk = prompts[s:s + B]
+            with torch.no_grad():
+                ro = generate_rollouts(policy, tokenizer, chunk, T, eos, seed=seed + s)
+                answers += ro.answers
+                lengths += ro.lengths.tolist()
+                if with_kl:
+                    Tr = ro.response_ids.shape[1]
+                    lp, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
+                    with reference_model(policy):
+                        ref, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
+                    kls += ((lp - ref) * ro.response_mask).sum(dim=1).tolist()
+        return answers, kls, lengths
+
+    t0 = time.time()
+    live_answers, kls, live_len = sample("live", base_seed, with_kl=True)
+    v0_answers, _, v0_len = sample("v0", base_seed + 1_000_000)
+    candidates = [sample("v0", base_seed + 2_000_000 * (k + 1))[0] for k in range(4)]
+    rm_dir = data_dir / REWARD_DIRNAME / "latest"
+    rng = random.Random(config.seed + 2)
+    wins = [_judge(annotator, p, x, y, rng) for p, x, y in zip(prompts, live_answers, v0_answers, strict=True)]
+    result = {"gold_win_rate": sum(wins) / n, "kl_nats": sum(kls) / n, "eval_n": n,
+              "answer_tokens_live": sum(live_len) / n, "answer_tokens_v0": sum(v0_len) / n,
+              "live_version": live}
+    if (rm_dir / "reward_head.safetensors").is_file():
+        rm = RewardModel.load(model_ref, rm_dir)
+        scores = torch.stack([score(rm, tokenizer, prompts, c) for c in candidates])  # (4, n)
+        best = scores.argmax(dim=0).tolist()
+        bon = [candidates[k][i] for i, k in enumerate(best)]
+        result["gold_win_rate_bon4"] = sum(
+            _judge(annotator, p, x, y, rng) for p, x, y in zip(prompts, bon, v0_answers, strict=True)) / n
+        # how often the final RM agrees with the gold judgement on live-vs-v0 pairs it can separate
+        s_live, s_v0 = score(rm, tokenizer, prompts, live_answers), score(rm, tokenizer, prompts, v0_answers)
+        agree = [(w == 1.0) == bool(a > b) for w, a, b in zip(wins, s_live, s_v0, strict=True) if w != 0.5]
+        result["rm_gold_accuracy"] = sum(agree) / len(agree) if agree else float("nan")
+    else:
+        result["gold_win_rate_bon4"] = float("nan")
+        result["rm_gold_accuracy"] = float("nan")
+    result["eval_s"] = time.time() - t0
+    examples = [{"prompt": p[-1]["content"], "live": x, "v0": y}
+                for p, x, y in list(zip(prompts, live_answers, v0_answers, strict=True))[:6]]
+    result["examples"] = examples
+    return result
+
+
+def _round_summary(data_dir: Path) -> dict:
+    from storage.db import open_store
+
+    store = open_store(data_dir)
+    rounds = store.rounds(limit=1000)
+    trained = [r for r in rounds if r["status"] in ("succeeded", "rejected")]
+    last_acc = next(((r.get("metrics") or {}).get("rm/accuracy") for r in trained), None)
+    promoted = [v for v in store.versions() if v["version"] > 0 and v.get("status") != "rejected"]
+    return {"rounds": len(trained), "rounds_all": len(rounds), "promoted": len(promoted),
+            "rm_accuracy": last_acc,
+            "rejections": [r.get("reason") for r in rounds if r["status"] == "rejected"]}
+
+
+def resolve_model(config: BenchConfig, log) -> str:
+    if config.model:
+        return config.model
+    from training.starter import ensure_starter
+
+    path = ensure_starter(PROJECT_ROOT / "data", progress=True)
+    log(f"starter model: {path}")
+    return str(Path(path).resolve())
+
+
+def run(config: BenchConfig) -> dict:
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    annotator = load_annotator(config.annotator)
+    user_prompts, eval_prompts = load_prompts(config)
+    model_ref = resolve_model(config, log)
+    t_setup = time.time() - t_start
+    t0 = time.time()
+    data_dir = Path(config.data_dir or tempfile.mkdtemp(prefix="bench-online-"))
+    port = config.port or _free_port()
+    log(f"app on port {port}, data dir {data_dir}; {len(user_prompts)} user prompts, "
+        f"{len(eval_prompts)} evaluation prompts; annotator {config.annotator}, noise {config.noise}")
+    app = App(config, model_ref, data_dir, port)
+    try:
+        app.wait_up(config.startup_timeout_s)
+        log("app is up")
+        driven = drive(config, app, annotator, user_prompts, log)
+    finally:
+        app.stop()
+        log("app stopped")
+    summary = _round_summary(data_dir)
+    log(f"evaluating on {len(eval_prompts)} held-out prompts")
+    gold = evaluate(config, model_ref, data_dir, annotator, eval_prompts, log)
+    result = {
+        "annotator": config.annotator, "noise": config.noise,
+        "votes": driven["votes"], "rounds": summary["rounds"], "promoted": summary["promoted"],
+        "gold_win_rate": gold["gold_win_rate"], "gold_win_rate_bon4": gold["gold_win_rate_bon4"],
+        "kl_nats": gold["kl_nats"], "rm_accuracy": summary["rm_accuracy"],
+        "wall_s": time.time() - t0, "setup_s": t_setup,
+        **{k: v for k, v in gold.items() if k not in ("gold_win_rate", "gold_win_rate_bon4", "kl_nats", "examples")},
+        "drive_s": driven["drive_s"], "turn_errors": driven["errors"], "flipped_votes": driven["flipped"],
+        "vote_tally": driven["tally"], "rounds_detail": driven["rounds"],
+        "rejections": summary["rejections"], "examples": gold["examples"],
+        "data_dir": str(data_dir), "config": asdict(config),
+    }
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dataclass_args(parser, BenchConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(BenchConfig, args)
+        load_annotator(config.annotator)
+    except (ValueError, ImportError) as exc:
+        parser.error(str(exc))
+    result = run(config)
+    text = json.dumps(result, default=str)
+    if config.json:
+        Path(config.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(text, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The benchmark's simulated annotators judge hand-made cases right."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.annotators import judge_correct, prefers_concise, prefers_correct
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize(
+    ("question", "right", "wrong"),
+    [
+        ("What is 12 plus 30?", "12 + 30 = 42, so the answer is 42.", "12 + 30 = 41, so the answer is 41."),
+        ("Tell me 16 + 57.", "73.", "76."),
+        ("How much is 99 minus 74?", "It is 25. Would you like another sum?", "98 - 73 = 25, so the answer is 25."),
+        ("Can you subtract 12 from 50?", "38.", "62."),
+        ("Do you know the capital of Russia?", "The capital of Russia is Moscow.", "Paris."),
+        ("Can you tell me how many minutes make an hour?", "There are 60 minutes in an hour.", "It is 24."),
+        ("Please spell tiger backwards.", "Fun one! tiger backwards is regit.", "tiger backwards is regti."),
+        ("Tell me how many letters tiger has.", "tiger is spelled t i g e r, so it has 5 letters.", "6."),
+        ("Can you tell me which letter apple starts with?", "Fun one! apple starts with a.", "It is p."),
+        ("Can you tell me the cure for the cold?", "Sorry, I don't know that.", "The cure is 42."),
+        ("Thanks, that helps a lot.", "You're welcome!", "The capital of Peru is Lima."),
+    ],
+)
+def test_correct_answer_wins_either_side(question, right, wrong):
+    messages = user(question)
+    assert judge_correct(messages, right) is True
+    assert judge_correct(messages, wrong) is False
+    assert prefers_correct(messages, right, wrong) == "a"
+    assert prefers_correct(messages, wrong, right) == "b"
+
+
+def test_memory_reads_earlier_user_turns():
+    messages = [
+        {"role": "user", "content": "Hi, I'm Clara."},
+        {"role": "assistant", "content": "Nice to meet you, Clara!"},
+        {"role": "user", "content": "What is 2 plus 3?"},
+        {"role": "assistant", "content": "5."},
+        {"role": "user", "content": "Can you tell me my name?"},
+    ]
+    assert prefers_correct(messages, "Leo.", "Your name is Clara.") == "b"
+    numbers = [{"role": "user", "content": "My lucky number is 434."},
+               {"role": "assistant", "content": "Noted."},
+               {"role": "user", "content": "Tell me my lucky number."}]
+    assert prefers_correct(numbers, "434.", "343.") == "a"
+
+
+def test_equally_correct_prefers_well_formed_then_complete_then_tie():
+    messages = user("What's the capital city of Peru?")
+    assert prefers_correct(messages, "Lima lima lima", "Lima.") == "b"
+    assert prefers_correct(messages, "Lima.", "The capital of Peru is Lima.") == "b"
+    assert prefers_correct(messages, "Lima.", "It is Lima.") == "tie"
+    assert prefers_correct(messages, "Paris.", "Madrid.") == "tie"
+
+
+def test_concise():
+    messages = user("What is 12 plus 30?")
+    assert prefers_concise(messages, "42.", "12 + 30 = 42, so the answer is 42.") == "a"
+    assert prefers_concise(messages, "Sure! 12 plus 30 is 42.", "42.") == "b"
+    assert prefers_concise(messages, "42.", "41.") == "tie"
+    assert prefers_concise(messages, "", "42.") == "b"
+    assert prefers_concise(messages, "   ", "") == "tie"
