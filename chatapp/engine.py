@@ -1,21 +1,31 @@
 """Serving engine: streams replies from the live policy (base + LoRA adapter) and hot-swaps
 adapter versions published by training rounds.
 
-Each reply resolves the live version once, at its start, and uses that adapter from its first
-token to its last: adapter switches happen under the same lock as generation, so a version
-published mid-reply only takes effect for the next reply.
+Concurrent replies are decoded together by one background loop (:mod:`chatapp.batching`):
+left-padded rows joining and leaving between decoding steps, one stopping rule per reply.
+
+Torn-free hot-swap: each reply resolves its version once, when it starts, and its row carries
+that version's adapter name to its last token (peft mixed-adapter batches); a version published
+mid-reply is loaded by the decode loop for the *next* reply, never swapped under a running one.
+
+Text: see :mod:`chatapp.text` (stop ids, special tokens never shown, ``<think>`` removed from the
+answer). Context: the oldest whole turns are dropped until prompt + ``max_new_tokens`` fits
+(:func:`training.models.fit_messages`); a message too long on its own raises
+:class:`training.models.ContextTooLongError` before anything is generated.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
+from chatapp.batching import Batcher, Request
+from chatapp.text import ReplyText, split_reasoning, template_special_ids
 from storage.registry import AdapterRegistry
 from training.models import (
     add_lora,
@@ -36,6 +46,8 @@ class Sampling:
     temperature: float = 0.8  # softmax temperature; 0 means greedy decoding
     top_p: float = 0.95  # nucleus sampling mass
     max_new_tokens: int = 128  # reply length limit, in tokens
+    min_new_tokens: int = 0  # end-of-turn ids are suppressed until this many tokens (tests, benches)
+    seed: int | None = None  # sampling seed of the reply (None: torch's global RNG)
 
     def __post_init__(self):
         if self.temperature < 0:
@@ -44,35 +56,38 @@ class Sampling:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """The settings as stored with a reply (defaults of the test-only fields left out)."""
+        d = asdict(self)
+        for key in ("min_new_tokens", "seed"):
+            if d[key] == Sampling.__dataclass_fields__[key].default:
+                del d[key]
+        return d
 
     def generate_kwargs(self) -> dict:
+        """The same settings as ``model.generate`` keyword arguments (benchmarks compare them)."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens}
         if self.temperature == 0:
-            return {"do_sample": False}
-        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-
-
-class _StopOnEvent(StoppingCriteria):
-    """Stops generation as soon as ``event`` is set (stop button, closed tab)."""
-
-    def __init__(self, event: threading.Event):
-        self.event = event
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+            return {**kwargs, "do_sample": False}
+        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
 
 
 @dataclass
 class Reply:
-    """A finished (or stopped) reply: its text, the policy version that produced it and
-    whether it was stopped before its end-of-turn token."""
+    """A finished (or stopped) reply: its answer text (reasoning removed), the policy version
+    that produced it and whether it was stopped before its end (stopped replies are never offered
+    for voting)."""
 
     text: str
     version: int
     stopped: bool
     sampling: dict
+    tokens: list[int] = field(default_factory=list)  # generated ids, the stop id excluded
+    finish: str = "eos"  # eos | length | stopped
+    reasoning: str = ""  # removed <think> content
 
 
 class ChatEngine:
@@ -82,19 +97,27 @@ class ChatEngine:
         base_model: a causal LM (optionally bitsandbytes-quantized) in eval mode.
         tokenizer: its tokenizer, with a chat template.
         registry: the adapter registry; its store says which version is live.
-        keep_loaded: how many adapter versions stay loaded at once (live, previous, …).
+        keep_loaded: how many adapter versions stay loaded at once (live, previous, …); versions
+            that running replies use are never unloaded.
+        max_batch: most replies decoded together; more wait for a free row.
     """
 
-    def __init__(self, base_model, tokenizer, registry: AdapterRegistry, keep_loaded: int = 3):
+    def __init__(
+        self, base_model, tokenizer, registry: AdapterRegistry, keep_loaded: int = 3, max_batch: int = 8
+    ):
         self.tokenizer = tokenizer
         self.registry = registry
         self.store = registry.store
         self.eos_ids = end_of_turn_ids(base_model, tokenizer)
+        self.stop_ids = frozenset(self.eos_ids) | frozenset(template_special_ids(tokenizer))
         self.window = context_window(base_model)
         self.keep_loaded = keep_loaded
-        self._lock = threading.RLock()  # held for a whole generation and for adapter switches
         self._loaded: list[int] = []  # adapter versions loaded into self.model, oldest first
         self.model = self._ensure_version_zero(base_model)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.batcher = Batcher(
+            self.model, pad_id, max_batch=max_batch, prepare=self._prepare, set_adapter=self._set_adapter
+        )
 
     # ---- adapters -------------------------------------------------------------------------
     @staticmethod
@@ -139,20 +162,29 @@ class ChatEngine:
         info = self.store.version(self.live_version())
         return info.get("parent")
 
-    def _activate(self, version: int) -> None:
-        """Load ``version``'s adapter if needed and make it the active one (lock held)."""
-        name = self.adapter_name(version)
+    def _set_adapter(self, name: str) -> None:
+        """Make ``name`` the active adapter (decode thread only)."""
+        if self.model.active_adapter != name:
+            self.model.set_adapter(name)
+
+    def _prepare(self, req: Request, in_use: set) -> None:
+        """Load the adapter of ``req`` if needed (decode thread only, between two steps) and
+        unload the oldest versions beyond ``keep_loaded`` that no running reply uses.
+
+        Raises:
+            FileNotFoundError: the version's adapter directory is missing.
+        """
+        version = int(req.adapter[1:])
         if version not in self._loaded:
-            load_lora(self.model, self.registry.path(version), name)
+            load_lora(self.model, self.registry.path(version), req.adapter)
+            self.model.eval()
             self._loaded.append(version)
-            live = self.store.live_version()
-            while len(self._loaded) > self.keep_loaded:
-                victim = next((v for v in self._loaded if v not in (version, live)), None)
-                if victim is None:
-                    break
-                self.model.delete_adapter(self.adapter_name(victim))
-                self._loaded.remove(victim)
-        self.model.set_adapter(name)
+        keep = {version, self.store.live_version()} | {int(n[1:]) for n in in_use if n}
+        for victim in [v for v in self._loaded if v not in keep][: max(0, len(self._loaded) - self.keep_loaded)]:
+            if self.model.active_adapter == self.adapter_name(victim):
+                self.model.set_adapter(req.adapter)
+            self.model.delete_adapter(self.adapter_name(victim))
+            self._loaded.remove(victim)
 
     # ---- generation -----------------------------------------------------------------------
     def prompt_ids(self, messages: list[dict], max_new_tokens: int) -> list[int]:
@@ -171,69 +203,68 @@ class ChatEngine:
         version: int | None = None,
         stop_event: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Stream a reply to ``messages``; yields the text so far after each new piece, and
-        returns (``StopIteration.value``) a :class:`Reply`.
+        """Stream a reply to ``messages``; yields the answer text so far each time it grows,
+        and returns (``StopIteration.value``) a :class:`Reply`.
+
+        Closing the generator early (a closed tab) or setting ``stop_event`` (the stop button)
+        ends the reply at the decode loop's next step; such a reply has ``stopped=True``.
 
         Args:
             messages: ``{"role", "content"}`` dicts ending with the user message to answer.
             sampling: sampling settings (default :class:`Sampling`).
             version: the policy version to use; default the live one, resolved now.
-            stop_event: set it to end generation early (within one decoding step).
+            stop_event: set it to end generation early.
 
         Raises:
             training.models.ContextTooLongError: the newest message alone does not fit.
+            FileNotFoundError: ``version`` has no adapter directory.
         """
         sampling = sampling or Sampling()
         version = self.live_version() if version is None else version
         stop_event = stop_event or threading.Event()
         ids = self.prompt_ids(messages, sampling.max_new_tokens)
-        input_ids = torch.tensor([ids], dtype=torch.long)
-        streamer = TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120.0
+        generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
+        req = Request(
+            prompt=ids,
+            adapter=self.adapter_name(version),
+            stop_ids=self.stop_ids,
+            stop_event=stop_event,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            generator=generator,
         )
-        finished = {"eos": False, "error": None}
-
-        def worker():
-            try:
-                with self._lock, torch.inference_mode():
-                    self._activate(version)
-                    out = self.model.generate(
-                        input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
-                        streamer=streamer,
-                        max_new_tokens=sampling.max_new_tokens,
-                        eos_token_id=self.eos_ids,
-                        pad_token_id=self.tokenizer.pad_token_id,
-                        stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop_event)]),
-                        **sampling.generate_kwargs(),
-                    )
-                new = out[0, input_ids.shape[1]:].tolist()
-                finished["eos"] = any(t in self.eos_ids for t in new)
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer thread
-                finished["error"] = exc
-                streamer.end()
-
-        thread = threading.Thread(target=worker, name="generate", daemon=True)
-        thread.start()
-        text, completed = "", False
+        text = ReplyText(self.tokenizer)
+        shown, finish = "", None
+        self.batcher.submit(req)
         try:
-            for piece in streamer:
-                if piece:
-                    text += piece
-                    yield text
-            completed = True
+            while finish is None:
+                try:
+                    kind, value = req.out.get(timeout=1.0)
+                except queue.Empty:
+                    if not self.batcher.alive() and req.out.empty():
+                        raise RuntimeError("the decode loop ended without finishing this reply") from None
+                    continue
+                if kind == "error":
+                    raise value
+                if kind == "done":
+                    finish = value
+                elif text.add(value) and text.answer != shown:
+                    shown = text.answer
+                    yield shown
         finally:
-            if not completed:
-                # the consumer went away (stop button, closed tab): end generation promptly
+            if finish is None:  # the consumer went away (closed tab) or an error: end it now
                 stop_event.set()
-            thread.join()
-        if finished["error"] is not None:
-            raise finished["error"]
+        answer, reasoning = split_reasoning(text.finish(), partial=False)
         return Reply(
-            text=text.strip(),
+            text=answer.strip(),
             version=version,
-            stopped=stop_event.is_set() and not finished["eos"],
+            stopped=finish == "stopped",
             sampling=sampling.as_dict(),
+            tokens=list(req.tokens),
+            finish=finish,
+            reasoning=reasoning,
         )
 
     def reply(self, messages: list[dict], sampling: Sampling | None = None, version: int | None = None) -> Reply:
