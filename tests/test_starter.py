@@ -1,0 +1,203 @@
+"""The starter model pipeline: corpus, tokenizer, SFT labels, packing, tiny builds, ensure_starter."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from training.starter import StarterConfig, build_starter, ensure_starter
+from training.starter import corpus
+from training.starter.loop import IGNORE, add_config_args, config_from_args, encode_conversation, pack
+from training.starter.tokenizer import train_tokenizer
+
+# A build that takes seconds: one tiny layer, a few dozen steps (enough to learn to stop).
+TINY = dict(vocab_size=400, hidden_size=48, num_layers=1, num_heads=2, intermediate_size=96,
+            max_position_embeddings=256, n_documents=200, n_conversations=600, seq_len=128,
+            batch_size=8, pretrain_steps=5, sft_steps=60, pretrain_lr=5e-3, sft_lr=5e-3,
+            eval_per_skill=1, num_threads=1)
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 12 plus 30?"},
+    {"role": "assistant", "content": "Sure! 12 plus 30 is 42."},
+    {"role": "user", "content": "Spell cat backwards."},
+    {"role": "assistant", "content": "tac."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    convs = corpus.generate_conversations(0, 300)
+    return train_tokenizer(corpus.generate_documents(0, 300) + [m["content"] for c in convs for m in c["messages"]], 400)
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    return build_starter(tmp_path_factory.mktemp("tiny") / "starter", StarterConfig(**TINY), progress=False)
+
+
+# ------------------------------------------------------------------ corpus ---------------------
+def test_corpus_is_deterministic_for_a_seed():
+    assert corpus.generate_conversations(3, 50) == corpus.generate_conversations(3, 50)
+    assert corpus.generate_documents(3, 50) == corpus.generate_documents(3, 50)
+    assert corpus.heldout_prompts(3, 12) == corpus.heldout_prompts(3, 12)
+    assert corpus.generate_conversations(3, 50) != corpus.generate_conversations(4, 50)
+
+
+def test_corpus_covers_skills_and_styles_and_replies_are_well_formed():
+    convs = corpus.generate_conversations(0, 600)
+    assert {c["skill"] for c in convs} == set(corpus.SKILLS) and len(corpus.SKILLS) >= 6
+    styles = set()
+    for c in convs:
+        reply = c["messages"][-1]
+        assert reply["role"] == "assistant" and reply["content"] in c["answers"]
+        assert c["reference"] in reply["content"] or c["skill"] in ("small_talk", "unknown")
+        styles.add(c["answers"][reply["content"]])
+    assert styles == set(corpus.STYLES)
+    memory = [c for c in convs if c["skill"] == "memory"]
+    assert all(len([m for m in c["messages"] if m["role"] == "user"]) >= 3 for c in memory)
+
+
+def test_heldout_prompts_use_phrasings_never_trained_on():
+    train_questions = {m["content"] for c in corpus.generate_conversations(0, 5000)
+                       for m in c["messages"] if m["role"] == "user"}
+    held = corpus.heldout_prompts(0, 120)
+    assert {h["skill"] for h in held} == set(corpus.SKILLS)
+    for h in held:
+        assert set(h) >= {"messages", "skill", "reference", "answers"}
+        assert h["messages"][-1]["role"] == "user"
+        assert h["messages"][-1]["content"] not in train_questions
+
+
+# ------------------------------------------------------------------ tokenizer and labels -------
+@pytest.mark.parametrize("text", ["What is 12 plus 30? It is 42.", "café ☕ naïve — 1234567890", "  two  spaces\nnew line"])
+def test_tokenizer_round_trips_text_and_splits_digits(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == text
+    digit_tokens = [t for t in tok.convert_ids_to_tokens(tok("x 9876", add_special_tokens=False)["input_ids"])
+                    if any(ch.isdigit() for ch in t)]
+    assert digit_tokens == ["9", "8", "7", "6"]
+
+
+def test_chat_template_renders_roles_and_generation_prompt(tok):
+    text = tok.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert text.startswith(tok.bos_token)
+    assert text.index("<|system|>Be brief.<|end|>") < text.index("<|user|>What is 12 plus 30?<|end|>")
+    assert text.endswith("<|assistant|>")
+
+
+def test_sft_labels_keep_only_assistant_tokens_and_end_of_turn(tok):
+    ids, labels = encode_conversation(tok, CONVERSATION)
+    assert len(ids) == len(labels)
+    kept = [i for i, label in zip(ids, labels) if label != IGNORE]
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert tok.decode(kept, skip_special_tokens=False) == "Sure! 12 plus 30 is 42.<|end|>tac.<|end|>"
+    assert kept.count(end) == 2  # one end-of-turn per assistant turn is learnt
+    ignored = tok.decode([i for i, label in zip(ids, labels) if label == IGNORE], skip_special_tokens=False)
+    assert "Be brief." in ignored and "What is 12 plus 30?" in ignored and "<|assistant|>" in ignored
+
+
+def test_sft_labels_without_generation_marks_match(tok):
+    """A hub-style template without {% generation %} gives the same labels (prefix method)."""
+    import copy
+
+    plain = copy.deepcopy(tok)
+    plain.chat_template = tok.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    assert encode_conversation(plain, CONVERSATION) == encode_conversation(tok, CONVERSATION)
+
+
+def test_packing_restarts_positions_and_isolates_examples(tok):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    a = encode_conversation(tok, CONVERSATION[1:3])
+    b = encode_conversation(tok, CONVERSATION[3:5])
+    rows = pack([a, b], seq_len=len(a[0]) + len(b[0]) + 3, pad_id=tok.pad_token_id, seed=0)  # (1, 3, T)
+    assert rows.shape[:2] == (1, 3)
+    ids, pos = rows[0, 0], rows[0, 2]
+    assert (pos == 0).sum() == 3  # two examples + the padding tail
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2))
+    model.eval()
+    first = ids[: len(a[0])].tolist()
+    second_start = (pos[1:] == 0).nonzero()[0].item() + 1
+    second = ids[second_start : second_start + len(b[0])].tolist()
+    with torch.no_grad():
+        packed = model(input_ids=rows[:, 0], position_ids=rows[:, 2], use_cache=False).logits[0]
+        alone = model(input_ids=torch.tensor([second])).logits[0]
+    torch.testing.assert_close(packed[second_start : second_start + len(second)], alone, atol=1e-4, rtol=1e-4)
+    assert sorted([first, second]) == sorted([a[0], b[0]])
+
+
+# ------------------------------------------------------------------ config and CLI -------------
+@pytest.mark.parametrize("bad", [dict(hidden_size=0), dict(hidden_size=30, num_heads=4), dict(vocab_size=100),
+                                 dict(seq_len=1024, max_position_embeddings=512), dict(sft_lr=2.0),
+                                 dict(pretrain_steps=-1)])
+def test_starter_config_rejects_bad_values(bad):
+    with pytest.raises(ValueError):
+        StarterConfig(**bad)
+
+
+def test_cli_flags_are_generated_from_the_config():
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, StarterConfig)
+    cfg = config_from_args(StarterConfig, parser.parse_args(["--hidden-size", "64", "--sft-lr", "0.01"]))
+    assert (cfg.hidden_size, cfg.sft_lr, cfg.num_layers) == (64, 0.01, StarterConfig().num_layers)
+
+
+# ------------------------------------------------------------------ tiny builds ----------------
+def test_tiny_build_loads_like_a_hub_model_and_stops_at_end_of_turn(tiny_build):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.models import load_model_and_tokenizer, render_prompt
+
+    info = json.loads((tiny_build / "starter.json").read_text())
+    assert info["seed"] == TINY.get("seed", 0) and info["config"]["hidden_size"] == TINY["hidden_size"]
+    assert "sft/loss" in info["metrics"]
+    assert not [p for p in tiny_build.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+    model = AutoModelForCausalLM.from_pretrained(tiny_build)
+    tok = AutoTokenizer.from_pretrained(tiny_build)
+    end = tok.convert_tokens_to_ids("<|end|>")
+    assert model.generation_config.eos_token_id == end and model.generation_config.pad_token_id == tok.pad_token_id
+    assert model.config.max_position_embeddings == TINY["max_position_embeddings"]
+    model, tok = load_model_and_tokenizer(tiny_build)
+    stopped = 0
+    for item in corpus.eval_prompts(7, 2):
+        prompt = torch.tensor([render_prompt(tok, item["messages"])])
+        out = model.generate(prompt, max_new_tokens=40, do_sample=False)[0, prompt.shape[1]:].tolist()
+        stopped += end in out and out.index(end) == len(out) - 1
+    assert stopped >= 10  # of 12: a trained tiny model ends its replies itself
+
+
+def test_build_is_deterministic_for_a_seed(tiny_build, tmp_path):
+    from safetensors.torch import load_file
+
+    again = build_starter(tmp_path / "again", StarterConfig(**TINY), progress=False)
+    first, second = load_file(tiny_build / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other = build_starter(tmp_path / "other", StarterConfig(**(TINY | {"seed": 1, "sft_steps": 2})), progress=False)
+    third = load_file(other / "model.safetensors")
+    assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_ensure_starter_reuses_a_good_cache_and_rebuilds_a_corrupt_one(tmp_path, capsys):
+    cfg = StarterConfig(**(TINY | {"sft_steps": 3, "eval_per_skill": 0}))
+    out = ensure_starter(tmp_path, cfg, progress=False)
+    assert out == tmp_path / "starter" and "missing" in capsys.readouterr().out
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    assert ensure_starter(tmp_path, cfg, progress=False) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
+    (out / "model.safetensors").write_bytes(b"not a safetensors file")
+    ensure_starter(tmp_path, cfg, progress=False)
+    message = capsys.readouterr().out
+    assert "corrupt" in message and len(message.strip().splitlines()) == 1
+    from training.models import load_model_and_tokenizer
+
+    load_model_and_tokenizer(out)  # loads again
+    (out / "starter.json").unlink()
+    ensure_starter(tmp_path, cfg, progress=False)
+    assert "incomplete" in capsys.readouterr().out and (out / "starter.json").is_file()

@@ -1,0 +1,214 @@
+"""Build the offline starter model: corpus → tokenizer → pre-training → SFT → save.
+
+Stages 1–2 of the ChatGPT recipe at toy scale, on CPU, in a few minutes:
+
+1. generate documents and conversations (:mod:`training.starter.corpus`, seeded);
+2. train a byte-level BPE tokenizer on them (:mod:`training.starter.tokenizer`);
+3. pre-train a small Llama (``transformers.LlamaForCausalLM``) on packed documents, loss on
+   every token;
+4. SFT on packed conversations, loss on assistant tokens only (end-of-turn included);
+5. save with ``save_pretrained`` (model, tokenizer, generation config whose ``eos_token_id`` is
+   ``<|end|>``) plus ``starter.json`` (config, seed, metrics), into a temporary directory that
+   is renamed into place, so a crash never leaves a half-written model.
+
+Run: ``python -m training.starter --out data/starter --seed 0`` (``--help`` lists every knob).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+STARTER_JSON = "starter.json"
+REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                  "tokenizer_config.json", STARTER_JSON)
+
+
+@dataclass
+class StarterConfig:
+    """Sizes and budgets of the starter build. The defaults build in about 4 minutes on 2 cores."""
+
+    seed: int = field(default=0, metadata={"help": "seed of the corpus, initialisation and batch order"})
+    vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size, special tokens included"})
+    hidden_size: int = field(default=128, metadata={"help": "model width"})
+    num_layers: int = field(default=4, metadata={"help": "transformer blocks"})
+    num_heads: int = field(default=2, metadata={"help": "attention heads (hidden_size must divide evenly)"})
+    intermediate_size: int = field(default=384, metadata={"help": "SwiGLU MLP width"})
+    max_position_embeddings: int = field(default=512, metadata={"help": "context window in tokens"})
+    n_documents: int = field(default=20000, metadata={"help": "pre-training documents to generate"})
+    n_conversations: int = field(default=40000, metadata={"help": "SFT conversations to generate"})
+    seq_len: int = field(default=256, metadata={"help": "packed row length in tokens"})
+    batch_size: int = field(default=16, metadata={"help": "packed rows per optimizer step"})
+    pretrain_steps: int = field(default=250, metadata={"help": "pre-training optimizer steps (0 skips)"})
+    pretrain_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of pre-training"})
+    sft_steps: int = field(default=500, metadata={"help": "SFT optimizer steps"})
+    sft_lr: float = field(default=2e-3, metadata={"help": "peak learning rate of SFT"})
+    warmup_frac: float = field(default=0.05, metadata={"help": "fraction of each stage's steps spent warming up"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
+    eval_per_skill: int = field(default=10, metadata={"help": "greedy eval prompts per skill for starter.json (0: none)"})
+    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 8)"})
+
+    def __post_init__(self):
+        positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                    "max_position_embeddings", "n_documents", "n_conversations", "seq_len",
+                    "batch_size", "sft_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"StarterConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["pretrain_steps", "eval_per_skill", "num_threads"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"StarterConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.vocab_size <= 262:
+            raise ValueError(f"StarterConfig.vocab_size must be > 262 (bytes + special tokens), got {self.vocab_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.seq_len > self.max_position_embeddings:
+            raise ValueError(f"seq_len {self.seq_len} exceeds max_position_embeddings {self.max_position_embeddings}")
+        for name in ["pretrain_lr", "sft_lr"]:
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"StarterConfig.{name} must be in (0, 1), got {getattr(self, name)}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"StarterConfig.warmup_frac must be in [0, 1), got {self.warmup_frac}")
+
+
+def _threads(config: StarterConfig) -> int:
+    return config.num_threads or min(8, os.cpu_count() or 1)
+
+
+def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
+    """Stages 1–4 of the module docstring; saves model + tokenizer into ``tmp``; returns metrics."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from training.starter import corpus
+    from training.starter.loop import LoopSettings, encode_conversation, encode_document, pack, train
+    from training.starter.tokenizer import train_tokenizer
+
+    t0 = time.perf_counter()
+    # 1. corpus
+    docs = corpus.generate_documents(config.seed, config.n_documents)
+    convs = corpus.generate_conversations(config.seed, config.n_conversations)
+    # 2. tokenizer, on documents and every message of the conversations
+    texts = docs + [m["content"] for c in convs for m in c["messages"]]
+    tok = train_tokenizer(texts, vocab_size=config.vocab_size)
+    doc_rows = pack([encode_document(tok, d) for d in docs], config.seq_len, tok.pad_token_id, config.seed)
+    conv_rows = pack([encode_conversation(tok, c["messages"]) for c in convs], config.seq_len,
+                     tok.pad_token_id, config.seed)
+    metrics = {"data/seconds": time.perf_counter() - t0, "data/doc_rows": len(doc_rows),
+               "data/conv_rows": len(conv_rows)}
+    # 3. model from a Llama config
+    torch.manual_seed(config.seed)
+    model_config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(model_config)
+    metrics["model/parameters"] = sum(p.numel() for p in model.parameters())
+    common = {"batch_size": config.batch_size, "warmup_frac": config.warmup_frac,
+              "weight_decay": config.weight_decay, "seed": config.seed}
+    # 4. pre-training on documents (every token), then SFT on conversations (assistant tokens)
+    if config.pretrain_steps:
+        settings = LoopSettings(steps=config.pretrain_steps, lr=config.pretrain_lr, **common)
+        metrics |= train(model, doc_rows, settings, desc="pretrain", progress=progress)
+    settings = LoopSettings(steps=config.sft_steps, lr=config.sft_lr, **common)
+    metrics |= train(model, conv_rows, settings, desc="sft", progress=progress)
+    # 5. save: generation stops at end of turn
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    if config.eval_per_skill:
+        from training.starter.eval import evaluate
+
+        ev = evaluate(model, tok, seed=config.seed + 1, n_per_skill=config.eval_per_skill,
+                      n_heldout=0, n_style_prompts=0, progress=False)
+        metrics |= {"eval/mean": ev["mean"], "eval/min": ev["min"]}
+        metrics |= {f"eval/{k}": v for k, v in ev["per_skill"].items()}
+    metrics["build/seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def build_starter(out_dir: Path, config: StarterConfig | None = None, progress: bool = True) -> Path:
+    """Build the starter model into ``out_dir`` and return ``out_dir``.
+
+    Writes ``save_pretrained`` files of the model and tokenizer and ``starter.json``
+    (``{"config", "seed", "metrics"}``). Everything is written into a temporary sibling
+    directory that replaces ``out_dir`` only when complete. Deterministic for a config
+    (same seed, same thread count → same weights).
+    """
+    config = config or StarterConfig()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(_threads(config))
+    try:
+        metrics = _train_into(tmp, config, progress)
+        info = {"config": dataclasses.asdict(config), "seed": config.seed, "threads": _threads(config),
+                "metrics": metrics}
+        (tmp / STARTER_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        if out_dir.exists():
+            out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        torch.set_num_threads(threads_before)
+    if progress:
+        m = metrics
+        eval_part = f", greedy exact-match {m['eval/mean']:.1%} (weakest {m['eval/min']:.1%})" if "eval/mean" in m else ""
+        print(
+            f"starter: {m['model/parameters'] / 1e6:.2f}M params, built in {m['build/seconds']:.0f}s "
+            f"(pretrain loss {m.get('pretrain/loss', float('nan')):.3f}, sft loss {m['sft/loss']:.3f}"
+            f"{eval_part}) -> {out_dir}"
+        )
+    return out_dir
+
+
+def starter_problem(model_dir: Path) -> str | None:
+    """Why ``model_dir`` is not a complete, loadable starter, or ``None`` if it is."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        return "missing"
+    missing = [f for f in REQUIRED_FILES if not (model_dir / f).is_file()]
+    if missing:
+        return f"incomplete (no {', '.join(missing)})"
+    try:
+        json.loads((model_dir / STARTER_JSON).read_text())
+        from training.models import load_model_and_tokenizer
+
+        load_model_and_tokenizer(model_dir)
+    except Exception as exc:  # noqa: BLE001 - any failure to load means "rebuild"
+        return f"corrupt ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
+
+
+def ensure_starter(data_dir: Path, config: StarterConfig | None = None, progress: bool = True) -> Path:
+    """Return ``data_dir/starter`` if it is a complete, loadable starter; else (re)build it.
+
+    A missing or corrupt directory is rebuilt after a one-line message; it is never half-loaded.
+    """
+    out = Path(data_dir) / "starter"
+    problem = starter_problem(out)
+    if problem is None:
+        return out
+    print(f"starter model at {out} is {problem}; building it (a few minutes on CPU)", flush=True)
+    return build_starter(out, config, progress=progress)
