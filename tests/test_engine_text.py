@@ -180,3 +180,19 @@ def test_too_long_message_is_a_clear_error_and_serving_goes_on(engine):
     with pytest.raises(ContextTooLongError):  # the reply alone is larger than the window
         engine.reply(msgs("hi"), Sampling(max_new_tokens=engine.window + 1))
     assert len(engine.reply(msgs("hi"), greedy(8)).tokens) == 8
+
+
+def test_fit_prompts_applies_the_serving_rule_to_training_prompts(engine):
+    from training.models import fit_messages, fit_prompts, render_prompt
+
+    tok = engine.tokenizer
+    long_history = []
+    for i in range(30):
+        long_history += [{"role": "user", "content": f"q{i} " * 3}, {"role": "assistant", "content": f"a{i}"}]
+    long_history.append({"role": "user", "content": "last"})
+    prompts = [msgs("short"), long_history, msgs("word " * 400)]
+    fitted = fit_prompts(tok, prompts, engine.window, 48)
+    assert len(fitted) == 2  # the one that cannot fit is left out
+    assert fitted[0] == prompts[0]
+    assert fitted[1] == fit_messages(tok, long_history, engine.window, 48) != long_history
+    assert all(len(render_prompt(tok, p)) + 48 <= engine.window for p in fitted)

@@ -5,7 +5,8 @@ Everything that touches a model goes through here, for the starter model and hub
 * :func:`load_model_and_tokenizer` — a hub id or a local directory, optionally quantized with
   bitsandbytes (``8bit``, or ``4bit`` nf4).
 * :func:`render_prompt` — token ids of a conversation through the tokenizer's chat template.
-* :func:`fit_messages` — drop the oldest whole turns until prompt + ``max_new_tokens`` fits.
+* :func:`fit_messages` — drop the oldest whole turns until prompt + ``max_new_tokens`` fits;
+  :func:`fit_prompts` applies the same rule to a batch of training prompts.
 * :func:`add_lora` / :func:`load_lora` — the policy is the base plus one LoRA adapter (peft).
 """
 
@@ -77,6 +78,36 @@ def _quantization_config(quantize: str):
     )
 
 
+class _OnceFilter(logging.Filter):
+    """Lets each distinct message of a logger through once (bitsandbytes' 8-bit matmul warns
+    "inputs will be cast … to float16" on every forward pass, i.e. every decoded token)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = str(record.msg)
+        if key in self.seen:
+            return False
+        self.seen.add(key)
+        return True
+
+
+def _quiet_bitsandbytes() -> None:
+    for name in ("bitsandbytes.autograd._functions", "bitsandbytes.backends.cpu.ops"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OnceFilter) for f in logger.filters):
+            logger.addFilter(_OnceFilter())
+
+
+def _smoke_forward(model) -> None:
+    """One 2-token forward pass; raises what the (quantized) kernels raise on this machine."""
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     """Load a tokenizer and check that it has a chat template.
 
@@ -110,8 +141,10 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "n
 
     Args:
         name_or_path: a Hugging Face hub id or a directory written by ``save_pretrained``.
-        quantize: ``"none"``, ``"8bit"`` or ``"4bit"`` (nf4) through bitsandbytes; where
-            bitsandbytes is unusable a one-line warning is logged and the model loads unquantized.
+        quantize: ``"none"``, ``"8bit"`` or ``"4bit"`` (nf4, float32 compute) through
+            bitsandbytes, on CPU or CUDA. Where bitsandbytes is missing, cannot load the model or
+            its kernels fail a one-forward smoke test, a one-line warning is logged and the model
+            loads unquantized (never a crash).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode, float32 where unquantized, and only
@@ -134,7 +167,10 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "n
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     except Exception as exc:  # noqa: BLE001
         if qconfig is not None:
-            log.warning("--quantize %s failed (%s); loading unquantized", quantize, exc)
+            log.warning(
+                "--quantize %s failed (%s: %s); loading unquantized",
+                quantize, exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "",
+            )
             return load_model_and_tokenizer(name_or_path, "none")
         raise ModelLoadError(
             f"cannot load a causal LM from {str(name_or_path)!r}: {exc.__class__.__name__}: "
@@ -142,6 +178,17 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "n
             "local directory holding config.json and *.safetensors weights, or leave --model "
             "out to use the offline starter model."
         ) from exc
+    if qconfig is not None:
+        _quiet_bitsandbytes()
+        try:
+            _smoke_forward(model)
+        except Exception as exc:  # noqa: BLE001 - unsupported kernels: fall back, never crash
+            log.warning(
+                "--quantize %s is unsupported here (%s: %s); loading unquantized",
+                quantize, exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "",
+            )
+            del model
+            return load_model_and_tokenizer(name_or_path, "none")
     model.eval()
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tok.pad_token_id
@@ -203,6 +250,25 @@ def fit_messages(
         f"({max_context_tokens}-token window minus {max_new_tokens} for the reply). "
         "Shorten it or start a new conversation."
     )
+
+
+def fit_prompts(
+    tokenizer, prompts: list[list[dict]], max_context_tokens: int, max_new_tokens: int
+) -> list[list[dict]]:
+    """The rule of :func:`fit_messages` for a batch of prompts (training rounds, gates): each
+    conversation loses its oldest whole turns until it fits; one whose newest message alone does
+    not fit is left out (logged), so a round never feeds the model more than its window.
+
+    Returns:
+        The fitted prompts, in order, without the ones that cannot fit.
+    """
+    fitted = []
+    for messages in prompts:
+        try:
+            fitted.append(fit_messages(tokenizer, messages, max_context_tokens, max_new_tokens))
+        except ContextTooLongError as exc:
+            log.info("prompt left out: %s", exc)
+    return fitted
 
 
 def context_window(model, default: int = 2048) -> int:

@@ -1,0 +1,333 @@
+"""Serving benchmark: streaming overhead, time to first token, batching speed-up, TTFT while a
+training round runs, and memory, for each ``--quantize`` mode.
+
+    python -m bench.serving --json OUT [--model DIR] [--quantize-modes none,8bit,4bit]
+
+Each mode runs in its own child process (so ``peak_rss_mb`` is that mode's), with the chat side
+on ``--chat-threads`` torch threads. Both sides of every ratio use the same model (base + the
+version-0 LoRA adapter, as served), the same prompts and the same settings (greedy,
+exactly ``--new-tokens`` tokens: end of turn suppressed on both sides), measured in one run:
+
+* ``stream_over_generate``: tokens/s of one reply streamed through ``ChatEngine.stream`` (the
+  app's serving path: batcher thread, detokenizer, generator) ÷ tokens/s of raw
+  ``model.generate`` on the same prompt; medians of ``--repeats`` interleaved runs. Target ≥ 0.95.
+* ``ttft_s``: median time from calling ``stream`` to the first streamed text, idle.
+* ``concurrency_speedup_8``: aggregate tokens/s of ``--concurrency`` simultaneous replies (one
+  thread each, different prompts) ÷ tokens/s of one reply. Target ≥ 3.
+* ``ttft_p95_training_over_idle``: p95 TTFT over ``--ttft-samples`` requests while a PPO loop
+  runs in a child process on ``--train-threads`` threads (``training.ppo.ppo_train`` on a LoRA
+  adapter, toy reward) ÷ p95 TTFT of the same requests idle. Target ≤ 1.5.
+* ``stop_latency_s``: worst time from setting a reply's stop event to its stream ending.
+* ``peak_rss_mb``: the mode's peak resident memory (``ru_maxrss``).
+
+Model: ``--model``, else the offline starter (``training.starter.ensure_starter(Path("data"))``);
+if that cannot be had, a random stand-in Llama (4 layers, hidden 256), named as such in the
+output. Prints progress lines and one JSON object (also written to ``--json``). Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
+
+PROMPTS = [
+    "hello there, how are you today?",
+    "what is 12 plus 30?",
+    "spell cat backwards",
+    "what is the capital of France?",
+    "my name is Ada. what is my name?",
+    "tell me a short story about a cat.",
+    "what is 7 times 6?",
+    "say something nice.",
+]
+
+
+@dataclass
+class ServingBenchConfig:
+    """Flags of ``python -m bench.serving``."""
+
+    json: str = help_field("", help="also write the JSON result to this file")
+    model: str = help_field("", help="model dir or hub id (default: the starter in data/starter)")
+    quantize_modes: str = help_field("none,8bit,4bit", help="comma-separated --quantize modes to measure")
+    new_tokens: int = help_field(64, help="tokens per reply (end of turn suppressed on both sides)")
+    repeats: int = help_field(5, help="interleaved runs of stream and generate (medians)")
+    concurrency: int = help_field(8, help="simultaneous replies for the speed-up")
+    ttft_samples: int = help_field(20, help="requests per TTFT distribution (idle, and during training)")
+    chat_threads: int = help_field(1, help="torch threads of the chat process")
+    train_threads: int = help_field(1, help="torch threads of the training child")
+    train: bool = help_field(True, help="measure TTFT while a PPO loop runs in a child process")
+
+    def __post_init__(self):
+        modes = [m.strip() for m in self.quantize_modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in ("none", "8bit", "4bit")]
+        if bad or not modes:
+            raise ValueError(f"--quantize-modes takes none,8bit,4bit; got {self.quantize_modes!r}")
+        for name in ("new_tokens", "repeats", "concurrency", "ttft_samples", "chat_threads", "train_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+
+    @property
+    def modes(self) -> list[str]:
+        return [m.strip() for m in self.quantize_modes.split(",") if m.strip()]
+
+
+def resolve_model(model: str) -> tuple[str, str]:
+    """``(path, description)``: ``--model``, else the starter, else a stand-in built in a temp dir."""
+    if model:
+        return model, model
+    try:
+        from training.starter import ensure_starter
+
+        path = ensure_starter(Path("data"), progress=False).resolve()
+        return str(path), f"starter ({path})"
+    except Exception as exc:  # noqa: BLE001 - fall back to a stand-in of similar size, and say so
+        from tests.conftest import build_tiny_model
+
+        out = Path(tempfile.mkdtemp(prefix="bench-standin-"))
+        build_tiny_model(out, hidden=256, layers=4, vocab_size=1024)
+        print(f"starter unavailable ({exc.__class__.__name__}: {exc}); using a random stand-in Llama", flush=True)
+        return str(out), "stand-in random Llama (4 layers, hidden 256)"
+
+
+# ---- the training child -----------------------------------------------------------------------
+def train_child(model: str, threads: int) -> None:
+    """A PPO loop on a LoRA adapter until killed (the CPU load of a training round)."""
+    import torch
+
+    from training.models import add_lora, load_model_and_tokenizer
+    from training.ppo import PPOConfig, ppo_train
+
+    torch.set_num_threads(threads)
+    base, tok = load_model_and_tokenizer(model)
+    policy = add_lora(base)
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+
+    def reward(prompts_, answers):
+        return torch.tensor([min(len(a), 100) / 50.0 for a in answers])
+
+    config = PPOConfig(steps=1, normalize_reward=False, rollout_batch_size=8, mini_batch_size=4, max_new_tokens=32)
+    print("ready", flush=True)
+    while True:
+        ppo_train(policy, tok, reward, prompts, config)
+
+
+class TrainingLoad:
+    """Context manager: a training child runs (and has started training) inside the block."""
+
+    def __init__(self, model: str, threads: int):
+        self.cmd = [sys.executable, "-m", "bench.serving", "--_train-child", model, "--train-threads", str(threads)]
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.__exit__()
+            raise RuntimeError(f"training child did not start (got {line!r})")
+        time.sleep(2.0)  # past its first rollout: it is training now
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+# ---- one mode -------------------------------------------------------------------------------------
+def _msgs(i: int) -> list[dict]:
+    return [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
+
+
+def _timed_stream(engine, messages, sampling, stop_after_first: bool = False) -> dict:
+    """Run one streamed reply; times in seconds from the call to the first text and to the end."""
+    stop = threading.Event()
+    t0 = time.perf_counter()
+    gen = engine.stream(messages, sampling, stop_event=stop)
+    first = None
+    t_stop = None
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            reply = done.value
+            break
+        if first is None:
+            first = time.perf_counter() - t0
+            if stop_after_first:
+                t_stop = time.perf_counter()
+                stop.set()
+    end = time.perf_counter()
+    return {
+        "ttft": first if first is not None else end - t0,
+        "total": end - t0,
+        "tokens": len(reply.tokens),
+        "stop_latency": None if t_stop is None else end - t_stop,
+    }
+
+
+def _timed_generate(engine, messages, n: int) -> float:
+    import torch
+
+    from training.models import render_prompt
+
+    ids = torch.tensor([render_prompt(engine.tokenizer, messages)])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+            do_sample=False, eos_token_id=engine.eos_ids, pad_token_id=engine.tokenizer.pad_token_id,
+        )  # fmt: skip
+    elapsed = time.perf_counter() - t0
+    assert out.shape[1] - ids.shape[1] == n
+    return elapsed
+
+
+def _p95(xs: list[float]) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(round(0.95 * (len(xs) - 1))))]
+
+
+def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
+    """All figures for one quantize mode (run in a child process: see :func:`main`)."""
+    import torch
+
+    from chatapp.engine import ChatEngine, Sampling
+    from storage.db import open_store
+    from storage.registry import AdapterRegistry
+    from training.models import load_model_and_tokenizer
+
+    torch.set_num_threads(config.chat_threads)
+    data = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    store = open_store(data)
+    base, tok = load_model_and_tokenizer(model, mode)
+    quantized = type(base.model.layers[0].self_attn.q_proj).__name__ if hasattr(base, "model") else "?"
+    engine = ChatEngine(base, tok, AdapterRegistry(data / "adapters", store), max_batch=max(8, config.concurrency))
+    n = config.new_tokens
+    sampling = Sampling(temperature=0.0, max_new_tokens=n, min_new_tokens=n)
+    _timed_stream(engine, _msgs(0), sampling)  # warm-up of both paths
+    _timed_generate(engine, _msgs(0), n)
+
+    # 1. one stream vs raw generate, interleaved
+    gen_s, stream_s, ttft = [], [], []
+    for _ in range(config.repeats):
+        gen_s.append(_timed_generate(engine, _msgs(0), n))
+        r = _timed_stream(engine, _msgs(0), sampling)
+        assert r["tokens"] == n
+        stream_s.append(r["total"])
+        ttft.append(r["ttft"])
+    gen_tps, stream_tps = n / statistics.median(gen_s), n / statistics.median(stream_s)
+    print(f"[{mode}] generate {gen_tps:.1f} tok/s, stream {stream_tps:.1f} tok/s", flush=True)
+
+    # 2. concurrency: k simultaneous replies vs one (the one measured above, same settings)
+    k = config.concurrency
+    walls = []
+    for _ in range(max(1, config.repeats // 2)):
+        results = [None] * k
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, _timed_stream(engine, _msgs(i), sampling)))
+            for i in range(k)
+        ]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        walls.append(time.perf_counter() - t0)
+        assert all(r is not None and r["tokens"] == n for r in results)
+    agg_tps = k * n / statistics.median(walls)
+    print(f"[{mode}] {k} concurrent: {agg_tps:.1f} tok/s aggregate", flush=True)
+
+    # 3. TTFT idle vs during a training round (short replies: only the first token matters)
+    short = Sampling(temperature=0.0, max_new_tokens=8, min_new_tokens=8)
+    idle = [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(config.ttft_samples)]
+    busy = None
+    if config.train:
+        with TrainingLoad(model, config.train_threads):
+            busy = [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(config.ttft_samples)]
+    print(f"[{mode}] TTFT p95 idle {_p95(idle) * 1000:.1f} ms"
+          + (f", training {_p95(busy) * 1000:.1f} ms" if busy else ""), flush=True)  # fmt: skip
+
+    # 4. stop latency
+    long = Sampling(temperature=0.0, max_new_tokens=400, min_new_tokens=400)
+    stops = [_timed_stream(engine, _msgs(i), long, stop_after_first=True)["stop_latency"] for i in range(5)]
+
+    return {
+        "quantize": mode,
+        "linear_layer": quantized,
+        "generate_tokens_per_s": round(gen_tps, 2),
+        "stream_tokens_per_s": round(stream_tps, 2),
+        "stream_over_generate": round(stream_tps / gen_tps, 3),
+        "ttft_s": round(statistics.median(ttft), 4),
+        "concurrent_tokens_per_s": round(agg_tps, 2),
+        "concurrency_speedup_8" if k == 8 else f"concurrency_speedup_{k}": round(agg_tps / stream_tps, 2),
+        "ttft_p95_idle_s": round(_p95(idle), 4),
+        "ttft_p95_training_s": None if busy is None else round(_p95(busy), 4),
+        "ttft_p95_training_over_idle": None if busy is None else round(_p95(busy) / _p95(idle), 3),
+        "stop_latency_max_s": round(max(stops), 4),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+
+
+# ---- entry point ----------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dataclass_args(parser, ServingBenchConfig)
+    parser.add_argument("--_mode", default=None, help=argparse.SUPPRESS)  # child: one mode
+    parser.add_argument("--_resolved-model", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--_train-child", default=None, help=argparse.SUPPRESS)  # child: PPO load
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every mode in its own child process and print (and write) one JSON object."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(ServingBenchConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args._train_child:
+        train_child(args._train_child, config.train_threads)
+        return 0
+    if args._mode:
+        print(json.dumps(measure_mode(config, args._resolved_model, args._mode)), flush=True)
+        return 0
+    model, described = resolve_model(config.model)
+    result = {"model": described, "settings": asdict(config), "cpu_count": os.cpu_count(), "modes": {}}
+    flags = []
+    for key in ("new_tokens", "repeats", "concurrency", "ttft_samples", "chat_threads", "train_threads", "train"):
+        flags += ["--" + key.replace("_", "-"), str(getattr(config, key)).lower()]
+    for mode in config.modes:
+        cmd = [sys.executable, "-m", "bench.serving", *flags, "--_mode", mode, "--_resolved-model", model]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        for line in lines[:-1]:
+            print(line, flush=True)
+        try:
+            result["modes"][mode] = json.loads(lines[-1])
+        except (IndexError, json.JSONDecodeError):
+            tail = (proc.stderr or "").strip().splitlines()[-3:]
+            result["modes"][mode] = {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+            print(f"[{mode}] failed: {result['modes'][mode]['error']}", flush=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if config.json:
+        Path(config.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
