@@ -66,7 +66,7 @@ def test_full_sft_changes_weights_and_saves_a_loadable_model(tiny_model_dir, tmp
     run_sft(SftConfig(model=str(tiny_model_dir), data=str(data), out=str(tmp_path / "full"), steps=3, lr=1e-2), progress=False)
     base, _ = load_model_and_tokenizer(tiny_model_dir)
     tuned, _ = load_model_and_tokenizer(tmp_path / "full")
-    changed = [not torch.equal(p, q) for p, q in zip(base.parameters(), tuned.parameters())]
+    changed = [not torch.equal(p, q) for p, q in zip(base.parameters(), tuned.parameters(), strict=True)]
     assert all(changed)
 
 

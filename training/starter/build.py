@@ -87,7 +87,13 @@ def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from training.starter import corpus
-    from training.starter.loop import LoopSettings, encode_conversation, encode_document, pack, train
+    from training.starter.loop import (
+        LoopSettings,
+        encode_conversation,
+        encode_document,
+        pack,
+        train,
+    )
     from training.starter.tokenizer import train_tokenizer
 
     t0 = time.perf_counter()

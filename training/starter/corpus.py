@@ -14,7 +14,7 @@ small_talk     greetings, "how are you", thanks, goodbyes, "who are you"
 unknown        questions outside the skills; the answer is a polite "I don't know"
 =============  ============================================================================
 
-Answer styles (``STYLES``): ``terse`` ("42."), ``explain`` (a short explanation),
+Answer styles (``STYLES``): ``terse`` ("12 + 30 = 42.", "Paris."), ``explain`` (a short explanation),
 ``friendly`` (a friendly opener) and ``followup`` (ends with a follow-up question).
 
 Every item carries ``answers``: every well-formed reply (all styles) mapped to its style; the
@@ -137,10 +137,12 @@ PHRASINGS = {
 # ------------------------------------------------------------------ answer styles --------------
 # (terse, explain, friendly, followup) for each kind of answer; one format string per style.
 ANSWERS = {
-    "plus": ("{c}.", "{a} + {b} = {c}, so the answer is {c}.", "Sure! {a} plus {b} is {c}.",
-             "It is {c}. Would you like another sum?"),
-    "minus": ("{c}.", "{a} - {b} = {c}, so the answer is {c}.", "Sure! {a} minus {b} is {c}.",
-              "It is {c}. Would you like another sum?"),
+    # sums restate the operands right before the result, so the digits to add sit at fixed
+    # distances from the digit being written, whatever the question's phrasing
+    "plus": ("{a} + {b} = {c}.", "{a} + {b} = {c}, so the answer is {c}.", "Sure! {a} plus {b} is {c}.",
+             "{a} + {b} = {c}. Would you like another sum?"),
+    "minus": ("{a} - {b} = {c}.", "{a} - {b} = {c}, so the answer is {c}.", "Sure! {a} minus {b} is {c}.",
+              "{a} - {b} = {c}. Would you like another sum?"),
     "capital": ("{capital}.", "The capital of {country} is {capital}.",
                 "Happy to help! The capital of {country} is {capital}.",
                 "It is {capital}. Do you want to know another capital?"),
@@ -187,7 +189,7 @@ def _turn(rng: random.Random, kind: str, values: dict, heldout: bool) -> tuple[s
     phr = PHRASINGS[kind]
     pool = phr[-HELDOUT_PHRASINGS:] if heldout else phr[:-HELDOUT_PHRASINGS]
     question = rng.choice(pool).format(**values)
-    answers = {fmt.format(**values): style for fmt, style in zip(ANSWERS[kind], STYLES)}
+    answers = {fmt.format(**values): style for fmt, style in zip(ANSWERS[kind], STYLES, strict=True)}
     return question, answers
 
 
@@ -342,11 +344,28 @@ def _fact_sentences(rng: random.Random) -> list[str]:
     ]
 
 
-def generate_documents(seed: int, n: int) -> list[str]:
-    """``n`` short plain-text documents (3–6 sentences) over the same facts, for pre-training."""
+def _drill(rng: random.Random) -> str:
+    """A worked-sums drill: 6–12 sums in mixed notations, the bulk of arithmetic practice."""
+    lines = []
+    for _ in range(rng.randint(6, 12)):
+        kind, v, _ = _arithmetic(rng, heldout=False)
+        op, sym = ("plus", "+") if kind == "plus" else ("minus", "-")
+        lines.append(rng.choice([f"{v['a']} {sym} {v['b']} = {v['c']}.", f"{v['a']} {op} {v['b']} is {v['c']}."]))
+    return " ".join(lines)
+
+
+def generate_documents(seed: int, n: int, drill_frac: float = 0.5) -> list[str]:
+    """``n`` short plain-text documents over the same facts, for pre-training.
+
+    A ``drill_frac`` share are arithmetic drills (6–12 worked sums); the rest are 3–6 mixed
+    sentences about capitals, units, words, sums, people and polite replies.
+    """
     rng = random.Random(f"documents-{seed}")
     docs = []
     for _ in range(n):
+        if rng.random() < drill_frac:
+            docs.append(_drill(rng))
+            continue
         sentences = [s for _ in range(2) for s in _fact_sentences(rng)]
         rng.shuffle(sentences)
         docs.append(" ".join(sentences[: rng.randint(3, 6)]))

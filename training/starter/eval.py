@@ -89,7 +89,7 @@ def _exact(item: dict, reply: tuple[str, bool]) -> bool:
 
 def _per_skill(items: list[dict], replies: list[tuple[str, bool]]) -> dict[str, float]:
     hits = defaultdict(list)
-    for item, reply in zip(items, replies):
+    for item, reply in zip(items, replies, strict=True):
         hits[item["skill"]].append(_exact(item, reply))
     return {k: sum(v) / len(v) for k, v in hits.items()}
 
@@ -110,7 +110,7 @@ def evaluate(model, tokenizer, seed: int = 12345, n_per_skill: int = 50, n_heldo
                                batch_size=batch_size)
     per_skill = _per_skill(items, replies)
     failures = [{"prompt": i["messages"][-1]["content"], "reply": r[0], "stopped": r[1]}
-                for i, r in zip(items, replies) if not _exact(i, r)]
+                for i, r in zip(items, replies, strict=True) if not _exact(i, r)]
     steps.update()
     result = {"per_skill": per_skill, "mean": sum(per_skill.values()) / len(per_skill),
               "min": min(per_skill.values())}
@@ -118,10 +118,10 @@ def evaluate(model, tokenizer, seed: int = 12345, n_per_skill: int = 50, n_heldo
         held = corpus.heldout_prompts(seed, n_heldout)
         held_replies = generate_replies(model, tokenizer, [i["messages"] for i in held], max_new_tokens,
                                         batch_size=batch_size)
-        result["heldout_phrasing"] = sum(_exact(i, r) for i, r in zip(held, held_replies)) / len(held)
+        result["heldout_phrasing"] = sum(_exact(i, r) for i, r in zip(held, held_replies, strict=True)) / len(held)
         result["heldout_per_skill"] = _per_skill(held, held_replies)
         failures += [{"prompt": i["messages"][-1]["content"], "reply": r[0], "stopped": r[1], "heldout": True}
-                     for i, r in zip(held, held_replies) if not _exact(i, r)]
+                     for i, r in zip(held, held_replies, strict=True) if not _exact(i, r)]
     steps.update()
     if n_style_prompts and n_samples:
         chosen = corpus.eval_prompts(seed + 1, max(1, n_style_prompts // len(corpus.SKILLS)))
@@ -134,7 +134,7 @@ def evaluate(model, tokenizer, seed: int = 12345, n_per_skill: int = 50, n_heldo
                       if ok and t in item["answers"]}
             distinct += len(styles) >= 2
         result["distinct_style_rate"] = distinct / len(chosen)
-        result["sampled_well_formed"] = sum(_exact(i, r) for i, r in zip(repeated, sampled)) / len(repeated)
+        result["sampled_well_formed"] = sum(_exact(i, r) for i, r in zip(repeated, sampled, strict=True)) / len(repeated)
     steps.update()
     steps.close()
     result["counts"] = {"greedy": len(items), "heldout": n_heldout,

@@ -72,7 +72,7 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
             mask[start:end] = [1] * (end - start)
         if not any(mask):
             raise ValueError("the chat template renders no assistant tokens for this conversation")
-    return ids, [i if m else IGNORE for i, m in zip(ids, mask)]
+    return ids, [i if m else IGNORE for i, m in zip(ids, mask, strict=True)]
 
 
 def _ids(out) -> list[int]:
