@@ -1,0 +1,125 @@
+"""Votes under load: 50 concurrent HTTP clients × 20 side-by-side votes each (every client its
+own Gradio session: send with compare, then vote), while training rounds read the votes in
+another thread through their own connection. Every vote is stored once with its own id and
+the choice its client made; no client ever sees an error such as "database is locked".
+
+The app runs in-process on a free port with the tiny model and a temporary SQLite file."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import traceback
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from app import AppConfig, build_app, launch
+from storage.db import open_store
+from storage.registry import AdapterRegistry
+from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
+
+pytestmark = pytest.mark.slow
+
+CLIENTS, VOTES = 50, 20
+CHOICES = ("a", "b", "tie", "both_bad")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _expected_choice(client: int, i: int) -> str:
+    return CHOICES[(client + i) % len(CHOICES)]
+
+
+def _client_votes(url: str, client: int) -> None:
+    """One user: 20 comparisons, each voted, a new conversation every 5 (raises on any error)."""
+    from gradio_client import Client
+
+    # its own session (session_hash): its own ChatSession. No client-side read timeout: on a
+    # loaded 2-core machine a reply may take longer than gradio_client's 20 s default, and a
+    # browser would wait too; what must never happen is an error from the server.
+    api = Client(url, verbose=False, httpx_kwargs={"timeout": None})
+    for i in range(VOTES):
+        if i % 5 == 0:
+            api.predict("", api_name="/new_conversation")
+        _, _, answer_a, answer_b = api.predict(f"client {client} vote {i}", True, api_name="/send")
+        assert isinstance(answer_a, str) and isinstance(answer_b, str)
+        api.predict(api_name=f"/vote_{_expected_choice(client, i)}")
+
+
+def _read_votes_like_a_round(config: AppConfig, stop: threading.Event, seen: list) -> None:
+    """A training round's reads, in a loop: all votes as pairs, counts, and a real
+    ``run_round`` (it reads every vote, then skips: too few for its threshold)."""
+    store = open_store(config.data_dir)  # its own connections, as the round's process has
+    registry = AdapterRegistry(f"{config.data_dir}/{ADAPTERS_DIRNAME}", store)
+    round_config = RoundConfig(data_dir=config.data_dir, model=config.model, min_votes=10**9)
+    while not stop.is_set():
+        pairs = preference_pairs(store)
+        store.vote_counts()
+        result = run_round(round_config, store, registry, trigger="load-test")
+        assert result["status"] == "skipped", result
+        seen.append(len(pairs))
+        stop.wait(0.2)  # a round reads, then trains for a while; this keeps re-reading
+
+
+def test_1000_votes_from_50_concurrent_clients_while_a_round_reads(tiny_model_dir, tmp_path):
+    config = AppConfig(
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        max_new_tokens=2, temperature=1.0, no_train=True, concurrency=16,
+    )  # fmt: skip
+    demo, _ = build_app(config)
+    launch(demo, config, block=False)
+    url = f"http://127.0.0.1:{config.port}/"
+    stop, seen, reader_errors = threading.Event(), [], []
+
+    def reader():
+        try:
+            _read_votes_like_a_round(config, stop, seen)
+        except Exception:  # noqa: BLE001 - reported by the assertion below
+            reader_errors.append(traceback.format_exc())
+
+    reading = threading.Thread(target=reader, name="round-reader")
+    reading.start()
+    errors: list[str] = []
+    try:
+        with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+            futures = [pool.submit(_client_votes, url, c) for c in range(CLIENTS)]
+            for f in futures:
+                try:
+                    f.result()
+                except Exception as exc:  # noqa: BLE001 - every user-visible error is collected
+                    errors.append(f"{exc.__class__.__name__}: {exc}")
+    finally:
+        stop.set()
+        reading.join()
+        demo.close()
+
+    assert errors == [], f"{len(errors)} clients saw errors, e.g. {errors[:3]}"
+    assert reader_errors == [], reader_errors[0]
+    assert seen, "the round never read the votes"
+    store = open_store(config.data_dir)
+    rows = list(store.db.execute("SELECT id, choice, context FROM comparisons"))
+    assert len(rows) == CLIENTS * VOTES
+    assert len({r[0] for r in rows}) == len(rows), "comparison ids are not unique"
+    assert all(r[1] is not None for r in rows), "a comparison was left without its vote"
+    # each vote is the one its client cast, on the comparison of its own message
+    got = {}
+    for _, choice, context in rows:
+        import json
+
+        last_user = json.loads(context)[-1]["content"]
+        assert last_user not in got, f"two comparisons for {last_user!r}"
+        got[last_user] = choice
+    expected = {f"client {c} vote {i}": _expected_choice(c, i) for c in range(CLIENTS) for i in range(VOTES)}
+    assert got == expected
+    assert store.vote_counts()["total"] == CLIENTS * VOTES
+    assert Counter(len(p["prompt"]) > 0 for p in preference_pairs(store))[True] == len(
+        [r for r in rows if r[1] != "both_bad"]
+    )
+    sessions = store.db.execute("SELECT COUNT(DISTINCT session_id) FROM comparisons").fetchone()[0]
+    assert sessions == CLIENTS
