@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import os
 import re
 import shutil
 import socket
@@ -135,9 +136,14 @@ def _browser_unavailable() -> str | None:
     return None
 
 
+REQUIRED = os.environ.get("REQUIRE_BROWSER_TEST") == "1"  # set by .ci/run: never skip in CI
+
+
 @pytest.mark.browser
-@pytest.mark.skipif(_browser_unavailable() is not None, reason=str(_browser_unavailable()))
+@pytest.mark.skipif(not REQUIRED and _browser_unavailable() is not None, reason=str(_browser_unavailable()))
 def test_browser_chat_compare_vote_and_markup_shown_literally(app):
+    if _browser_unavailable() is not None:
+        pytest.fail(f"REQUIRE_BROWSER_TEST=1 but {_browser_unavailable()}")
     from playwright.sync_api import expect, sync_playwright
 
     store = open_store(app.data_dir)
