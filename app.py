@@ -133,7 +133,7 @@ def launch(demo, config: AppConfig, block: bool = True):
     return demo.launch(
         server_name=config.host,
         server_port=config.port,
-        show_error=True,
+        show_error=False,  # unexpected errors: a generic message to users, details in the log
         prevent_thread_lock=not block,
         quiet=not block,
     )

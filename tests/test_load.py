@@ -1,5 +1,5 @@
 """Votes under load: 50 concurrent HTTP clients × 20 side-by-side votes each (every client its
-own Gradio session: send with compare, then vote), while training rounds read the votes in
+own Gradio session, plain HTTP to the Gradio API: send with compare, then vote), while training rounds read the votes in
 another thread through their own connection. Every vote is stored once with its own id and
 the choice its client made; no client ever sees an error such as "database is locked".
 
@@ -7,12 +7,15 @@ The app runs in-process on a free port with the tiny model and a temporary SQLit
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import traceback
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from app import AppConfig, build_app, launch
@@ -36,20 +39,40 @@ def _expected_choice(client: int, i: int) -> str:
     return CHOICES[(client + i) % len(CHOICES)]
 
 
-def _client_votes(url: str, client: int) -> None:
-    """One user: 20 comparisons, each voted, a new conversation every 5 (raises on any error)."""
-    from gradio_client import Client
+def _call(http, url: str, session: str, api_name: str, *data):
+    """One call of a Gradio endpoint over plain HTTP (``/gradio_api/call``), in the browser
+    session ``session``; returns the final outputs, raises on an error event."""
+    r = http.post(f"{url}gradio_api/call/{api_name}", json={"data": list(data), "session_hash": session})
+    r.raise_for_status()
+    event_id, event = r.json()["event_id"], None
+    with http.stream("GET", f"{url}gradio_api/call/{api_name}/{event_id}") as stream:
+        stream.raise_for_status()
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.partition(":")[2].strip()
+            elif line.startswith("data:") and event in ("complete", "error"):
+                payload = line.partition(":")[2].strip()
+                if event == "error":
+                    raise RuntimeError(f"/{api_name} failed: {payload}")
+                return json.loads(payload)
+    raise RuntimeError(f"/{api_name}: the stream ended without a result")
 
-    # its own session (session_hash): its own ChatSession. No client-side read timeout: on a
-    # loaded 2-core machine a reply may take longer than gradio_client's 20 s default, and a
-    # browser would wait too; what must never happen is an error from the server.
-    api = Client(url, verbose=False, httpx_kwargs={"timeout": None})
-    for i in range(VOTES):
-        if i % 5 == 0:
-            api.predict("", api_name="/new_conversation")
-        _, _, answer_a, answer_b = api.predict(f"client {client} vote {i}", True, api_name="/send")
-        assert isinstance(answer_a, str) and isinstance(answer_b, str)
-        api.predict(api_name=f"/vote_{_expected_choice(client, i)}")
+
+def _client_votes(url: str, client: int) -> None:
+    """One user: 20 comparisons, each voted, a new conversation every 5 (raises on any error).
+
+    Plain HTTP, one session id per user (its own ``ChatSession`` on the server). No read
+    timeout: on a loaded 2-core machine a reply may take long, and a browser would wait too;
+    what must never happen is an error from the server."""
+    session = uuid.uuid4().hex
+    with httpx.Client(timeout=None) as http:
+        for i in range(VOTES):
+            if i % 5 == 0:
+                _call(http, url, session, "new_conversation", "")
+            out = _call(http, url, session, "send", f"client {client} vote {i}", True)
+            answer_a, answer_b = out[2], out[3]  # chatbot, textbox, answer A, answer B, …
+            assert isinstance(answer_a, str) and isinstance(answer_b, str)
+            _call(http, url, session, f"vote_{_expected_choice(client, i)}")
 
 
 def _read_votes_like_a_round(config: AppConfig, stop: threading.Event, seen: list) -> None:
@@ -110,8 +133,6 @@ def test_1000_votes_from_50_concurrent_clients_while_a_round_reads(tiny_model_di
     # each vote is the one its client cast, on the comparison of its own message
     got = {}
     for _, choice, context in rows:
-        import json
-
         last_user = json.loads(context)[-1]["content"]
         assert last_user not in got, f"two comparisons for {last_user!r}"
         got[last_user] = choice
