@@ -10,13 +10,15 @@ exactly ``--new-tokens`` tokens: end of turn suppressed on both sides), measured
 
 * ``stream_over_generate``: tokens/s of one reply streamed through ``ChatEngine.stream`` (the
   app's serving path: batcher thread, detokenizer, generator) ÷ tokens/s of raw
-  ``model.generate`` on the same prompt; medians of ``--repeats`` interleaved runs. Target ≥ 0.95.
+  ``model.generate`` on the same prompt; median over ``--repeats`` back-to-back pairs (each pair
+  sees the same machine load; ``…_of_medians`` is the ratio of the two medians). Target ≥ 0.95.
 * ``ttft_s``: median time from calling ``stream`` to the first streamed text, idle.
 * ``concurrency_speedup_8``: aggregate tokens/s of ``--concurrency`` simultaneous replies (one
-  thread each, different prompts) ÷ tokens/s of one reply. Target ≥ 3.
+  thread each, different prompts) ÷ tokens/s of one reply; median of back-to-back pairs. Target ≥ 3.
 * ``ttft_p95_training_over_idle``: p95 TTFT over ``--ttft-samples`` requests while a PPO loop
   runs in a child process on ``--train-threads`` threads (``training.ppo.ppo_train`` on a LoRA
-  adapter, toy reward) ÷ p95 TTFT of the same requests idle. Target ≤ 1.5.
+  adapter, toy reward) ÷ p95 TTFT of as many requests idle. Idle and busy alternate in 4 blocks
+  (the child paused with SIGSTOP, then resumed), so outside load hits both alike. Target ≤ 1.5.
 * ``stop_latency_s``: worst time from setting a reply's stop event to its stream ending.
 * ``peak_rss_mb``: the mode's peak resident memory (``ru_maxrss``).
 
@@ -31,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,9 +65,9 @@ class ServingBenchConfig:
     model: str = help_field("", help="model dir or hub id (default: the starter in data/starter)")
     quantize_modes: str = help_field("none,8bit,4bit", help="comma-separated --quantize modes to measure")
     new_tokens: int = help_field(64, help="tokens per reply (end of turn suppressed on both sides)")
-    repeats: int = help_field(5, help="interleaved runs of stream and generate (medians)")
+    repeats: int = help_field(9, help="back-to-back pairs per ratio (stream vs generate, 8 vs 1)")
     concurrency: int = help_field(8, help="simultaneous replies for the speed-up")
-    ttft_samples: int = help_field(20, help="requests per TTFT distribution (idle, and during training)")
+    ttft_samples: int = help_field(40, help="requests per TTFT distribution (idle, and during training)")
     chat_threads: int = help_field(1, help="torch threads of the chat process")
     train_threads: int = help_field(1, help="torch threads of the training child")
     train: bool = help_field(True, help="measure TTFT while a PPO loop runs in a child process")
@@ -140,8 +143,15 @@ class TrainingLoad:
         time.sleep(2.0)  # past its first rollout: it is training now
         return self
 
+    def run(self, running: bool) -> None:
+        """Resume (SIGCONT) or pause (SIGSTOP) the training child."""
+        self.proc.send_signal(signal.SIGCONT if running else signal.SIGSTOP)
+        if running:
+            time.sleep(0.5)  # back in its loop before the first measured request
+
     def __exit__(self, *exc):
         if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
             self.proc.kill()
             self.proc.wait(30)
 
@@ -219,21 +229,24 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     _timed_stream(engine, _msgs(0), sampling)  # warm-up of both paths
     _timed_generate(engine, _msgs(0), n)
 
-    # 1. one stream vs raw generate, interleaved
-    gen_s, stream_s, ttft = [], [], []
+    # 1. one stream vs raw generate: back-to-back pairs, so both sides see the same machine load
+    gen_s, stream_s, ttft, pair = [], [], [], []
     for _ in range(config.repeats):
         gen_s.append(_timed_generate(engine, _msgs(0), n))
         r = _timed_stream(engine, _msgs(0), sampling)
         assert r["tokens"] == n
         stream_s.append(r["total"])
         ttft.append(r["ttft"])
+        pair.append(gen_s[-1] / stream_s[-1])  # = stream tok/s ÷ generate tok/s
     gen_tps, stream_tps = n / statistics.median(gen_s), n / statistics.median(stream_s)
-    print(f"[{mode}] generate {gen_tps:.1f} tok/s, stream {stream_tps:.1f} tok/s", flush=True)
+    print(f"[{mode}] generate {gen_tps:.1f} tok/s, stream {stream_tps:.1f} tok/s (medians); "
+          f"paired ratio median {statistics.median(pair):.3f}", flush=True)  # fmt: skip
 
-    # 2. concurrency: k simultaneous replies vs one (the one measured above, same settings)
+    # 2. concurrency: k simultaneous replies vs one, in back-to-back pairs
     k = config.concurrency
-    walls = []
-    for _ in range(max(1, config.repeats // 2)):
+    single_s, walls, speedups = [], [], []
+    for _ in range(config.repeats):
+        single_s.append(_timed_stream(engine, _msgs(0), sampling)["total"])
         results = [None] * k
         threads = [
             threading.Thread(target=lambda i=i: results.__setitem__(i, _timed_stream(engine, _msgs(i), sampling)))
@@ -246,16 +259,24 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
             t.join()
         walls.append(time.perf_counter() - t0)
         assert all(r is not None and r["tokens"] == n for r in results)
+        speedups.append((k * n / walls[-1]) / (n / single_s[-1]))
     agg_tps = k * n / statistics.median(walls)
-    print(f"[{mode}] {k} concurrent: {agg_tps:.1f} tok/s aggregate", flush=True)
+    print(f"[{mode}] {k} concurrent: {agg_tps:.1f} tok/s aggregate, "
+          f"paired speed-up median {statistics.median(speedups):.2f}", flush=True)  # fmt: skip
 
-    # 3. TTFT idle vs during a training round (short replies: only the first token matters)
+    # 3. TTFT idle vs during a training round: the child is paused (SIGSTOP) for idle blocks and
+    #    running for busy blocks, alternating, so other load on the machine hits both sides alike
     short = Sampling(temperature=0.0, max_new_tokens=8, min_new_tokens=8)
-    idle = [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(config.ttft_samples)]
-    busy = None
+    idle, busy = [], []
+    blocks, per_block = 4, max(1, config.ttft_samples // 4)
     if config.train:
-        with TrainingLoad(model, config.train_threads):
-            busy = [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(config.ttft_samples)]
+        with TrainingLoad(model, config.train_threads) as load:
+            for b in range(blocks):
+                for running, sink in ((False, idle), (True, busy)):
+                    load.run(running)
+                    sink += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
+    else:
+        idle = [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(config.ttft_samples)]
     print(f"[{mode}] TTFT p95 idle {_p95(idle) * 1000:.1f} ms"
           + (f", training {_p95(busy) * 1000:.1f} ms" if busy else ""), flush=True)  # fmt: skip
 
@@ -268,13 +289,15 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
         "linear_layer": quantized,
         "generate_tokens_per_s": round(gen_tps, 2),
         "stream_tokens_per_s": round(stream_tps, 2),
-        "stream_over_generate": round(stream_tps / gen_tps, 3),
+        "stream_over_generate": round(statistics.median(pair), 3),
+        "stream_over_generate_of_medians": round(stream_tps / gen_tps, 3),
         "ttft_s": round(statistics.median(ttft), 4),
         "concurrent_tokens_per_s": round(agg_tps, 2),
-        "concurrency_speedup_8" if k == 8 else f"concurrency_speedup_{k}": round(agg_tps / stream_tps, 2),
+        f"concurrency_speedup_{k}": round(statistics.median(speedups), 2),
         "ttft_p95_idle_s": round(_p95(idle), 4),
-        "ttft_p95_training_s": None if busy is None else round(_p95(busy), 4),
-        "ttft_p95_training_over_idle": None if busy is None else round(_p95(busy) / _p95(idle), 3),
+        "ttft_p95_training_s": round(_p95(busy), 4) if busy else None,
+        "ttft_p95_training_over_idle": round(_p95(busy) / _p95(idle), 3) if busy else None,
+        "ttft_samples": [len(idle), len(busy)],
         "stop_latency_max_s": round(max(stops), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

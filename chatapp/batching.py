@@ -78,13 +78,23 @@ def _lpad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(mask, (length - mask.shape[1], 0)) if mask.shape[1] < length else mask
 
 
-def _sample_row(logits: torch.Tensor, req: Request) -> int:
-    """One token id from (V,) float logits with ``req``'s settings."""
-    if len(req.tokens) < req.min_new_tokens and req.stop_ids:
+def sample(logits: torch.Tensor, rows: list[Request]) -> list[int]:
+    """One token id per row from (B, V) float logits, each with its row's settings: stop ids
+    masked below ``min_new_tokens``, then argmax (temperature 0) or temperature + top-p."""
+    suppress = [i for i, r in enumerate(rows) if len(r.tokens) < r.min_new_tokens and r.stop_ids]
+    if suppress:
         logits = logits.clone()
-        logits[list(req.stop_ids)] = float("-inf")
-    if req.temperature == 0:
-        return int(torch.argmax(logits))
+        for i in suppress:
+            logits[i, list(rows[i].stop_ids)] = float("-inf")
+    out = torch.argmax(logits, dim=-1).tolist()  # (B,) greedy for every row; sampled rows replaced
+    for i, req in enumerate(rows):
+        if req.temperature > 0:
+            out[i] = _sample_row(logits[i], req)
+    return out
+
+
+def _sample_row(logits: torch.Tensor, req: Request) -> int:
+    """One token id from (V,) float logits with temperature + top-p (``req.temperature`` > 0)."""
     probs = torch.softmax(logits / req.temperature, dim=-1)
     if req.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
@@ -252,7 +262,7 @@ class Batcher:
         ids, mask = left_pad([r.prompt for r in ready], self.pad_id)  # (n, T)
         logits, cache = self._forward(ids, mask, position_ids_from_mask(mask), None, ready)
         self.stats["prefills"] += 1
-        nxt = torch.tensor([_sample_row(logits[i], r) for i, r in enumerate(ready)], dtype=torch.long)
+        nxt = torch.tensor(sample(logits, ready), dtype=torch.long)
         if self._rows:
             self._merge(cache, mask)
         else:
@@ -283,7 +293,7 @@ class Batcher:
         logits, self._cache = self._forward(ids, self._mask, pos, self._cache, self._rows)
         self.stats["steps"] += 1
         rows = list(self._rows)
-        self._next = torch.tensor([_sample_row(logits[i], r) for i, r in enumerate(rows)], dtype=torch.long)
+        self._next = torch.tensor(sample(logits, rows), dtype=torch.long)
         self._emit(rows, self._next.tolist())
         self._compact()
 

@@ -203,8 +203,9 @@ class ChatEngine:
         version: int | None = None,
         stop_event: threading.Event | None = None,
     ) -> Iterator[str]:
-        """Stream a reply to ``messages``; yields the answer text so far each time it grows,
-        and returns (``StopIteration.value``) a :class:`Reply`.
+        """Stream a reply to ``messages``; yields the answer text so far each time it grows (at
+        least once: an empty reply yields ``""``), and returns (``StopIteration.value``) a
+        :class:`Reply`.
 
         Closing the generator early (a closed tab) or setting ``stop_event`` (the stop button)
         ends the reply at the decode loop's next step; such a reply has ``stopped=True``.
@@ -236,27 +237,35 @@ class ChatEngine:
             generator=generator,
         )
         text = ReplyText(self.tokenizer)
-        shown, finish = "", None
+        shown, finish, yielded_any = "", None, False
         self.batcher.submit(req)
         try:
             while finish is None:
                 try:
-                    kind, value = req.out.get(timeout=1.0)
+                    events = [req.out.get(timeout=1.0)]
                 except queue.Empty:
                     if not self.batcher.alive() and req.out.empty():
                         raise RuntimeError("the decode loop ended without finishing this reply") from None
                     continue
-                if kind == "error":
-                    raise value
-                if kind == "done":
-                    finish = value
-                elif text.add(value) and text.answer != shown:
-                    shown = text.answer
+                while not req.out.empty():  # drain: one yield for all tokens that arrived meanwhile
+                    events.append(req.out.get_nowait())
+                grew = False
+                for kind, value in events:
+                    if kind == "error":
+                        raise value
+                    if kind == "done":
+                        finish = value
+                    else:
+                        grew = text.add(value) or grew
+                if grew and text.answer != shown:
+                    shown, yielded_any = text.answer, True
                     yield shown
         finally:
             if finish is None:  # the consumer went away (closed tab) or an error: end it now
                 stop_event.set()
         answer, reasoning = split_reasoning(text.finish(), partial=False)
+        if not yielded_any:  # a stream yields at least once (an empty or unprintable reply: "")
+            yield answer.strip()
         return Reply(
             text=answer.strip(),
             version=version,

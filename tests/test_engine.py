@@ -172,6 +172,7 @@ def test_stop_before_admission_generates_nothing(engine):
     stop = threading.Event()
     stop.set()
     gen = engine.stream(msgs(PROMPTS[0]), greedy(50), stop_event=stop)
+    assert next(gen) == ""  # a stream yields at least once
     with pytest.raises(StopIteration) as done:
         next(gen)
     assert done.value.value.stopped and done.value.value.tokens == []
