@@ -3,7 +3,8 @@
 Run: ``python -m bench.starter --json bench_starter.json [--seed 0] [--out DIR]``
 
 Prints one JSON object of figures (and writes it to ``--json``): ``build_seconds`` (wall) and
-``build_cpu_seconds`` (process CPU time, which says how contended the cores were), the eval
+``build_cpu_seconds`` (CPU time of the build; with T threads, wall ≫ cpu / T says the cores
+were shared), the eval
 figures of :mod:`training.starter.eval` (``per_skill``, ``mean``, ``min``, ``heldout_phrasing``,
 ``distinct_style_rate``), ``reply_30_tokens_s`` (median wall time of a greedy 30-token reply,
 no early stop, through the same loading path as the app) and the targets of issue 3 with a
@@ -55,14 +56,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=None, help="write the figures here too")
     parser.add_argument("--seed", type=int, default=0, help="starter seed (default 0)")
     parser.add_argument("--out", type=Path, default=None, help="build here (default: a temporary directory)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="skip the build: evaluate this existing starter build and report the "
+                             "build times recorded in its starter.json")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
-        out = args.out or Path(tmp) / "starter"
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        build_starter(out, StarterConfig(seed=args.seed), progress=False)
-        build_s, build_cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        out = args.model or args.out or Path(tmp) / "starter"
+        if args.model is None:
+            build_starter(out, StarterConfig(seed=args.seed), progress=False)
         info = json.loads((out / "starter.json").read_text())
+        build_s, build_cpu = info["metrics"]["build/seconds"], info["metrics"].get("build/cpu_seconds")
         model, tok = load_model_and_tokenizer(out)
         torch.set_num_threads(info["threads"])
         ev = evaluate(model, tok, progress=False)
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
         "build_seconds": build_s,
         "build_cpu_seconds": build_cpu,
         "threads": info["threads"],
+        "config": info["config"],
+        "rebuilt": args.model is None,
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "parameters": info["metrics"]["model/parameters"],

@@ -14,7 +14,7 @@ small_talk     greetings, "how are you", thanks, goodbyes, "who are you"
 unknown        questions outside the skills; the answer is a polite "I don't know"
 =============  ============================================================================
 
-Answer styles (``STYLES``): ``terse`` ("12 + 30 = 42.", "Paris."), ``explain`` (a short explanation),
+Answer styles (``STYLES``): ``terse`` ("Paris."; sums always show their column working), ``explain`` (a short explanation),
 ``friendly`` (a friendly opener) and ``followup`` (ends with a follow-up question).
 
 Every item carries ``answers``: every well-formed reply (all styles) mapped to its style; the
@@ -38,8 +38,8 @@ import random
 
 STYLES = ("terse", "explain", "friendly", "followup")
 SKILLS = ("arithmetic", "facts", "word_games", "memory", "small_talk", "unknown")
-SKILL_WEIGHTS = {"arithmetic": 0.24, "facts": 0.16, "word_games": 0.22, "memory": 0.2,
-                 "small_talk": 0.07, "unknown": 0.11}
+SKILL_WEIGHTS = {"arithmetic": 0.3, "facts": 0.14, "word_games": 0.18, "memory": 0.2,
+                 "small_talk": 0.07, "unknown": 0.11}  # sums need the most practice
 HELDOUT_PHRASINGS = 2  # the last two phrasings of every question are never trained on
 
 CAPITALS = {
@@ -137,12 +137,12 @@ PHRASINGS = {
 # ------------------------------------------------------------------ answer styles --------------
 # (terse, explain, friendly, followup) for each kind of answer; one format string per style.
 ANSWERS = {
-    # sums restate the operands right before the result, so the digits to add sit at fixed
-    # distances from the digit being written, whatever the question's phrasing
-    "plus": ("{a} + {b} = {c}.", "{a} + {b} = {c}, so the answer is {c}.", "Sure! {a} plus {b} is {c}.",
-             "{a} + {b} = {c}. Would you like another sum?"),
-    "minus": ("{a} - {b} = {c}.", "{a} - {b} = {c}, so the answer is {c}.", "Sure! {a} minus {b} is {c}.",
-              "{a} - {b} = {c}. Would you like another sum?"),
+    # sums restate the operands, then work column by column from the units ({w}, see
+    # _worked), so every digit written depends on a few digits at fixed distances before it
+    "plus": ("{a} + {b}: {w}, so {c}.", "{a} + {b}: {w}. Putting the digits together, the answer is {c}.",
+             "Sure! {a} + {b}: {w}, so it is {c}.", "{a} + {b}: {w}, so {c}. Would you like another sum?"),
+    "minus": ("{a} - {b}: {w}, so {c}.", "{a} - {b}: {w}. Putting the digits together, the answer is {c}.",
+              "Sure! {a} - {b}: {w}, so it is {c}.", "{a} - {b}: {w}, so {c}. Would you like another sum?"),
     "capital": ("{capital}.", "The capital of {country} is {capital}.",
                 "Happy to help! The capital of {country} is {capital}.",
                 "It is {capital}. Do you want to know another capital?"),
@@ -197,6 +197,20 @@ def _is_heldout_pair(a: int, b: int) -> bool:
     return (a + 2 * b) % 13 == 0
 
 
+def _worked(a: int, b: int, kind: str) -> str:
+    """Column-by-column working of a two-digit sum or difference, units first.
+
+    ``64 + 68`` → ``"4 + 8 = 12, 6 + 6 + 1 = 13"``; ``91 - 38`` → ``"11 - 8 = 3, 8 - 3 = 5"``
+    (a borrow adds 10 to the units and takes 1 from the tens).
+    """
+    (at, au), (bt, bu) = divmod(a, 10), divmod(b, 10)
+    if kind == "plus":
+        carry = " + 1" if au + bu >= 10 else ""
+        return f"{au} + {bu} = {au + bu}, {at} + {bt}{carry} = {at + bt + (au + bu >= 10)}"
+    borrow = au < bu
+    return f"{au + 10 * borrow} - {bu} = {au + 10 * borrow - bu}, {at - borrow} - {bt} = {at - borrow - bt}"
+
+
 def _arithmetic(rng: random.Random, heldout: bool):
     while True:
         a, b = rng.randint(10, 99), rng.randint(10, 99)
@@ -206,7 +220,7 @@ def _arithmetic(rng: random.Random, heldout: bool):
     if kind == "minus" and a < b:
         a, b = b, a
     c = a + b if kind == "plus" else a - b
-    return kind, {"a": a, "b": b, "c": c}, str(c)
+    return kind, {"a": a, "b": b, "c": c, "w": _worked(a, b, kind)}, str(c)
 
 
 def _facts(rng: random.Random, heldout: bool):
@@ -345,12 +359,12 @@ def _fact_sentences(rng: random.Random) -> list[str]:
 
 
 def _drill(rng: random.Random) -> str:
-    """A worked-sums drill: 6–12 sums in mixed notations, the bulk of arithmetic practice."""
+    """A worked-sums drill: 4–8 sums worked column by column, the bulk of arithmetic practice."""
     lines = []
-    for _ in range(rng.randint(6, 12)):
+    for _ in range(rng.randint(4, 8)):
         kind, v, _ = _arithmetic(rng, heldout=False)
-        op, sym = ("plus", "+") if kind == "plus" else ("minus", "-")
-        lines.append(rng.choice([f"{v['a']} {sym} {v['b']} = {v['c']}.", f"{v['a']} {op} {v['b']} is {v['c']}."]))
+        sym = "+" if kind == "plus" else "-"
+        lines.append(f"{v['a']} {sym} {v['b']}: {v['w']}, so {v['c']}.")
     return " ".join(lines)
 
 

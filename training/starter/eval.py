@@ -42,7 +42,7 @@ class EvalConfig:
     n_heldout: int = field(default=120, metadata={"help": "held-out-phrasing prompts (all skills)"})
     n_style_prompts: int = field(default=60, metadata={"help": "prompts sampled for the style rate"})
     n_samples: int = field(default=4, metadata={"help": "samples per prompt at temperature 1"})
-    max_new_tokens: int = field(default=48, metadata={"help": "reply budget in tokens"})
+    max_new_tokens: int = field(default=64, metadata={"help": "reply budget in tokens"})
     batch_size: int = field(default=32, metadata={"help": "prompts per generate() call"})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave as is)"})
 
@@ -56,7 +56,7 @@ class EvalConfig:
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 48,
+def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
                      sample: bool = False, batch_size: int = 32) -> list[tuple[str, bool]]:
     """Reply to each conversation; returns ``(text, stopped)`` where ``stopped`` says the reply
     ended with an end-of-turn token. Left-padded batches, greedy unless ``sample`` (temperature 1)."""
@@ -95,7 +95,7 @@ def _per_skill(items: list[dict], replies: list[tuple[str, bool]]) -> dict[str, 
 
 
 def evaluate(model, tokenizer, seed: int = 12345, n_per_skill: int = 50, n_heldout: int = 120,
-             n_style_prompts: int = 60, n_samples: int = 4, max_new_tokens: int = 48,
+             n_style_prompts: int = 60, n_samples: int = 4, max_new_tokens: int = 64,
              batch_size: int = 32, progress: bool = True) -> dict:
     """All figures of the module docstring as a dict (plus ``failures``, a few missed replies)."""
     from tqdm.auto import tqdm
