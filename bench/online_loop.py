@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -68,7 +69,8 @@ class BenchConfig:
     temperature: float = help_field(1.0, help="the app's --temperature for replies and comparisons")
     round_timeout_s: float = help_field(900.0, help="longest wait for one round")
     startup_timeout_s: float = help_field(600.0, help="longest wait for the app to come up")
-    threads: int = help_field(0, help="torch threads of the evaluation (0: all cores)")
+    threads: int = help_field(1, help="torch threads of the evaluation (0: all cores; on shared cores 1 is fastest)")
+    app_threads: int = help_field(1, help="OMP_NUM_THREADS of the app process (0: torch's default, all cores)")
 
     def __post_init__(self):
         if ":" not in self.annotator:
@@ -131,6 +133,8 @@ class App:
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
+        if config.app_threads:
+            env["OMP_NUM_THREADS"] = str(config.app_threads)
         self.proc = subprocess.Popen(cmd, cwd=PROJECT_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
 
@@ -191,68 +195,100 @@ def _train_now(client) -> None:
         client.predict(api_name="/train_now")
 
 
+def user_turn(client, messages: list[dict], annotator, noise: float, rng: random.Random) -> tuple[str, bool]:
+    """One simulated user turn: a new conversation, the earlier user turns as plain chat (the
+    model's own replies continue it), the last user turn as a comparison, then the vote.
+    Returns ``(choice voted, flipped)``."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    client.predict(system, api_name="/new_conversation")
+    context = [{"role": "system", "content": system}] if system else []
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    for text in users[:-1]:
+        chat, *_ = client.predict(text, False, api_name="/send")
+        reply = _text(chat[-1]["content"]) if chat and chat[-1]["role"] == "assistant" else ""
+        context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    context.append({"role": "user", "content": users[-1]})
+    _, _, answer_a, answer_b = client.predict(users[-1], True, api_name="/send")
+    choice = annotator(context, answer_a or "", answer_b or "")
+    flipped = rng.random() < noise
+    if flipped:
+        choice = {"a": "b", "b": "a"}.get(choice) or rng.choice("ab")
+    client.predict(api_name=f"/vote_{choice}")
+    return choice, flipped
+
+
 def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], log) -> dict:
-    """Simulated users chat, compare and vote through HTTP; rounds every ``round_every`` votes."""
+    """Simulated users chat, compare and vote through HTTP, ``config.users`` of them at once
+    (each its own browser session); after every ``round_every`` votes a round is started and
+    awaited."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from gradio_client import Client
 
-    rng = random.Random(config.seed + 1)
     clients = [Client(app.url, verbose=False) for _ in range(config.users)]
-    votes, errors, flipped, attempts, rounds = 0, 0, 0, 0, []
+    free = list(range(config.users))
+    lock = threading.Lock()
+    state = {"votes": 0, "errors": 0, "flipped": 0, "attempts": 0}
     tally = {"a": 0, "b": 0, "tie": 0}
-    since_round = 0
+    rounds: list[dict] = []
     t0 = time.time()
-    while votes < config.votes and attempts < 2 * config.votes:
-        client = clients[attempts % len(clients)]
-        messages = prompts[attempts % len(prompts)]
-        attempts += 1
+
+    def task(i: int) -> None:
+        with lock:
+            k = free.pop()
+        rng = random.Random(config.seed * 7919 + i)
         try:
-            system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-            client.predict(system, api_name="/new_conversation")
-            context = [{"role": "system", "content": system}] if system else []
-            users = [m["content"] for m in messages if m["role"] == "user"]
-            for text in users[:-1]:  # earlier turns: plain chat, the model's own replies
-                chat, *_ = client.predict(text, False, api_name="/send")
-                reply = _text(chat[-1]["content"]) if chat and chat[-1]["role"] == "assistant" else ""
-                context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-            context.append({"role": "user", "content": users[-1]})
-            _, _, answer_a, answer_b = client.predict(users[-1], True, api_name="/send")
-            choice = annotator(context, answer_a or "", answer_b or "")
-            if rng.random() < config.noise:
-                flipped += 1
-                choice = {"a": "b", "b": "a"}.get(choice) or rng.choice("ab")
-            client.predict(api_name=f"/vote_{choice}")
+            choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], annotator, config.noise, rng)
         except Exception as exc:  # noqa: BLE001 - a failed turn is counted and skipped
-            errors += 1
-            log(f"  turn {attempts} failed: {exc.__class__.__name__}: {str(exc)[:200]}")
+            with lock:
+                state["errors"] += 1
+            log(f"  turn {i} failed: {exc.__class__.__name__}: {str(exc)[:200]}")
+            return
+        finally:
+            with lock:
+                free.append(k)
+        with lock:
+            state["votes"] += 1
+            state["flipped"] += int(flipped)
+            tally[choice] += 1
+            if state["votes"] % 25 == 0:
+                log(f"votes {state['votes']}/{config.votes} (a {tally['a']}, b {tally['b']}, "
+                    f"tie {tally['tie']}, flipped {state['flipped']}) {time.time() - t0:.0f}s")
+
+    with ThreadPoolExecutor(max_workers=config.users) as pool:
+        while state["votes"] < config.votes and state["attempts"] < 2 * config.votes:
             if app.proc.poll() is not None:
-                raise RuntimeError(f"the app died; see {app.log_path}") from exc
-            continue
-        votes += 1
-        since_round += 1
-        tally[choice] += 1
-        if votes % 25 == 0:
-            log(f"votes {votes}/{config.votes} (a {tally['a']}, b {tally['b']}, tie {tally['tie']}, "
-                f"flipped {flipped}) {time.time() - t0:.0f}s")
-        if since_round >= config.round_every or (votes == config.votes and since_round >= config.min_votes):
-            since_round = 0
-            _, table, _ = clients[0].predict(api_name="/training_status")
-            before = len(table["data"] if isinstance(table, dict) else table)
-            t_round = time.time()
-            _train_now(clients[0])
-            row = wait_for_round(clients[0], before, config.round_timeout_s)
-            if row is None:
-                log(f"round after {votes} votes did not finish within {config.round_timeout_s:.0f}s")
-                rounds.append({"votes": votes, "status": "timeout"})
+                raise RuntimeError(f"the app died; see {app.log_path}")
+            target = min(config.votes, (state["votes"] // config.round_every + 1) * config.round_every)
+            while state["votes"] < target and state["attempts"] < 2 * config.votes:
+                n = target - state["votes"]
+                first = state["attempts"]
+                state["attempts"] += n
+                list(pool.map(task, range(first, first + n)))
+            since = state["votes"] - sum(r.get("new_votes", 0) for r in rounds)
+            if state["votes"] < target or since < config.min_votes:
                 continue
-            rec = {"votes": votes, "round": row[0], "status": row[2], "reason": row[3],
-                   "rm_accuracy": row[4], "reward": row[5], "kl": row[6], "version": row[7],
-                   "seconds": round(time.time() - t_round, 1)}
+            rec = train_round(clients[0], config.round_timeout_s)
+            rec.update({"votes": state["votes"], "new_votes": since})
             rounds.append(rec)
-            log(f"round {rec['round']} after {votes} votes: {rec['status']} {rec['reason'] or ''} "
-                f"rm_acc={rec['rm_accuracy']} reward={rec['reward']} kl={rec['kl']} "
-                f"version={rec['version']} ({rec['seconds']}s)")
-    return {"votes": votes, "errors": errors, "flipped": flipped, "tally": tally, "rounds": rounds,
-            "drive_s": time.time() - t0}
+            log(f"round {rec.get('round')} after {state['votes']} votes: {rec['status']} {rec.get('reason') or ''} "
+                f"rm_acc={rec.get('rm_accuracy')} reward={rec.get('reward')} kl={rec.get('kl')} "
+                f"version={rec.get('version')} ({rec['seconds']}s)")
+    return {"votes": state["votes"], "errors": state["errors"], "flipped": state["flipped"],
+            "tally": tally, "rounds": rounds, "drive_s": time.time() - t0}
+
+
+def train_round(client, timeout_s: float) -> dict:
+    """Press "Train now" and wait for the round to finish; its row of the rounds table."""
+    t = time.time()
+    _, table, _ = client.predict(api_name="/training_status")
+    before = len(table["data"] if isinstance(table, dict) else table)
+    _train_now(client)
+    row = wait_for_round(client, before, timeout_s)
+    if row is None:
+        return {"status": "timeout", "seconds": round(time.time() - t, 1)}
+    return {"round": row[0], "status": row[2], "reason": row[3], "rm_accuracy": row[4],
+            "reward": row[5], "kl": row[6], "version": row[7], "seconds": round(time.time() - t, 1)}
 
 
 # ------------------------------------------------------------------ gold evaluation -------------
@@ -359,8 +395,13 @@ def resolve_model(config: BenchConfig, log) -> str:
     return str(Path(path).resolve())
 
 
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")  # runs the finally blocks: the app is stopped
+
+
 def run(config: BenchConfig) -> dict:
     t_start = time.time()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
     def log(msg: str) -> None:
         print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)

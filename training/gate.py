@@ -8,7 +8,10 @@ On held-out prompts, the candidate must
 3. not collapse: distinct answers across different prompts at least ``min_distinct`` of them;
 4. not grow long: mean answer length at most ``max_length_ratio`` × the live version's
    (+ ``length_slack_tokens``), the classic reward-hacking symptom (Singhal et al. 2023,
-   "A Long Way to Go: Investigating Length Correlations in RLHF").
+   "A Long Way to Go: Investigating Length Correlations in RLHF");
+5. have been trained against a reward model that is right on held-out votes at least
+   ``min_rm_accuracy`` of the time (checked by ``training.jobs``, which knows the RM's figures):
+   PPO against a reward model at chance only drifts, and the same model would judge check 1.
 
 :func:`gate_decision` is the pure rule on precomputed figures; :func:`run_gate` samples both
 adapters of one ``PeftModel`` and applies it. Library only; ``training.jobs`` records the
@@ -30,18 +33,21 @@ from training.rollout import forward_response, generate_rollouts, reference_mode
 class GateConfig:
     """Thresholds of the promotion gate."""
 
-    min_win_rate: float = help_field(0.55, help="RM-judged win rate vs live (ties count ½) needed")
-    max_kl: float = help_field(10.0, help="largest mean KL per answer to the reference, nats")
+    min_win_rate: float = help_field(0.52, help="RM-judged win rate vs live (ties count ½) needed; above ½: a candidate judged no better than live is not promoted")
+    max_kl: float = help_field(5.0, help="largest mean KL per answer to the reference, nats")
     min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
     max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
     length_slack_tokens: float = help_field(4.0, help="tokens allowed on top of the length ratio")
-    n_prompts: int = help_field(32, help="held-out prompts sampled")
+    min_rm_accuracy: float = help_field(0.6, help="held-out pairwise accuracy the reward model in use needs before its candidate can be promoted (NaN: no held-out pairs, not checked)")
+    n_prompts: int = help_field(64, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     seed: int = help_field(0, help="sampling seed (the same for both versions)")
 
     def __post_init__(self):
         if not 0.0 <= self.min_win_rate <= 1.0:
             raise ValueError(f"GateConfig.min_win_rate must be in [0, 1], got {self.min_win_rate}")
+        if not 0.0 <= self.min_rm_accuracy <= 1.0:
+            raise ValueError(f"GateConfig.min_rm_accuracy must be in [0, 1], got {self.min_rm_accuracy}")
         if not 0.0 <= self.min_distinct <= 1.0:
             raise ValueError(f"GateConfig.min_distinct must be in [0, 1], got {self.min_distinct}")
         for name in ("max_kl", "max_length_ratio", "n_prompts", "max_new_tokens"):
@@ -63,13 +69,15 @@ class GateResult:
 def gate_decision(
     candidate_scores: torch.Tensor, live_scores: torch.Tensor, candidate_answers: list[str],
     candidate_kl: torch.Tensor, candidate_lengths: torch.Tensor, live_lengths: torch.Tensor,
-    config: GateConfig,
+    config: GateConfig, prompt_ids: list[int] | None = None,
 ) -> GateResult:
     """Apply the gate to figures measured on N held-out prompts (one answer each, paired).
 
     Args:
         candidate_scores, live_scores: (N,) reward-model scores of the paired answers.
-        candidate_answers: N candidate answers, to different prompts.
+        candidate_answers: N candidate answers, to different prompts (or see ``prompt_ids``).
+        prompt_ids: (N,) which prompt each row answers, when prompts repeat; the collapse check
+            then counts distinct answers over the first answer to each prompt.
         candidate_kl: (N,) KL per candidate answer to the reference, nats.
         candidate_lengths, live_lengths: (N,) answer lengths, tokens.
 
@@ -87,7 +95,11 @@ def gate_decision(
     diff = torch.as_tensor(candidate_scores, dtype=torch.float64) - torch.as_tensor(live_scores, dtype=torch.float64)
     win_rate = float(((diff > 1e-6).double() + 0.5 * (diff.abs() <= 1e-6).double()).mean())
     kl = float(torch.as_tensor(candidate_kl, dtype=torch.float64).mean())
-    distinct = len({a.strip() for a in candidate_answers}) / n
+    if prompt_ids is None:
+        firsts = list(candidate_answers)
+    else:
+        firsts = list({pid: a for pid, a in reversed(list(zip(prompt_ids, candidate_answers, strict=True)))}.values())
+    distinct = len({a.strip() for a in firsts}) / len(firsts)
     length = float(torch.as_tensor(candidate_lengths, dtype=torch.float64).mean())
     live_length = float(torch.as_tensor(live_lengths, dtype=torch.float64).mean())
     max_length = config.max_length_ratio * live_length + config.length_slack_tokens
@@ -97,7 +109,7 @@ def gate_decision(
     if kl > config.max_kl:
         reasons.append(f"KL to the reference {kl:.2f} nats exceeds {config.max_kl:.2f}")
     if distinct < config.min_distinct:
-        reasons.append(f"collapsed: only {distinct:.0%} distinct answers across {n} prompts "
+        reasons.append(f"collapsed: only {distinct:.0%} distinct answers across {len(firsts)} prompts "
                        f"(need {config.min_distinct:.0%})")
     if length > max_length:
         reasons.append(f"answers grew: mean {length:.1f} tokens vs live {live_length:.1f} "
@@ -114,7 +126,8 @@ def run_gate(
     live_adapter: str | None = None,
 ) -> GateResult:
     """Sample the candidate and the live adapter of ``policy`` on held-out ``prompts`` (the
-    first ``config.n_prompts`` distinct ones), score both with ``reward_fn`` and apply
+    first ``config.n_prompts`` distinct ones, cycled to ``config.n_prompts`` rows when fewer,
+    each row with its own seed, the same for both versions), score both with ``reward_fn`` and apply
     :func:`gate_decision`. ``live_adapter=None`` compares against the reference (adapters
     disabled). The active adapter and every ``requires_grad`` flag are restored afterwards.
 
@@ -131,6 +144,9 @@ def run_gate(
             break
     if not chosen:
         raise ValueError("run_gate needs at least one held-out prompt")
+    # few held-out prompts: sample each again (row i has seed config.seed + i) for a steadier win rate
+    prompt_ids = [i % len(chosen) for i in range(config.n_prompts)]
+    chosen = [chosen[i] for i in prompt_ids]
     names = set(getattr(policy, "peft_config", {}))
     for name in (candidate_adapter, live_adapter):
         if name is not None and name not in names:
@@ -159,4 +175,4 @@ def run_gate(
     cand_scores = torch.as_tensor(reward_fn(chosen, cand.answers), dtype=torch.float32).flatten()
     live_scores = torch.as_tensor(reward_fn(chosen, live.answers), dtype=torch.float32).flatten()
     return gate_decision(cand_scores, live_scores, cand.answers, kl, cand.lengths.float(),
-                         live.lengths.float(), config)
+                         live.lengths.float(), config, prompt_ids=prompt_ids)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import shutil
 import sys
@@ -53,7 +54,7 @@ class RoundConfig:
     data_dir: str = help_field("data", help="directory holding chat.db, adapters/ and reward/")
     model: str = help_field("", help="base model: hub id or local directory (the policy's base)")
     min_votes: int = help_field(10, help="fewest A/B votes (ties excluded) needed to train")
-    max_prompts: int = help_field(64, help="most prompts from stored conversations used for PPO")
+    max_prompts: int = help_field(256, help="most prompts from stored conversations used for PPO")
     threads: int = help_field(0, help="torch CPU threads for training (0: all but one core)")
     seed: int = help_field(0, help="random seed of the round")
     gate_enabled: bool = help_field(True, help="promote only candidates that pass the gate (training.gate)")
@@ -196,6 +197,12 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             result = run_gate(policy, tokenizer, reward_fn, gate_prompts, config.gate, "policy", "live")
             metrics.update(result.metrics)
             passed, reason = result.passed, result.reason
+            rm_acc = new_acc if keep_new else prev_acc
+            if rm_acc is not None and not math.isnan(rm_acc) and rm_acc < config.gate.min_rm_accuracy:
+                passed = False
+                weak = (f"reward model not accurate enough yet: {rm_acc:.2f} on held-out votes, "
+                        f"need {config.gate.min_rm_accuracy:.2f}")
+                reason = f"{reason}; {weak}" if reason else weak
 
         # 5. publish: staging dir → renamed into place as version N+1
         staging = registry.staging_dir()

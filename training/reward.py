@@ -57,8 +57,8 @@ class NotEnoughVotesError(ValueError):
 class RewardConfig:
     """Reward-model training hyper-parameters."""
 
-    lr: float = help_field(2e-4, help="AdamW learning rate for the LoRA weights and the head")
-    epochs: int = help_field(3, help="passes over the training pairs")
+    lr: float = help_field(1e-3, help="AdamW learning rate for the LoRA weights and the head")
+    epochs: int = help_field(4, help="passes over the training pairs")
     batch_size: int = help_field(8, help="pairs per gradient step")
     max_length: int = help_field(512, help="tokens of prompt ⧺ answer kept (the prompt is cut from the left)")
     heldout_fraction: float = help_field(0.2, help="share of conversations held out for accuracy")
