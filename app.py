@@ -30,7 +30,7 @@ class AppConfig:
     data_dir: str = help_field("data", help="where the SQLite file, adapters, reward models and the starter live")
     host: str = help_field("127.0.0.1", help="address to bind; 0.0.0.0 opens the app to the network")
     port: int = help_field(7860, help="port of the web UI")
-    auth: str = help_field("", help="USER:PASS: admin actions (Train now, rollback, export) need this login; chat stays open")
+    auth: str = help_field("", help="USER:PASS: admin actions (Train now, rollback, export) need this login; chat stays open (other local users can read it in ps: prefer --auth-file)")
     auth_file: str = help_field("", help="file of USER:PASS lines, one admin each (with or instead of --auth)")
     concurrency: int = help_field(8, help="requests the server handles at once per action (Gradio queue)")
     train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")

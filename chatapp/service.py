@@ -16,6 +16,7 @@ from chatapp.engine import ChatEngine, Reply, Sampling
 from storage.db import Store
 
 CHOICES = ("a", "b", "tie", "both_bad")
+MAX_MESSAGE_CHARS = 200_000  # longer messages are refused before they are tokenized
 
 
 class UserInputError(ValueError):
@@ -66,8 +67,15 @@ class ChatService:
     # ---- helpers ----------------------------------------------------------------------------
     @staticmethod
     def _check_text(text: str | None) -> str:
+        """Refuse empty messages, and messages so long that tokenizing them would only burn
+        CPU (the context window check then gives the precise limit for the rest)."""
         if text is None or not text.strip():
             raise UserInputError("Type a message first: empty messages are not sent.")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise UserInputError(
+                f"The message is too long: {len(text):,} characters, at most "
+                f"{MAX_MESSAGE_CHARS:,} are accepted. Shorten it."
+            )
         return text
 
     def _begin_turn(self, session: ChatSession, text: str) -> list[dict]:

@@ -99,8 +99,8 @@ def build_ui(parts: UIParts) -> gr.Blocks:
     def send(text, compare, state):
         session = _session(state)
         hidden = gr.update(visible=False)
+        stop = _stop_event(session)
         try:
-            stop = _stop_event(session)
             if compare:
                 pending_view = _display(session.messages) + [{"role": "user", "content": html.escape(text or "")}]
                 for a, b in service.compare(session, text, stop_event=stop):
@@ -119,6 +119,9 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         except (UserInputError, ContextTooLongError) as exc:
             gr.Warning(str(exc))
             yield _display(session.messages), text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), session
+        finally:
+            if stops.get(session.session_id) is stop:  # one entry per reply in flight
+                del stops[session.session_id]
 
     def stop(state):
         if state is not None and state.session_id in stops:

@@ -26,6 +26,7 @@ import pytest
 
 from app import AppConfig, build_app, launch
 from chatapp.engine import ChatEngine
+from chatapp.service import MAX_MESSAGE_CHARS, ChatService, UserInputError
 from storage.db import open_store
 
 pytestmark = pytest.mark.slow
@@ -121,6 +122,11 @@ def test_hostile_input_is_stored_byte_for_byte_and_escaped_for_display(app):
     before = len(_user_messages(store))
     chat, box, *_ = client.predict(BIG, False, api_name="/send")
     assert box == BIG and len(_user_messages(store)) == before
+    huge = "x" * (MAX_MESSAGE_CHARS + 1)  # refused before tokenizing, with its own message
+    chat, box, *_ = client.predict(huge, False, api_name="/send")
+    assert box == huge and len(_user_messages(store)) == before
+    with pytest.raises(UserInputError, match="too long: 200,001 characters"):
+        ChatService._check_text(huge)
     status, *_ = client.predict(api_name="/training_status")  # the app still serves
     assert "Live policy version" in status
 
