@@ -9,8 +9,9 @@ knowledge (a table of capitals, unit conversions) — never from hidden state of
   question, capitals and unit conversions looked up, word games (backwards, letter count, first
   letter) solved, remembered names/colours/numbers read from earlier user turns; questions it
   cannot place should be answered with an honest "I don't know"; small talk should stay on topic.
-  Equal correctness: a well-formed answer beats a garbled one, then a complete answer (one that
-  restates what it answers) beats a bare one; otherwise a tie.
+  Equal correctness: a well-formed answer beats a garbled one, then a complete, to-the-point
+  answer (one that restates what it answers, without pleasantries or follow-up questions) beats
+  a bare or chatty one; otherwise a tie.
 * :func:`prefers_concise` — a non-empty answer beats an empty one; otherwise the shorter answer
   wins, a tie when the lengths are close (within 3 characters or 15 %).
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["prefers_correct", "prefers_concise", "judge_correct", "well_formed", "addressed_terms"]
+__all__ = ["prefers_correct", "prefers_concise", "judge_correct", "well_formed", "addressed_terms", "to_the_point"]
 
 # general knowledge of the annotator (real-world facts, not the model's corpus)
 CAPITALS = {
@@ -235,9 +236,18 @@ def addressed_terms(question: str, answer: str) -> int:
     return len(terms & said)
 
 
+FILLER = re.compile(r"\b(sure|happy to help|fun one|of course|lovely|my pleasure|good question|"
+                    r"would you like|want to try|do you want|can i help|anything else|how can i help)\b|\?", re.I)
+
+
+def to_the_point(question: str, answer: str) -> int:
+    """:func:`addressed_terms` minus the filler (pleasantries, follow-up questions)."""
+    return addressed_terms(question, answer) - len(FILLER.findall(answer))
+
+
 def prefers_correct(messages: list[dict], answer_a: str, answer_b: str) -> str:
-    """The correct answer wins; equally correct: the well-formed one, then the more complete one
-    (:func:`addressed_terms`); else a tie."""
+    """The correct answer wins; equally correct: the well-formed one, then the more complete and
+    to-the-point one (:func:`to_the_point`); else a tie."""
     ca, cb = judge_correct(messages, answer_a), judge_correct(messages, answer_b)
     if ca is not None and cb is not None and ca != cb:
         return "a" if ca else "b"
@@ -245,7 +255,7 @@ def prefers_correct(messages: list[dict], answer_a: str, answer_b: str) -> str:
     if fa != fb:
         return "a" if fa else "b"
     question = messages[-1]["content"] if messages else ""
-    ta, tb = addressed_terms(question, answer_a), addressed_terms(question, answer_b)
+    ta, tb = to_the_point(question, answer_a), to_the_point(question, answer_b)
     if ta != tb:
         return "a" if ta > tb else "b"
     return "tie"

@@ -50,11 +50,13 @@ def test_memory_reads_earlier_user_turns():
     assert prefers_correct(numbers, "434.", "343.") == "a"
 
 
-def test_equally_correct_prefers_well_formed_then_complete_then_tie():
+def test_equally_correct_prefers_well_formed_then_complete_and_to_the_point_then_tie():
     messages = user("What's the capital city of Peru?")
     assert prefers_correct(messages, "Lima lima lima", "Lima.") == "b"
     assert prefers_correct(messages, "Lima.", "The capital of Peru is Lima.") == "b"
     assert prefers_correct(messages, "Lima.", "It is Lima.") == "tie"
+    assert prefers_correct(messages, "Happy to help! The capital of Peru is Lima.", "The capital of Peru is Lima.") == "b"
+    assert prefers_correct(messages, "It is Lima. Do you want to know another capital?", "Lima.") == "b"
     assert prefers_correct(messages, "Paris.", "Madrid.") == "tie"
 
 

@@ -38,7 +38,7 @@ class GateConfig:
     min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
     max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
     length_slack_tokens: float = help_field(4.0, help="tokens allowed on top of the length ratio")
-    min_rm_accuracy: float = help_field(0.6, help="held-out pairwise accuracy the reward model in use needs before its candidate can be promoted (NaN: no held-out pairs, not checked)")
+    min_rm_accuracy: float = help_field(0.65, help="held-out pairwise accuracy the reward model in use needs before its candidate can be promoted (NaN: no held-out pairs, not checked)")
     n_prompts: int = help_field(64, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     seed: int = help_field(0, help="sampling seed (the same for both versions)")
