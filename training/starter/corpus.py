@@ -22,7 +22,8 @@ eval counts a reply as correct when it is one of them, so exact-match means "the
 a well-formed answer of one of the styles".
 
 Held out from training: the last ``HELDOUT_PHRASINGS`` phrasings of every question, operand
-pairs of sums with ``(a + 2*b) % 13 == 0`` and memory numbers divisible by 7.
+pairs of sums with ``(a + 2*b) % 13 == 0`` and memory numbers divisible by 7 (held out from the
+conversations; pre-training documents practise copying any number).
 :func:`heldout_prompts` draws from those only.
 
 Usage::
@@ -38,8 +39,8 @@ import random
 
 STYLES = ("terse", "explain", "friendly", "followup")
 SKILLS = ("arithmetic", "facts", "word_games", "memory", "small_talk", "unknown")
-SKILL_WEIGHTS = {"arithmetic": 0.3, "facts": 0.14, "word_games": 0.18, "memory": 0.2,
-                 "small_talk": 0.07, "unknown": 0.11}  # sums need the most practice
+SKILL_WEIGHTS = {"arithmetic": 0.25, "facts": 0.12, "word_games": 0.16, "memory": 0.28,
+                 "small_talk": 0.09, "unknown": 0.10}  # sums and recall need the most practice
 HELDOUT_PHRASINGS = 2  # the last two phrasings of every question are never trained on
 
 CAPITALS = {
@@ -368,19 +369,40 @@ def _drill(rng: random.Random) -> str:
     return " ".join(lines)
 
 
-def generate_documents(seed: int, n: int, drill_frac: float = 0.5) -> list[str]:
+def _recall(rng: random.Random) -> str:
+    """A recall drill: three people state a number or colour, then each is repeated back.
+
+    Copying a value stated earlier in the context is what the memory skill needs.
+    """
+    people = rng.sample(NAMES, 3)
+    facts = []
+    for name in people:
+        if rng.random() < 0.6:
+            facts.append((f"{name}'s lucky number is", str(rng.randint(10, 999))))
+        else:
+            facts.append((f"{name}'s favourite colour is", rng.choice(COLOURS)))
+    stated = " ".join(f"{k} {v}." for k, v in facts)
+    rng.shuffle(facts)
+    return f"{stated} Later I asked again. " + " ".join(f"{k} {v}." for k, v in facts)
+
+
+def generate_documents(seed: int, n: int, drill_frac: float = 0.4, recall_frac: float = 0.2) -> list[str]:
     """``n`` short plain-text documents over the same facts, for pre-training.
 
-    A ``drill_frac`` share are arithmetic drills (6–12 worked sums); the rest are 3–6 mixed
-    sentences about capitals, units, words, sums, people and polite replies.
+    A ``drill_frac`` share are arithmetic drills (4–8 worked sums), a ``recall_frac`` share
+    recall drills (values stated, then repeated back); the rest are 3–6 mixed sentences about
+    capitals, units, words, sums, people and polite replies.
     """
     rng = random.Random(f"documents-{seed}")
     docs = []
     for _ in range(n):
-        if rng.random() < drill_frac:
+        r = rng.random()
+        if r < drill_frac:
             docs.append(_drill(rng))
-            continue
-        sentences = [s for _ in range(2) for s in _fact_sentences(rng)]
-        rng.shuffle(sentences)
-        docs.append(" ".join(sentences[: rng.randint(3, 6)]))
+        elif r < drill_frac + recall_frac:
+            docs.append(_recall(rng))
+        else:
+            sentences = [s for _ in range(2) for s in _fact_sentences(rng)]
+            rng.shuffle(sentences)
+            docs.append(" ".join(sentences[: rng.randint(3, 6)]))
     return docs
