@@ -17,7 +17,8 @@ exactly ``--new-tokens`` tokens: end of turn suppressed on both sides), measured
   thread each, different prompts) ÷ tokens/s of one reply; median of back-to-back pairs. Target ≥ 3.
 * ``ttft_p95_training_over_idle``: p95 TTFT over ``--ttft-samples`` requests while a PPO loop
   runs in a child process on ``--train-threads`` threads (``training.ppo.ppo_train`` on a LoRA
-  adapter, toy reward) ÷ p95 TTFT of as many requests idle. Idle and busy alternate in 4 blocks
+  adapter, toy reward; at ``--train-priority``, as the app should start its round child) ÷ p95
+  TTFT of as many requests idle. ``training_ppo_steps_per_s`` says how fast training still went. Idle and busy alternate in 8 blocks
   (the child paused with SIGSTOP, then resumed), so outside load hits both alike. Target ≤ 1.5.
 * ``stop_latency_s``: worst time from setting a reply's stop event to its stream ending.
 * ``peak_rss_mb``: the mode's peak resident memory (``ru_maxrss``).
@@ -70,6 +71,7 @@ class ServingBenchConfig:
     ttft_samples: int = help_field(40, help="requests per TTFT distribution (idle, and during training)")
     chat_threads: int = help_field(1, help="torch threads of the chat process")
     train_threads: int = help_field(1, help="torch threads of the training child")
+    train_priority: str = help_field("nice", help="training child CPU priority: same, nice (os.nice 10) or idle (SCHED_IDLE)", choices=["same", "nice", "idle"])
     train: bool = help_field(True, help="measure TTFT while a PPO loop runs in a child process")
 
     def __post_init__(self):
@@ -105,10 +107,23 @@ def resolve_model(model: str) -> tuple[str, str]:
 
 
 # ---- the training child -----------------------------------------------------------------------
-def train_child(model: str, threads: int) -> None:
-    """A PPO loop on a LoRA adapter until killed (the CPU load of a training round)."""
+def lower_priority(priority: str) -> None:
+    """Lower this process's CPU priority: ``same`` (no change), ``nice`` (nice +10: a tenth of
+    the CPU weight of a chat thread) or ``idle`` (Linux SCHED_IDLE: runs only on CPU time nothing
+    else wants). What the app's training child should do at its start."""
+    if priority == "nice":
+        os.nice(10)
+    elif priority == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def train_child(model: str, threads: int, priority: str = "same") -> None:
+    """A PPO loop on a LoRA adapter until killed (the CPU load of a training round), on
+    ``threads`` torch threads at ``priority`` (see :func:`lower_priority`); prints ``step``
+    after every PPO iteration."""
     import torch
 
+    lower_priority(priority)
     from training.models import add_lora, load_model_and_tokenizer
     from training.ppo import PPOConfig, ppo_train
 
@@ -124,14 +139,20 @@ def train_child(model: str, threads: int) -> None:
     print("ready", flush=True)
     while True:
         ppo_train(policy, tok, reward, prompts, config)
+        print("step", flush=True)
 
 
 class TrainingLoad:
     """Context manager: a training child runs (and has started training) inside the block."""
 
-    def __init__(self, model: str, threads: int):
-        self.cmd = [sys.executable, "-m", "bench.serving", "--_train-child", model, "--train-threads", str(threads)]
+    def __init__(self, model: str, threads: int, priority: str = "same"):
+        self.cmd = [sys.executable, "-m", "bench.serving", "--_train-child", model,
+                    "--train-threads", str(threads), "--train-priority", priority]  # fmt: skip
         self.proc: subprocess.Popen | None = None
+        self.steps = 0  # PPO iterations finished while running (not paused)
+        self.running_s = 0.0  # seconds spent running
+        self._since: float | None = None
+        self._running = False
 
     def __enter__(self):
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -140,14 +161,29 @@ class TrainingLoad:
         if line.strip() != "ready":
             self.__exit__()
             raise RuntimeError(f"training child did not start (got {line!r})")
+        threading.Thread(target=self._count, daemon=True).start()
         time.sleep(2.0)  # past its first rollout: it is training now
         return self
 
-    def run(self, running: bool) -> None:
-        """Resume (SIGCONT) or pause (SIGSTOP) the training child."""
+    def _count(self) -> None:
+        for line in self.proc.stdout:
+            if line.strip() == "step" and self._running:
+                self.steps += 1
+
+    def run(self, running: bool, settle: bool = True) -> None:
+        """Resume (SIGCONT) or pause (SIGSTOP) the training child (``settle``: wait 0.5 s
+        after resuming, so that it is back in its loop)."""
+        now = time.perf_counter()
+        if self._running and self._since is not None:
+            self.running_s += now - self._since
         self.proc.send_signal(signal.SIGCONT if running else signal.SIGSTOP)
-        if running:
-            time.sleep(0.5)  # back in its loop before the first measured request
+        self._running, self._since = running, now
+        if running and settle:
+            time.sleep(0.5)
+
+    def yield_to_chat(self, chat_busy: bool) -> None:
+        """``Batcher.on_busy`` hook: the child is paused while chat decodes, resumed when idle."""
+        self.run(not chat_busy, settle=False)
 
     def __exit__(self, *exc):
         if self.proc is not None and self.proc.poll() is None:
@@ -267,14 +303,30 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     # 3. TTFT idle vs during a training round: the child is paused (SIGSTOP) for idle blocks and
     #    running for busy blocks, alternating, so other load on the machine hits both sides alike
     short = Sampling(temperature=0.0, max_new_tokens=8, min_new_tokens=8)
-    idle, busy = [], []
-    blocks, per_block = 4, max(1, config.ttft_samples // 4)
+    idle, busy, yielding, train_rate, yield_rate = [], [], [], None, None
+    blocks = 8 if config.ttft_samples >= 16 else 1
+    per_block = max(1, config.ttft_samples // blocks)
     if config.train:
-        with TrainingLoad(model, config.train_threads) as load:
+        with TrainingLoad(model, config.train_threads, config.train_priority) as load:
             for b in range(blocks):
                 for running, sink in ((False, idle), (True, busy)):
                     load.run(running)
                     sink += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
+            load.run(False)
+            train_rate = load.steps / max(load.running_s, 1e-9)
+            # the same, with the child paused whenever chat decodes (Batcher.on_busy)
+            yield_s, steps0 = 0.0, load.steps
+            for b in range(blocks):
+                load.run(False)
+                idle += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
+                load.run(True)
+                t0 = time.perf_counter()
+                engine.batcher.on_busy = load.yield_to_chat
+                yielding += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
+                engine.batcher.on_busy = None
+                yield_s += time.perf_counter() - t0
+            load.run(False)
+            yield_rate = (load.steps - steps0) / max(yield_s, 1e-9)
     else:
         idle = [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(config.ttft_samples)]
     print(f"[{mode}] TTFT p95 idle {_p95(idle) * 1000:.1f} ms"
@@ -297,7 +349,11 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
         "ttft_p95_idle_s": round(_p95(idle), 4),
         "ttft_p95_training_s": round(_p95(busy), 4) if busy else None,
         "ttft_p95_training_over_idle": round(_p95(busy) / _p95(idle), 3) if busy else None,
+        "ttft_median_training_over_idle": round(statistics.median(busy) / statistics.median(idle), 3) if busy else None,
         "ttft_samples": [len(idle), len(busy)],
+        "training_ppo_steps_per_s": None if train_rate is None else round(train_rate, 3),
+        "ttft_p95_training_yielding_over_idle": round(_p95(yielding) / _p95(idle), 3) if yielding else None,
+        "training_ppo_steps_per_s_yielding": None if yield_rate is None else round(yield_rate, 3),
         "stop_latency_max_s": round(max(stops), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
@@ -323,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args._train_child:
-        train_child(args._train_child, config.train_threads)
+        train_child(args._train_child, config.train_threads, config.train_priority)
         return 0
     if args._mode:
         print(json.dumps(measure_mode(config, args._resolved_model, args._mode)), flush=True)
@@ -331,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     model, described = resolve_model(config.model)
     result = {"model": described, "settings": asdict(config), "cpu_count": os.cpu_count(), "modes": {}}
     flags = []
-    for key in ("new_tokens", "repeats", "concurrency", "ttft_samples", "chat_threads", "train_threads", "train"):
+    keys = ("new_tokens", "repeats", "concurrency", "ttft_samples", "chat_threads", "train_threads", "train_priority", "train")
+    for key in keys:
         flags += ["--" + key.replace("_", "-"), str(getattr(config, key)).lower()]
     for mode in config.modes:
         cmd = [sys.executable, "-m", "bench.serving", *flags, "--_mode", mode, "--_resolved-model", model]

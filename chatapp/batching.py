@@ -115,6 +115,9 @@ class Batcher:
             admitted (load its adapter; ``in_use`` = adapter names of the current rows, which
             must stay loaded). An exception fails that request only.
         set_adapter: ``set_adapter(name)`` makes one adapter active (single-adapter batches).
+        on_busy: ``on_busy(True)`` when decoding starts after an idle spell and ``on_busy(False)``
+            when nothing is left to decode, called in that order under the loop's lock (keep it
+            quick: e.g. pause/resume a training child so that chat has the CPU; errors are logged).
     """
 
     def __init__(
@@ -124,6 +127,7 @@ class Batcher:
         max_batch: int = 8,
         prepare: Callable[[Request, set], None] | None = None,
         set_adapter: Callable[[str], None] | None = None,
+        on_busy: Callable[[bool], None] | None = None,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -132,6 +136,7 @@ class Batcher:
         self.max_batch = max_batch
         self.prepare = prepare
         self.set_adapter = set_adapter
+        self.on_busy = on_busy
         self.mergeable = True  # becomes False at the first cache that cannot be merged
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         params = inspect.signature(base.forward).parameters
@@ -152,6 +157,7 @@ class Batcher:
         with self._cond:
             self._pending.append(req)
             if self._thread is None:
+                self._notify_busy(True)
                 self._thread = threading.Thread(target=self._run, name="decode-loop", daemon=True)
                 self._thread.start()
             self._cond.notify_all()
@@ -175,12 +181,20 @@ class Batcher:
             return {"rows": len(self._rows), "pending": len(self._pending)}
 
     # ---- the loop -------------------------------------------------------------------------
+    def _notify_busy(self, busy: bool) -> None:
+        if self.on_busy is not None:
+            try:
+                self.on_busy(busy)
+            except Exception:  # noqa: BLE001 - a failing hook must not stop serving
+                log.exception("on_busy(%s) hook failed", busy)
+
     def _run(self) -> None:
         while True:
             with self._step_lock:
                 with self._cond:
                     if not self._rows and not self._pending:
                         self._thread = None
+                        self._notify_busy(False)
                         return
                     room = self.max_batch if self.mergeable else (0 if self._rows else 1)
                     room = max(0, room - len(self._rows))

@@ -216,3 +216,29 @@ def test_adapter_eviction_keeps_running_versions(tiny_model_dir, tmp_path):
     assert [r.version for r in replies] == [0, 1, 2, 0]
     assert replies[0].tokens == replies[3].tokens  # reloading version 0 gives the same policy
     assert len(eng.model.peft_config) <= 2  # keep_loaded=1 plus the live version
+
+
+def test_a_failing_request_fails_alone(engine):
+    """A request for a version with no adapter raises in its own stream; serving goes on."""
+    expected = engine.reply(msgs(PROMPTS[1]), greedy(20)).tokens
+    with engine.batcher.paused():
+        threads, results, errors = run_threads(
+            [lambda: engine.reply(msgs(PROMPTS[1]), greedy(20)), lambda: engine.reply(msgs(PROMPTS[0]), greedy(5), version=99)]
+        )
+        wait_for(lambda: engine.batcher.counts()["pending"] == 2, "2 queued requests")
+    for t in threads:
+        t.join(120)
+    assert len(errors) == 1 and isinstance(errors[0], (FileNotFoundError, KeyError, ValueError))
+    assert results[0].tokens == expected
+    assert engine.reply(msgs(PROMPTS[1]), greedy(20)).tokens == expected
+
+
+def test_on_busy_hook_brackets_decoding(engine):
+    """The hook the app can use to pause training while chat decodes: True before the first
+    forward of a busy spell, False after the last, once each."""
+    calls = []
+    engine.batcher.on_busy = lambda busy: calls.append((busy, engine.batcher.stats["steps"]))
+    engine.reply(msgs(PROMPTS[1]), greedy(10))
+    wait_for(lambda: not engine.batcher.alive(), "the decode loop to go idle")
+    assert [c[0] for c in calls] == [True, False]
+    assert calls[1][1] - calls[0][1] == 9  # all 9 decoding steps happened in between
