@@ -38,7 +38,8 @@ class AppConfig:
     min_votes: int = help_field(10, help="A/B votes (ties excluded) a round needs to train at all")
     gate: bool = help_field(True, help="promote a trained adapter only if it passes the gate (win rate, KL, collapse, length)")
     no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
-    temperature: float = help_field(0.8, help="sampling temperature of chat replies (0: greedy)")
+    temperature: float = help_field(0.8, help="sampling temperature of plain chat replies (0: greedy)")
+    compare_temperature: float = help_field(1.0, help="sampling temperature of the two answers of a comparison (1: the distribution PPO trains on)")
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
     seed: int = help_field(0, help="seed of the starter build and of training rounds")
@@ -107,7 +108,8 @@ def build_app(config: AppConfig):
     model, tokenizer = load_model_and_tokenizer(model_ref, config.quantize)
     engine = ChatEngine(model, tokenizer, registry)
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
-    service = ChatService(engine, store, sampling)
+    compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
+    service = ChatService(engine, store, sampling, compare_sampling=compare_sampling)
     scheduler = None
     if not config.no_train:
         round_args = ["--data-dir", str(data_dir), "--model", model_ref,

@@ -53,14 +53,26 @@ class ChatService:
     Args:
         engine: the serving engine.
         store: the SQLite store.
-        sampling: default sampling settings for replies.
+        sampling: sampling settings of plain chat replies.
+        compare_sampling: sampling settings of the two answers of a comparison (default: pure
+            sampling, temperature 1 and no nucleus cut, the distribution PPO trains on).
         seed: seeds the A/B order shuffle (None: nondeterministic).
     """
 
-    def __init__(self, engine: ChatEngine, store: Store, sampling: Sampling | None = None, seed=None):
+    def __init__(
+        self,
+        engine: ChatEngine,
+        store: Store,
+        sampling: Sampling | None = None,
+        seed=None,
+        compare_sampling: Sampling | None = None,
+    ):
         self.engine = engine
         self.store = store
         self.sampling = sampling or Sampling()
+        self.compare_sampling = compare_sampling or Sampling(
+            temperature=1.0, top_p=1.0, max_new_tokens=self.sampling.max_new_tokens
+        )
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
 
@@ -147,7 +159,9 @@ class ChatService:
         replies: list[Reply] = []
         shown = ["", ""]
         for i, version in enumerate(versions):
-            gen = self.engine.stream(context, sampling=self.sampling, version=version, stop_event=stop_event)
+            gen = self.engine.stream(
+                context, sampling=self.compare_sampling, version=version, stop_event=stop_event
+            )
             while True:
                 try:
                     shown[i] = next(gen)

@@ -105,6 +105,8 @@ def test_compare_vote_continues_with_chosen_answer(service):
     row = service.store.comparison(pending.comparison_id)
     assert (row["answer_a"], row["answer_b"]) == (pending.replies[0].text, pending.replies[1].text)
     assert row["sampling_a"]["max_new_tokens"] == 8 and row["choice"] is None
+    # comparisons sample purely (temperature 1, no nucleus cut): the distribution PPO trains on
+    assert row["sampling_a"]["temperature"] == 1.0 and row["sampling_b"]["top_p"] == 1.0
     assert row["context"][-1] == {"role": "user", "content": "spell cat backwards"}
     service.vote(session, "b")
     assert session.messages[-1]["content"] == pending.replies[1].text

@@ -54,14 +54,16 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "") -
         help_text = field.metadata.get("help", "")
         help_text = f"{help_text} (default: {default})" if help_text else f"default: {default}"
         choices = field.metadata.get("choices")
+        extra = {"nargs": "?", "const": True} if kind is bool else {}  # `--flag` alone means true
         parser.add_argument(
             "--" + name,
+            **extra,
             dest=(prefix + field.name).replace("-", "_"),
             type=_parse_bool if kind is bool else kind,
             default=default,
             choices=choices,
             help=help_text,
-            metavar=None if choices else name.split(".")[-1].upper().replace("-", "_"),
+            metavar=None if choices else ("BOOL" if kind is bool else name.split(".")[-1].upper().replace("-", "_")),
         )
 
 

@@ -1,0 +1,53 @@
+"""CLI flags generated from config dataclasses (training.cli)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import pytest
+
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
+
+
+@dataclass
+class Inner:
+    lr: float = help_field(0.1, help="learning rate")
+    adaptive: bool = help_field(True, help="adapt")
+
+
+@dataclass
+class Outer:
+    name: str = help_field("x", help="a name")
+    steps: int = help_field(3, help="how many")
+    off: bool = help_field(False, help="switch")
+    inner: Inner = field(default_factory=Inner)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Outer)
+    return dataclass_from_args(Outer, parser.parse_args(argv))
+
+
+def test_defaults_round_trip():
+    assert _parse([]) == Outer()
+
+
+def test_flags_types_nested_and_bools():
+    cfg = _parse(["--name", "y", "--steps", "7", "--off", "--inner.lr", "0.5", "--inner.adaptive", "false"])
+    assert cfg == Outer(name="y", steps=7, off=True, inner=Inner(lr=0.5, adaptive=False))
+    assert _parse(["--off", "no"]).off is False
+
+
+def test_validation_and_bad_values():
+    with pytest.raises(ValueError, match="steps"):
+        _parse(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        _parse(["--inner.adaptive", "maybe"])
+    with pytest.raises(SystemExit):
+        _parse(["--steps", "three"])
