@@ -319,8 +319,8 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
             for b in range(blocks):
                 load.run(False)
                 idle += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
-                load.run(True)
                 t0 = time.perf_counter()
+                load.run(True)
                 engine.batcher.on_busy = load.yield_to_chat
                 yielding += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
                 engine.batcher.on_busy = None
