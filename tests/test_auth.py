@@ -152,11 +152,6 @@ def test_a_model_with_only_pickle_weights_is_refused(tiny_model_dir, tmp_path, m
     assert loads == [], "a pickle file was unpickled"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="training.models.load_lora lets peft torch.load an adapter_model.bin; it should "
-    "refuse adapters without *.safetensors (owner of training/models.py; reported)",
-)
 def test_an_adapter_with_only_pickle_weights_is_refused(tiny_model_dir, tmp_path):
     from safetensors.torch import load_file
 

@@ -111,11 +111,12 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
     adapter_config = json.loads((data_dir / "adapters" / "v1" / "adapter_config.json").read_text())
     assert Path(adapter_config["base_model_name_or_path"]).resolve() == Path(tiny_model_dir).resolve()
 
-    # the Training tab reports the round; the export holds the 20 A/B votes
+    # the Training tab reports the round; the export holds the A/B votes
     status, rounds, _ = client.predict(api_name="/training_status")
     assert "Live policy version:** 1" in status
     assert any(row[2] == "succeeded" for row in rounds["data"])
     exported = client.predict(api_name="/export_votes")
     lines = Path(exported).read_text().splitlines()
-    assert len(lines) == 20
+    distinct = [c for c in store.voted_comparisons() if c["answer_a"] != c["answer_b"]]
+    assert len(lines) == len(distinct) >= 15  # a pair of identical answers says nothing: left out
     assert set(json.loads(lines[0])) == {"prompt", "chosen", "rejected"}

@@ -31,7 +31,7 @@ from storage.db import Store, open_store
 from storage.registry import AdapterRegistry
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.gate import GateConfig, run_gate
-from training.models import load_lora, load_model_and_tokenizer
+from training.models import context_window, fit_prompts, load_lora, load_model_and_tokenizer
 from training.ppo import PPOConfig, ppo_train
 from training.reward import (
     NotEnoughVotesError,
@@ -162,6 +162,14 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         # 2. reward model from the base weights, warm-started from the last one; it replaces
         #    the last one only if at least as accurate on the same held-out split
         model, tokenizer = load_model_and_tokenizer(config.model)
+        # the serving rule for long conversations: oldest whole turns dropped until it fits
+        window = context_window(model)
+        ppo_prompts = fit_prompts(tokenizer, ppo_prompts, window, config.ppo.max_new_tokens)
+        gate_prompts = fit_prompts(tokenizer, gate_prompts, window, config.gate.max_new_tokens)
+        if not ppo_prompts or not gate_prompts:
+            reason = "no stored prompt fits the context window"
+            store.finish_round(round_id, "skipped", reason=reason, votes_used=len(pairs))
+            return store.round(round_id)
         rm_root = Path(config.data_dir) / REWARD_DIRNAME
         latest = rm_root / "latest"
         init_dir = latest if (latest / "reward_model.json").is_file() else None

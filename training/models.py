@@ -296,14 +296,23 @@ def load_lora(model, adapter_dir: str | Path, adapter_name: str = "default", tra
     If ``model`` is already a ``PeftModel`` the adapter is added under ``adapter_name``
     (existing adapters stay); otherwise ``model`` is wrapped.
 
+    Only safetensors weights are loaded: an adapter saved as a pickle (``adapter_model.bin``)
+    is refused, never unpickled.
+
     Raises:
-        FileNotFoundError: ``adapter_dir`` holds no ``adapter_config.json``.
+        FileNotFoundError: ``adapter_dir`` holds no ``adapter_config.json`` or no
+            ``adapter_model.safetensors``.
     """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"no adapter_config.json in {adapter_dir}")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"no adapter_model.safetensors in {adapter_dir}; only safetensors adapters are "
+            "loaded (re-save it with save_pretrained(..., safe_serialization=True))"
+        )
     if isinstance(model, PeftModel):
         model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
         return model
