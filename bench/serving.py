@@ -285,7 +285,7 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
         single_s.append(_timed_stream(engine, _msgs(0), sampling)["total"])
         results = [None] * k
         threads = [
-            threading.Thread(target=lambda i=i: results.__setitem__(i, _timed_stream(engine, _msgs(i), sampling)))
+            threading.Thread(target=lambda i=i, results=results: results.__setitem__(i, _timed_stream(engine, _msgs(i), sampling)))
             for i in range(k)
         ]
         t0 = time.perf_counter()
@@ -308,7 +308,7 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     per_block = max(1, config.ttft_samples // blocks)
     if config.train:
         with TrainingLoad(model, config.train_threads, config.train_priority) as load:
-            for b in range(blocks):
+            for _ in range(blocks):
                 for running, sink in ((False, idle), (True, busy)):
                     load.run(running)
                     sink += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
@@ -316,7 +316,7 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
             train_rate = load.steps / max(load.running_s, 1e-9)
             # the same, with the child paused whenever chat decodes (Batcher.on_busy)
             yield_s, steps0 = 0.0, load.steps
-            for b in range(blocks):
+            for _ in range(blocks):
                 load.run(False)
                 idle += [_timed_stream(engine, _msgs(i), short)["ttft"] for i in range(per_block)]
                 t0 = time.perf_counter()

@@ -225,7 +225,7 @@ class Batcher:
 
     def _emit(self, rows: list[Request], tokens: list[int]) -> None:
         """Apply each row's stopping rule to its new token and send it to its consumer."""
-        for req, tok in zip(rows, tokens):
+        for req, tok in zip(rows, tokens, strict=True):
             if req.stop_event.is_set():
                 self._finish(req, "stopped")
             elif tok in req.stop_ids:
@@ -294,7 +294,7 @@ class Batcher:
     def _merge(self, cache, mask: torch.Tensor) -> None:
         """Append the newcomers' cache/mask (n rows) below the batch's, left-padding the shorter."""
         length = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers):
+        for old, new in zip(self._cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([_lpad_time(old.keys, length), _lpad_time(new.keys, length)])
             old.values = torch.cat([_lpad_time(old.values, length), _lpad_time(new.values, length)])
         self._mask = torch.cat([_lpad_mask(self._mask, length), _lpad_mask(mask, length)])

@@ -117,7 +117,7 @@ def test_concurrent_replies_are_batched_and_match_solo_runs(engine):
         t.join(120)
     assert not errors, errors
     assert engine.batcher.stats["max_rows"] >= 4
-    for (_, v, n), reply, expected in zip(jobs, results, solo):
+    for (_, v, n), reply, expected in zip(jobs, results, solo, strict=True):
         assert reply.version == v and len(reply.tokens) == n and reply.finish == "length"
         assert reply.tokens == expected
 

@@ -87,11 +87,10 @@ def test_pad_and_other_special_tokens_are_dropped_not_stopped(engine):
 
 def test_every_generation_config_end_of_turn_id_stops(tiny_model_dir, tmp_path):
     """A model whose generation config names two end-of-turn ids stops on the second as well."""
+    from chatapp.engine import ChatEngine
     from storage.db import open_store
     from storage.registry import AdapterRegistry
     from training.models import load_model_and_tokenizer
-
-    from chatapp.engine import ChatEngine
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     dot = ids_of(tok, ".")[0]
