@@ -27,7 +27,6 @@ on pairs exported with ``python -m storage export`` (TRL's conversational prefer
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -42,6 +41,12 @@ import torch
 
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer
+from training.preferences import (  # noqa: F401 - re-exported: part of this module's API
+    answer_ids,
+    encode_pairs,
+    load_pairs_jsonl,
+    split_by_conversation,
+)
 
 log = logging.getLogger(__name__)
 
@@ -190,80 +195,6 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.T
     if tie is not None:
         target = torch.where(tie.to(torch.bool), torch.full_like(d, 0.5), target)
     return torch.nn.functional.binary_cross_entropy_with_logits(d, target)
-
-
-def answer_ids(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
-    """Token ids of ``prompt`` with ``answer`` as an assistant turn, through the chat template,
-    ending with the end-of-turn token (anything the template puts after it is cut; the token is
-    appended if the template leaves it out). Longer than ``max_length``: the front is cut."""
-    out = tokenizer.apply_chat_template(
-        list(prompt) + [{"role": "assistant", "content": answer}], tokenize=True,
-        add_generation_prompt=False)
-    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-    eot = tokenizer.eos_token_id
-    if eot is not None:
-        if eot in ids:
-            ids = ids[: len(ids) - ids[::-1].index(eot)]
-        if not ids or ids[-1] != eot:
-            ids.append(eot)
-    if max_length is not None and len(ids) > max_length:
-        ids = ids[-max_length:]
-    return ids
-
-
-def _usable(pair: dict) -> bool:
-    return not pair.get("both_bad", False) and pair["chosen"].strip() != pair["rejected"].strip()
-
-
-def encode_pairs(tokenizer, pairs: list[dict], max_length: int = 512) -> list[dict]:
-    """Tokenise preference pairs; pairs with identical texts (or marked ``both_bad``) are dropped.
-
-    Args:
-        pairs: ``{"conversation_id", "prompt": [messages], "chosen": str, "rejected": str,
-            "tie": bool}`` dicts.
-
-    Returns:
-        ``{"conversation_id", "chosen_ids", "rejected_ids", "tie"}`` dicts, in input order.
-
-    Raises:
-        KeyError: a pair lacks one of the keys above (``tie`` defaults to False).
-    """
-    out = []
-    for pair in pairs:
-        if not _usable(pair):
-            continue
-        out.append({
-            "conversation_id": str(pair["conversation_id"]),
-            "chosen_ids": answer_ids(tokenizer, pair["prompt"], pair["chosen"], max_length),
-            "rejected_ids": answer_ids(tokenizer, pair["prompt"], pair["rejected"], max_length),
-            "tie": bool(pair.get("tie", False)),
-        })
-    return out
-
-
-def _in_heldout(conversation_id: str, seed: int) -> float:
-    digest = hashlib.sha256(f"{seed}:{conversation_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def split_by_conversation(pairs: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split pairs into ``(train, heldout)`` by ``conversation_id``, never by row.
-
-    A conversation is held out when a hash of (seed, id) falls below ``heldout_fraction``, so
-    the split is deterministic and a conversation keeps its side as data grows. With at least
-    two conversations and a fraction > 0, at least one is held out and one kept for training."""
-    if heldout_fraction <= 0:
-        return list(pairs), []
-    ids = sorted({str(p["conversation_id"]) for p in pairs})
-    u = {c: _in_heldout(c, seed) for c in ids}
-    held = {c for c in ids if u[c] < heldout_fraction}
-    if len(ids) >= 2 and not held:
-        held = {min(ids, key=u.get)}
-    if len(ids) >= 2 and held == set(ids):
-        held.discard(max(ids, key=u.get))
-    train = [p for p in pairs if str(p["conversation_id"]) not in held]
-    heldout = [p for p in pairs if str(p["conversation_id"]) in held]
-    return train, heldout
 
 
 def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,44 +362,6 @@ class RewardNormalizer:
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         out = (torch.as_tensor(scores, dtype=torch.float32) - self.mean) / self.std
         return out.clamp(-self.clip, self.clip) if self.clip > 0 else out
-
-
-def _text(value) -> str:
-    """An answer given as a string or as TRL's list of messages (the last message's content)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and value and isinstance(value[-1], dict):
-        return str(value[-1].get("content", ""))
-    raise ValueError(f"an answer must be a string or a list of messages, got {type(value).__name__}")
-
-
-def load_pairs_jsonl(path) -> list[dict]:
-    """Read preference pairs, one JSON object a line: ``prompt`` (messages), ``chosen`` and
-    ``rejected`` (strings or TRL's lists of messages), optional ``tie`` and
-    ``conversation_id`` (default: a hash of the prompt's first message, so one conversation
-    stays on one side of the held-out split).
-
-    Raises:
-        ValueError: a line is not valid JSON or lacks ``prompt``/``chosen``/``rejected``.
-    """
-    pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt = row["prompt"]
-                first = json.dumps(prompt[:1], sort_keys=True)
-                pairs.append({
-                    "conversation_id": str(row.get("conversation_id") or hashlib.sha1(first.encode()).hexdigest()),
-                    "prompt": prompt, "chosen": _text(row["chosen"]), "rejected": _text(row["rejected"]),
-                    "tie": bool(row.get("tie", False)),
-                })
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise ValueError(f"{path}:{n}: not a preference pair ({exc.__class__.__name__}: {exc}); "
-                                 "expected {\"prompt\": [...], \"chosen\": ..., \"rejected\": ...}") from exc
-    return pairs
 
 
 def main(argv: list[str] | None = None) -> int:
