@@ -130,6 +130,8 @@ def test_tie_and_both_bad_continue_with_a(service, choice):
 
 
 def test_stopped_reply_is_marked_and_never_offered_for_voting(service):
+    # a long reply (end-of-turn suppressed) so it cannot end on its own before the stop press
+    service.compare_sampling = Sampling(temperature=1.0, top_p=1.0, max_new_tokens=240, min_new_tokens=240)
     session = ChatSession()
     stop = threading.Event()
     gen = service.compare(session, "hello", stop_event=stop)
