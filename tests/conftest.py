@@ -61,3 +61,17 @@ def build_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, hidden: int 
 def tiny_model_dir(tmp_path_factory):
     """Path to a saved tiny Llama + tokenizer with chat template (session-scoped, read-only)."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+def add_votes(store, n: int, choices=("a", "b")) -> None:
+    """Store ``n`` voted comparisons, three per conversation; answer A is always the short one and
+    the votes cycle through ``choices``. The assistant turn "ok i" follows each user turn."""
+    for i in range(n):
+        if i % 3 == 0:
+            conv = store.new_conversation(f"s{i}")
+        question = f"question number {i}"
+        store.add_message(conv, "user", question)
+        context = [{"role": "user", "content": question}]
+        cid = store.add_comparison(conv, f"s{i}", context, f"ok {i}", f"a much longer answer {i} " * 3, 0, 0, {}, {})
+        store.vote(cid, choices[i % len(choices)])
+        store.add_message(conv, "assistant", f"ok {i}", policy_version=0)

@@ -18,6 +18,7 @@ import pytest
 from app import AppConfig, build_app, launch
 from storage.db import open_store
 from storage.registry import AdapterRegistry
+from tests.conftest import add_votes
 
 pytestmark = pytest.mark.slow
 WAIT_S = 300  # a deadline against hangs only
@@ -48,18 +49,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _add_votes(store, n: int) -> None:
-    for i in range(n):
-        if i % 3 == 0:
-            conv = store.new_conversation(f"s{i}")
-        question = f"question number {i}"
-        store.add_message(conv, "user", question)
-        context = [{"role": "user", "content": question}]
-        cid = store.add_comparison(conv, f"s{i}", context, f"ok {i}", f"a longer answer {i} " * 3, 0, 0, {}, {})
-        store.vote(cid, "a" if i % 2 else "b")
-        store.add_message(conv, "assistant", f"ok {i}", policy_version=0)
-
-
 def _last_reply_version(store) -> int:
     return store.db.execute(
         "select policy_version from messages where role = 'assistant' order by id desc limit 1"
@@ -81,7 +70,7 @@ def test_kill_9_mid_publish_chat_lives_round_failed_nothing_half_written_served(
     demo, scheduler = build_app(app_config)
     launch(demo, app_config, block=False)
     store = open_store(data)
-    _add_votes(store, 12)
+    add_votes(store, 12, choices=("b", "a"))
     client = Client(f"http://127.0.0.1:{app_config.port}/", verbose=False)
     marker = tmp_path / "half-written"
     round_fn = scheduler.round_fn

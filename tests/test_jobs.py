@@ -10,6 +10,7 @@ import pytest
 from chatapp.engine import ChatEngine
 from storage.db import open_store
 from storage.registry import AdapterRegistry
+from tests.conftest import add_votes
 from training.gate import GateConfig
 from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
 from training.models import load_model_and_tokenizer
@@ -27,19 +28,6 @@ def world(tiny_model_dir, tmp_path):
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     ChatEngine(model, tok, registry)  # publishes v0
     return store, registry, data
-
-
-def _add_votes(store, n: int, choices=("a", "b")):
-    """``n`` voted comparisons over 4 conversations; answer A is always the short one."""
-    for i in range(n):
-        if i % 3 == 0:
-            conv = store.new_conversation(f"s{i}")
-        question = f"question number {i}"
-        store.add_message(conv, "user", question)
-        context = [{"role": "user", "content": question}]
-        cid = store.add_comparison(conv, f"s{i}", context, f"ok {i}", f"a much longer answer {i} " * 3, 0, 0, {}, {})
-        store.vote(cid, choices[i % len(choices)])
-        store.add_message(conv, "assistant", f"ok {i}", policy_version=0)
 
 
 def _config(data: Path, model_dir, **overrides) -> RoundConfig:
@@ -61,7 +49,7 @@ def _version_dirs(data: Path) -> list[str]:
 
 def test_preference_pairs_keep_ties_and_drop_both_bad(world):
     store, _, _ = world
-    _add_votes(store, 8, choices=("a", "b", "tie", "both_bad"))
+    add_votes(store, 8, choices=("a", "b", "tie", "both_bad"))
     pairs = preference_pairs(store)
     assert len(pairs) == 6
     assert sum(p["tie"] for p in pairs) == 2
@@ -74,7 +62,7 @@ def test_preference_pairs_keep_ties_and_drop_both_bad(world):
 
 def test_too_few_votes_skips_with_reason(world, tiny_model_dir):
     store, registry, data = world
-    _add_votes(store, 3)
+    add_votes(store, 3)
     result = run_round(_config(data, tiny_model_dir), store, registry)
     assert result["status"] == "skipped"
     assert "too few votes" in result["reason"] and "3" in result["reason"]
@@ -83,7 +71,7 @@ def test_too_few_votes_skips_with_reason(world, tiny_model_dir):
 
 def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir):
     store, registry, data = world
-    _add_votes(store, 12)
+    add_votes(store, 12)
     result = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
     assert result["status"] == "succeeded", result
     assert result["version"] == 1 and store.live_version() == 1
@@ -100,7 +88,7 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir):
 
 def test_gate_rejection_is_recorded_and_live_keeps_serving(world, tiny_model_dir):
     store, registry, data = world
-    _add_votes(store, 12)
+    add_votes(store, 12)
     strict = GateConfig(n_prompts=4, max_new_tokens=6, min_win_rate=1.0)  # unreachable bar
     result = run_round(_config(data, tiny_model_dir, gate=strict), store, registry)
     assert result["status"] == "rejected", result
@@ -113,7 +101,7 @@ def test_gate_rejection_is_recorded_and_live_keeps_serving(world, tiny_model_dir
 
 def test_failed_round_is_recorded_and_publishes_nothing(world, tmp_path):
     store, registry, data = world
-    _add_votes(store, 12)
+    add_votes(store, 12)
     broken = tmp_path / "not-a-model"
     broken.mkdir()
     result = run_round(_config(data, broken), store, registry)
@@ -152,9 +140,9 @@ def test_scheduled_tick_waits_for_enough_new_votes(world):
     store, _, _ = world
     calls = []
     scheduler = TrainingScheduler(lambda t: calls.append(t) or {"status": "succeeded"}, store, 60, min_new_votes=5)
-    _add_votes(store, 3)
+    add_votes(store, 3)
     assert scheduler.scheduled_tick() is None and calls == []
-    _add_votes(store, 3)
+    add_votes(store, 3)
     scheduler.scheduled_tick()
     assert calls == ["schedule"]
 
