@@ -58,19 +58,36 @@ class AppConfig:
             parse_credential(self.auth)  # fail early: USER:PASS
 
 
-def _check_data_dir_model(data_dir: Path, model: str) -> None:
-    """Adapters only fit the base they were trained on: refuse a data dir made for another."""
+def _model_identity(model: str) -> str:
+    """How a base model is recorded with its adapters: a hub id as given, a local directory as
+    its absolute path (so the working directory does not matter), the starter as "starter"."""
+    if not model:
+        return "starter"
+    return str(Path(model).resolve()) if Path(model).exists() else model
+
+
+def _check_data_dir_model(data_dir: Path, identity: str) -> None:
+    """Adapters only fit the base they were trained on: refuse a data dir made for another.
+
+    Raises:
+        SystemExit: ``data_dir`` records another base model.
+    """
     marker = data_dir / "model.json"
     if marker.is_file():
         recorded = json.loads(marker.read_text()).get("model")
-        if recorded != model:
+        if recorded != identity:
             raise SystemExit(
-                f"error: {data_dir} holds adapters for model {recorded!r}, not {model!r}; "
-                "pass another --data-dir for this model."
+                f"error: {data_dir} holds adapters for model {recorded!r}, not {identity!r}; "
+                "pass another --data-dir for this model (or the model it was made for)."
             )
-    else:
+
+
+def _record_data_dir_model(data_dir: Path, identity: str) -> None:
+    """Tie ``data_dir`` to the base model, once it has loaded."""
+    marker = data_dir / "model.json"
+    if not marker.is_file():
         data_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"model": model}))
+        marker.write_text(json.dumps({"model": identity}))
 
 
 def torch_threads(n: int) -> None:
@@ -97,7 +114,7 @@ def build_app(config: AppConfig):
     from storage.db import open_store
     from storage.registry import AdapterRegistry
     from training.jobs import ADAPTERS_DIRNAME
-    from training.models import load_model_and_tokenizer
+    from training.models import load_model_and_tokenizer, load_tokenizer
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
@@ -108,12 +125,15 @@ def build_app(config: AppConfig):
         from training.starter import ensure_starter
 
         model_ref = str(ensure_starter(data_dir, progress=True).resolve())
-    _check_data_dir_model(data_dir, config.model or "starter")
+    identity = _model_identity(config.model)
+    load_tokenizer(model_ref)  # a bad --model fails here, with its own message, before anything is written
+    _check_data_dir_model(data_dir, identity)
+    model, tokenizer = load_model_and_tokenizer(model_ref, config.quantize)
+    _record_data_dir_model(data_dir, identity)
     store = open_store(data_dir)
     store.fail_stale_rounds("the app stopped while this round was running")
     registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
     registry.clean_staging()
-    model, tokenizer = load_model_and_tokenizer(model_ref, config.quantize)
     engine = ChatEngine(model, tokenizer, registry)
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)

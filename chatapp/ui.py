@@ -3,8 +3,9 @@ votes) and a Training tab (live version, rounds, vote counts, train now, rollbac
 
 Handlers only parse input, call one method of :class:`chatapp.service.ChatService` (or the
 store / scheduler) and render the result; errors become ``gr.Error`` / ``gr.Warning`` here only.
-Message text is HTML-escaped for display, so markup in a message is shown, never run; the store
-keeps it byte for byte.
+Message text is HTML-escaped for display and Markdown is not rendered, so markup in a message
+(HTML, ``*stars*``, a line like ``206.``) is shown exactly as typed or generated, never run; the
+store keeps it byte for byte.
 """
 
 from __future__ import annotations
@@ -186,7 +187,7 @@ def build_ui(parts: UIParts) -> gr.Blocks:
     with gr.Blocks(title="RLHF chat") as demo:
         state = gr.State(None)
         with gr.Tab("Chat"):
-            chatbot = gr.Chatbot(label="Conversation", height=420, sanitize_html=True)
+            chatbot = gr.Chatbot(label="Conversation", height=420, sanitize_html=True, render_markdown=False)
             with gr.Row():
                 text = gr.Textbox(placeholder="Type a message…", show_label=False, scale=6, max_lines=8)
                 send_btn = gr.Button("Send", variant="primary", scale=1)
@@ -211,7 +212,7 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 admin_user = gr.Textbox(label="Admin user", scale=1)
                 admin_password = gr.Textbox(label="Admin password", type="password", scale=1)
             with gr.Row():
-                train_btn = gr.Button("Train now", variant="primary")
+                train_btn = gr.Button("Train now", variant="primary", visible=parts.scheduler is not None)
                 refresh_btn = gr.Button("Refresh")
                 export_btn = gr.Button("Export votes (JSONL)")
             export_file = gr.File(label="Preference pairs (TRL conversational format)", interactive=False)
@@ -229,7 +230,10 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         vote_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
         for button, choice in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "both_bad")):
             button.click(lambda s, c=choice: vote(c, s), [state], vote_outputs, api_name=f"vote_{choice}")
-        new_btn.click(new_conversation, [system_prompt, state], [chatbot, answer_a, answer_b, compare_box, vote_row, state], api_name="new_conversation")
+        new_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
+        new_btn.click(new_conversation, [system_prompt, state], new_outputs, api_name="new_conversation")
+        # the Chatbot's own trash icon starts over too (not just an empty display)
+        chatbot.clear(new_conversation, [system_prompt, state], new_outputs, api_visibility="private")
         training_outputs = [status, rounds, version_pick]
         refresh_btn.click(refresh_training, None, training_outputs, api_name="training_status")
         timer.tick(refresh_training, None, training_outputs, api_visibility="private")

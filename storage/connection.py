@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -135,9 +136,21 @@ def normalize_timestamp(value: str) -> str:
     return format_timestamp(t)
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and ±inf floats (not JSON) replaced by ``None``, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def dumps(value: Any) -> str | None:
-    """Encode a JSON column (``None`` stays SQL NULL; non-ASCII kept as is)."""
-    return None if value is None else json.dumps(value, ensure_ascii=False)
+    """Encode a JSON column (``None`` stays SQL NULL; non-ASCII kept as is; NaN and ±inf, which
+    JSON cannot hold, become null)."""
+    return None if value is None else json.dumps(_finite(value), ensure_ascii=False, allow_nan=False)
 
 
 def loads(value: str | None) -> Any:

@@ -177,6 +177,7 @@ def test_browser_chat_compare_vote_and_markup_shown_literally(app):
             expect(user_bubbles.last).to_contain_text(XSS)  # the literal text is visible
             expect(user_bubbles.last).to_contain_text("שלום עולם! مرحبا 👋🏽👨‍👩‍👧")
             expect(bot_bubbles.last).to_contain_text('<img src=x onerror="window.__pwned=4;alert(4)">')
+            expect(user_bubbles.last).to_contain_text(LINK)  # Markdown is not rendered either
 
             # 2. compare: both answers in the A/B boxes, literally; vote for B
             page.get_by_label("Compare two answers side by side").check()

@@ -181,3 +181,14 @@ def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path):
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--model" in errors[0], proc.stderr
+    assert "cannot load" in errors[0] and ".." not in errors[0]
+    # nothing was written: the data dir is not tied to a model that never loaded
+    assert not (tmp_path / "d" / "model.json").exists()
+    # a data dir made for another model still reports the load failure, not the mismatch
+    (tmp_path / "d").mkdir(exist_ok=True)
+    (tmp_path / "d" / "model.json").write_text('{"model": "starter"}')
+    again = subprocess.run(
+        [sys.executable, "app.py", "--model", str(tmp_path / "no-such-model"), "--data-dir", str(tmp_path / "d")],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )
+    assert again.returncode != 0 and "cannot load" in again.stderr, again.stderr

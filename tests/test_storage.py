@@ -347,6 +347,15 @@ def test_rounds_lifecycle(store):
         store.round(999)
 
 
+def test_metrics_that_json_cannot_hold_are_stored_as_null(store):
+    rid = store.start_round("manual")
+    store.finish_round(rid, "succeeded", metrics={"rm/accuracy": float("nan"), "x": [float("inf"), 1.5]})
+    raw = store.db.execute("select metrics from training_rounds where id = ?", [rid]).fetchone()[0]
+    strict = json.loads(raw, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} stored"))
+    assert strict == {"rm/accuracy": None, "x": [None, 1.5]}
+    assert store.round(rid)["metrics"]["rm/accuracy"] is None
+
+
 def test_new_votes_since_last_round(store):
     for _ in range(3):
         store.vote(comparison(store), "a")

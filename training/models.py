@@ -108,6 +108,12 @@ def _smoke_forward(model) -> None:
         model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=device))
 
 
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without a trailing full stop."""
+    text = str(exc).strip()
+    return text.splitlines()[0].rstrip(".") if text else ""
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     """Load a tokenizer and check that it has a chat template.
 
@@ -121,7 +127,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     except Exception as exc:  # noqa: BLE001 - re-raised with a message that says what to do
         raise ModelLoadError(
             f"cannot load a tokenizer from {str(name_or_path)!r}: {exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass --model with a hub id or a "
+            f"{_first_line(exc)}. Pass --model with a hub id or a "
             "local directory holding config.json, the weights and tokenizer files, or leave "
             "--model out to use the offline starter model."
         ) from exc
@@ -169,12 +175,12 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "n
         if qconfig is not None:
             log.warning(
                 "--quantize %s failed (%s: %s); loading unquantized",
-                quantize, exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "",
+                quantize, exc.__class__.__name__, _first_line(exc),
             )
             return load_model_and_tokenizer(name_or_path, "none")
         raise ModelLoadError(
             f"cannot load a causal LM from {str(name_or_path)!r}: {exc.__class__.__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}. Pass --model with a hub id or a "
+            f"{_first_line(exc)}. Pass --model with a hub id or a "
             "local directory holding config.json and *.safetensors weights, or leave --model "
             "out to use the offline starter model."
         ) from exc
@@ -185,7 +191,7 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "n
         except Exception as exc:  # noqa: BLE001 - unsupported kernels: fall back, never crash
             log.warning(
                 "--quantize %s is unsupported here (%s: %s); loading unquantized",
-                quantize, exc.__class__.__name__, str(exc).splitlines()[0] if str(exc) else "",
+                quantize, exc.__class__.__name__, _first_line(exc),
             )
             del model
             return load_model_and_tokenizer(name_or_path, "none")
