@@ -186,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from training.models import ModelLoadError
+    from training.models import ModelLoadError, quiet_optional_kernel_notice
+
+    quiet_optional_kernel_notice()
 
     try:
         torch_threads(config.threads)

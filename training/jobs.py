@@ -31,7 +31,13 @@ from storage.db import Store, open_store
 from storage.registry import AdapterRegistry
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.gate import GateConfig, run_gate
-from training.models import context_window, fit_prompts, load_lora, load_model_and_tokenizer
+from training.models import (
+    context_window,
+    fit_prompts,
+    load_lora,
+    load_model_and_tokenizer,
+    quiet_optional_kernel_notice,
+)
 from training.ppo import PPOConfig, ppo_train
 from training.reward import (
     NotEnoughVotesError,
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.model:
         parser.error("--model is required (a hub id or a local model directory)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    quiet_optional_kernel_notice()
     threads = config.threads or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
     store = open_store(config.data_dir)

@@ -101,6 +101,22 @@ def _quiet_bitsandbytes() -> None:
             logger.addFilter(_OnceFilter())
 
 
+class _DropOptionalKernelNotice(logging.Filter):
+    """Drops bitsandbytes' import-time notice that its optional downloadable CPU kernel is
+    missing ("pip install kernels"): the kernel comes from a model hub this app never reaches,
+    and bitsandbytes works without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in str(record.msg)
+
+
+def quiet_optional_kernel_notice() -> None:
+    """Install :class:`_DropOptionalKernelNotice`; call before bitsandbytes is first imported."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropOptionalKernelNotice) for f in logger.filters):
+        logger.addFilter(_DropOptionalKernelNotice())
+
+
 def _smoke_forward(model) -> None:
     """One 2-token forward pass; raises what the (quantized) kernels raise on this machine."""
     device = next(model.parameters()).device
@@ -122,8 +138,16 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     """
     from transformers import AutoTokenizer
 
+    text = str(name_or_path)
+    looks_local = text.startswith(("/", "./", "../", "~")) or os.sep + os.sep in text
+    if looks_local and not Path(text).expanduser().is_dir():
+        raise ModelLoadError(
+            f"cannot load a model from {text!r}: no such directory. Pass --model with a hub id "
+            "(ORG/NAME) or a local directory holding config.json, *.safetensors weights and "
+            "tokenizer files, or leave --model out to use the offline starter model."
+        )
     try:
-        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+        tok = AutoTokenizer.from_pretrained(str(Path(text).expanduser()) if looks_local else text)
     except Exception as exc:  # noqa: BLE001 - re-raised with a message that says what to do
         raise ModelLoadError(
             f"cannot load a tokenizer from {str(name_or_path)!r}: {exc.__class__.__name__}: "
