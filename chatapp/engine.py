@@ -34,6 +34,7 @@ from training.models import (
     fit_messages,
     load_lora,
     render_prompt,
+    save_adapter,
 )
 
 log = logging.getLogger(__name__)
@@ -136,13 +137,7 @@ class ChatEngine:
         if live is None:
             peft_model = add_lora(base_model, adapter_name=self.adapter_name(0))
             staging = self.registry.staging_dir()
-            peft_model.save_pretrained(str(staging), selected_adapters=[self.adapter_name(0)])
-            # peft writes non-default adapters into a sub-folder named after the adapter
-            sub = staging / self.adapter_name(0)
-            if sub.is_dir():
-                for f in sub.iterdir():
-                    f.rename(staging / f.name)
-                sub.rmdir()
+            save_adapter(peft_model, self.adapter_name(0), staging)
             version = self.registry.publish(staging, parent=None, round_id=None, metrics={}, live=True)
             if version != 0:
                 peft_model.delete_adapter(self.adapter_name(0))

@@ -156,3 +156,10 @@ def dumps(value: Any) -> str | None:
 def loads(value: str | None) -> Any:
     """Decode a JSON column (SQL NULL becomes ``None``)."""
     return None if value is None else json.loads(value)
+
+
+def decode_metrics(row: dict) -> dict:
+    """A copy of a ``training_rounds`` / ``policy_versions`` row with its ``metrics`` decoded."""
+    row = dict(row)
+    row["metrics"] = loads(row["metrics"])
+    return row

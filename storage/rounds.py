@@ -11,18 +11,12 @@ from typing import Any
 
 import sqlite_utils
 
-from storage.connection import dumps, loads, write_transaction
+from storage.connection import decode_metrics, dumps, write_transaction
 from storage.errors import RoundAlreadyRunning, UnknownRound
 
 ROUND_STATUSES = ("running", "succeeded", "skipped", "failed", "rejected")
 FINISHED_STATUSES = ROUND_STATUSES[1:]
 TRAINED_STATUSES = ("succeeded", "rejected")  # rounds that consumed the votes they saw
-
-
-def _decode_round(row: dict) -> dict:
-    row = dict(row)
-    row["metrics"] = loads(row["metrics"])
-    return row
 
 
 class RoundsMixin:
@@ -114,12 +108,12 @@ class RoundsMixin:
             row = self.db.table("training_rounds").get(round_id)
         except sqlite_utils.db.NotFoundError:
             raise UnknownRound(f"no training round with id {round_id!r}") from None
-        return _decode_round(row)
+        return decode_metrics(row)
 
     def rounds(self, limit: int | None = 50) -> list[dict]:
         """The latest ``limit`` rounds (all when ``None``), newest first."""
         rows = self.db.table("training_rounds").rows_where(order_by="id DESC", limit=limit)
-        return [_decode_round(r) for r in rows]
+        return [decode_metrics(r) for r in rows]
 
     def running_round(self) -> dict | None:
         """The newest round still ``'running'``, or ``None``."""
@@ -128,7 +122,7 @@ class RoundsMixin:
                 "status = 'running'", order_by="id DESC", limit=1
             )
         )
-        return _decode_round(rows[0]) if rows else None
+        return decode_metrics(rows[0]) if rows else None
 
     def fail_stale_rounds(self, reason: str = "interrupted: process restarted") -> int:
         """Mark every round left ``'running'`` (e.g. by a crash) as ``'failed'``.

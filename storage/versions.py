@@ -10,16 +10,10 @@ from __future__ import annotations
 
 import sqlite_utils
 
-from storage.connection import dumps, loads, write_transaction
+from storage.connection import decode_metrics, dumps, write_transaction
 from storage.errors import RejectedVersion, UnknownRound, UnknownVersion
 
 VERSION_STATUSES = ("live", "candidate", "rejected", "retired")
-
-
-def _decode_version(row: dict) -> dict:
-    row = dict(row)
-    row["metrics"] = loads(row["metrics"])
-    return row
 
 
 class VersionsMixin:
@@ -84,12 +78,12 @@ class VersionsMixin:
             raise UnknownVersion(
                 f"no policy version {version!r} is registered; known: {self._known_versions()}"
             ) from None
-        return _decode_version(row)
+        return decode_metrics(row)
 
     def versions(self) -> list[dict]:
         """All registered versions, oldest (lowest number) first."""
         rows = self.db.table("policy_versions").rows_where(order_by="version")
-        return [_decode_version(r) for r in rows]
+        return [decode_metrics(r) for r in rows]
 
     def live_version(self) -> int | None:
         """The version currently served, or ``None`` before any was made live."""

@@ -30,7 +30,7 @@ import sys, time
 from pathlib import Path
 import training.jobs as jobs
 marker = Path(sys.argv[1])
-save = jobs._save_adapter
+save = jobs.save_adapter
 def half_save(policy, name, directory):
     save(policy, name, directory)
     for f in Path(directory).glob("*.safetensors"):
@@ -38,7 +38,7 @@ def half_save(policy, name, directory):
         f.write_bytes(data[: len(data) // 2])
     marker.write_text(str(directory))
     time.sleep(600)
-jobs._save_adapter = half_save
+jobs.save_adapter = half_save
 sys.exit(jobs.main(sys.argv[2:]))
 """
 

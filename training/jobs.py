@@ -37,6 +37,7 @@ from training.models import (
     load_lora,
     load_model_and_tokenizer,
     quiet_optional_kernel_notice,
+    save_adapter,
 )
 from training.ppo import PPOConfig, ppo_train
 from training.reward import (
@@ -122,16 +123,6 @@ def _last_kl_coef(store: Store) -> float | None:
         if r["status"] in ("succeeded", "rejected") and isinstance(beta, (int, float)) and beta > 0:
             return float(beta)
     return None
-
-
-def _save_adapter(policy, adapter_name: str, directory: Path) -> None:
-    """``save_pretrained`` one adapter with its files at the top of ``directory``."""
-    policy.save_pretrained(str(directory), selected_adapters=[adapter_name])
-    nested = directory / adapter_name
-    if nested.is_dir():  # peft nests adapters not named "default"
-        for f in nested.iterdir():
-            f.rename(directory / f.name)
-        nested.rmdir()
 
 
 def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trigger: str = "manual") -> dict:
@@ -220,7 +211,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
 
         # 5. publish: staging dir → renamed into place as version N+1
         staging = registry.staging_dir()
-        _save_adapter(policy, "policy", staging)
+        save_adapter(policy, "policy", staging)
         version = registry.publish(staging, parent=live, round_id=round_id, metrics=metrics, live=passed)
         staging = None
         if not passed:

@@ -349,3 +349,15 @@ def load_lora(model, adapter_dir: str | Path, adapter_name: str = "default", tra
     return PeftModel.from_pretrained(
         model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable
     )
+
+
+def save_adapter(model, adapter_name: str, directory: str | Path) -> None:
+    """Save one adapter of a ``PeftModel`` (safetensors) with its files at the top of
+    ``directory`` (peft nests adapters not named "default" in a sub-folder; it is flattened)."""
+    directory = Path(directory)
+    model.save_pretrained(str(directory), selected_adapters=[adapter_name])
+    nested = directory / adapter_name
+    if nested.is_dir():
+        for f in nested.iterdir():
+            f.rename(directory / f.name)
+        nested.rmdir()
