@@ -68,7 +68,7 @@ class ServingBenchConfig:
     new_tokens: int = help_field(64, help="tokens per reply (end of turn suppressed on both sides)")
     repeats: int = help_field(9, help="back-to-back pairs per ratio (stream vs generate, 8 vs 1)")
     concurrency: int = help_field(8, help="simultaneous replies for the speed-up")
-    ttft_samples: int = help_field(40, help="requests per TTFT distribution (idle, and during training)")
+    ttft_samples: int = help_field(400, help="requests per TTFT distribution (idle, and during training); a p95 needs a few hundred")
     chat_threads: int = help_field(1, help="torch threads of the chat process")
     train_threads: int = help_field(1, help="torch threads of the training child")
     train_priority: str = help_field("nice", help="training child CPU priority: same, nice (os.nice 10) or idle (SCHED_IDLE)", choices=["same", "nice", "idle"])

@@ -60,6 +60,7 @@ class Request:
     out: queue.Queue = field(default_factory=queue.Queue)
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
+    ended: threading.Event = field(default_factory=threading.Event)  # set with the last event on ``out``
 
     def __post_init__(self):
         if not self.prompt:
@@ -210,8 +211,7 @@ class Batcher:
                     log.exception("decode step failed; failing %d request(s)", len(self._rows) + len(newcomers))
                     for req in self._rows + newcomers:
                         if req.finish is None:
-                            req.finish = "error"
-                            req.out.put(("error", exc))
+                            self._fail(req, exc)
                     self._reset()
 
     def _reset(self) -> None:
@@ -222,6 +222,12 @@ class Batcher:
     def _finish(self, req: Request, reason: str) -> None:
         req.finish = reason
         req.out.put(("done", reason))
+        req.ended.set()
+
+    def _fail(self, req: Request, exc: BaseException) -> None:
+        req.finish = "error"
+        req.out.put(("error", exc))
+        req.ended.set()
 
     def _emit(self, rows: list[Request], tokens: list[int]) -> None:
         """Apply each row's stopping rule to its new token and send it to its consumer."""
@@ -266,8 +272,7 @@ class Batcher:
                 if self.prepare is not None:
                     self.prepare(req, in_use)
             except Exception as exc:  # noqa: BLE001 - fails this request only
-                req.finish = "error"
-                req.out.put(("error", exc))
+                self._fail(req, exc)
                 continue
             in_use.add(req.adapter)
             ready.append(req)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
@@ -101,6 +102,10 @@ class ChatEngine:
         keep_loaded: how many adapter versions stay loaded at once (live, previous, …); versions
             that running replies use are never unloaded.
         max_batch: most replies decoded together; more wait for a free row.
+        stream_interval_s: seconds between two streamed updates of one reply (tokens that
+            arrive meanwhile are shown together; 0.02 s = 50 updates/s, more than a screen
+            shows): the reader wakes once per update instead of once per token, which leaves
+            the CPU to decoding. The first text and the end of a reply are never delayed.
 
     ``engine.batcher.on_busy`` may be set to a quick ``hook(busy: bool)`` called when decoding
     starts after an idle spell and when it ends (e.g. to pause a training child meanwhile).
@@ -109,8 +114,12 @@ class ChatEngine:
     """
 
     def __init__(
-        self, base_model, tokenizer, registry: AdapterRegistry, keep_loaded: int = 3, max_batch: int = 8
+        self, base_model, tokenizer, registry: AdapterRegistry, keep_loaded: int = 3, max_batch: int = 8,
+        stream_interval_s: float = 0.02,
     ):
+        if stream_interval_s < 0:
+            raise ValueError(f"stream_interval_s must be >= 0, got {stream_interval_s}")
+        self.stream_interval_s = stream_interval_s
         self.tokenizer = tokenizer
         self.registry = registry
         self.store = registry.store
@@ -237,10 +246,16 @@ class ChatEngine:
             generator=generator,
         )
         text = ReplyText(self.tokenizer)
-        shown, finish, yielded_any = "", None, False
+        shown, finish, yielded_any, last_yield = "", None, False, 0.0
         self.batcher.submit(req)
         try:
             while finish is None:
+                # coalesce: after showing text, let tokens pile up for stream_interval_s unless
+                # the reply ends first (one wake-up per update, not per token; the first text
+                # and the end are delivered at once)
+                wait = last_yield + self.stream_interval_s - time.monotonic()
+                if yielded_any and wait > 0:
+                    req.ended.wait(wait)
                 try:
                     events = [req.out.get(timeout=1.0)]
                 except queue.Empty:
@@ -260,6 +275,7 @@ class ChatEngine:
                 if grew and text.answer != shown:
                     shown, yielded_any = text.answer, True
                     yield shown
+                    last_yield = time.monotonic()
         finally:
             if finish is None:  # the consumer went away (closed tab) or an error: end it now
                 stop_event.set()

@@ -242,3 +242,27 @@ def test_on_busy_hook_brackets_decoding(engine):
     wait_for(lambda: not engine.batcher.alive(), "the decode loop to go idle")
     assert [c[0] for c in calls] == [True, False]
     assert calls[1][1] - calls[0][1] == 9  # all 9 decoding steps happened in between
+
+
+def test_stream_coalesces_updates_but_never_delays_the_end(tiny_model_dir, tmp_path):
+    # an update interval far longer than the reply: the first text comes at once, every later
+    # token piles up, and the end wakes the reader (it does not sit out the interval)
+    eng = make_engine(tiny_model_dir, tmp_path / "data", stream_interval_s=600.0)
+    gen = eng.stream(msgs(PROMPTS[1]), greedy(30))
+    updates = []
+    while True:
+        try:
+            updates.append(next(gen))
+        except StopIteration as done:
+            reply = done.value
+            break
+    assert len(reply.tokens) == 30 and reply.finish == "length"
+    assert len(updates) == 2, updates  # the first text, then everything else at the end
+    assert updates[-1] == reply.text
+    # with no interval every token that adds text is its own update
+    eager = make_engine(tiny_model_dir, tmp_path / "data2", stream_interval_s=0.0)
+    eager_updates = list(eager.stream(msgs(PROMPTS[1]), greedy(30)))
+    assert len(eager_updates) > 2
+    assert eager_updates[-1] == reply.text
+    with pytest.raises(ValueError, match="stream_interval_s"):
+        make_engine(tiny_model_dir, tmp_path / "data3", stream_interval_s=-1.0)
