@@ -6,7 +6,8 @@ the user turn). Annotators judge from what they can read — the question itself
 knowledge (a table of capitals, unit conversions) — never from hidden state of the generator.
 
 * :func:`prefers_correct` — the right answer wins: sums and differences are worked out from the
-  question, capitals and unit conversions looked up, word games (backwards, letter count, first
+  question (an answer that shows column working is right when every step holds and it ends on
+  the result), capitals and unit conversions looked up, word games (backwards, letter count, first
   letter) solved, remembered names/colours/numbers read from earlier user turns; questions it
   cannot place should be answered with an honest "I don't know"; small talk should stay on topic.
   Equal correctness: a well-formed answer beats a garbled one, then a complete, to-the-point
@@ -100,10 +101,34 @@ def _check_arithmetic(question: str, answer: str) -> bool | None:
         m = re.search(pattern, q)
         if m:
             a, b, c = solve(int(m.group(1)), int(m.group(2)))
-            nums = _numbers(answer)
-            # the result is stated, and every number stated is an operand or the result
+            rest = _without_column_steps(answer, (a, b))
+            if rest is None:  # a step of the working is false
+                return False
+            nums = _numbers(rest)
+            # the result is stated last, and every other number stated is an operand or the result
             return bool(nums) and nums[-1] == c and all(abs(n) in (abs(a), abs(b), abs(c)) for n in nums)
     return None
+
+
+# one step of column working: small numbers (digits, a carry, a borrowed 1x) and their result
+_COLUMN_STEP = re.compile(r"(?<![\d.])(\d{1,2}(?:\s*[-+]\s*\d{1,2})+)\s*=\s*(-?\d+)(?!\d)(?!\.\d)")
+
+
+def _without_column_steps(answer: str, operands: tuple[int, int]) -> str | None:
+    """``answer`` with its column-by-column working removed ("6 + 7 = 13, 1 + 5 + 1 = 7"): steps
+    whose terms are all below 20 (other than the question's own operands restated). None when
+    such a step is false (the working is wrong)."""
+    def check(m: re.Match) -> str:
+        terms = [int(t.replace(" ", "")) for t in re.findall(r"[-+]?\s*\d+", m.group(1))]
+        if any(abs(t) >= 20 for t in terms) or sorted(map(abs, terms)) == sorted(map(abs, operands)):
+            return m.group(0)  # not a column step (the operands restated, or big numbers): kept
+        if sum(terms) != int(m.group(2)):
+            raise ValueError(m.group(0))
+        return " "
+    try:
+        return _COLUMN_STEP.sub(check, answer.replace(",", ", "))
+    except ValueError:
+        return None
 
 
 def _check_capital(question: str, answer: str) -> bool | None:

@@ -45,6 +45,7 @@ from pathlib import Path
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = 6  # live vs version-0 answers shown in the result
 
 
 @dataclass
@@ -367,7 +368,7 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
         result["rm_gold_accuracy"] = float("nan")
     result["eval_s"] = time.time() - t0
     examples = [{"prompt": p[-1]["content"], "live": x, "v0": y}
-                for p, x, y in list(zip(prompts, live_answers, v0_answers, strict=True))[:6]]
+                for p, x, y in list(zip(prompts, live_answers, v0_answers, strict=True))[:EXAMPLES]]
     result["examples"] = examples
     return result
 

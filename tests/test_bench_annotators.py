@@ -16,6 +16,10 @@ def user(text: str) -> list[dict]:
     [
         ("What is 12 plus 30?", "12 + 30 = 42, so the answer is 42.", "12 + 30 = 41, so the answer is 41."),
         ("Tell me 16 + 57.", "73.", "76."),
+        # column working counts when every step holds and it ends on the result
+        ("Tell me 16 + 57.", "16 + 57: 6 + 7 = 13, 1 + 5 + 1 = 7, so 73.", "16 + 57: 6 + 7 = 12, 1 + 5 + 1 = 7, so 73."),
+        ("How much is 91 minus 38?", "91 - 38: 11 - 8 = 3, 8 - 3 = 5, so 53.", "91 - 38: 11 - 8 = 3, 8 - 3 = 5, so 63."),
+        ("Tell me 16 + 57.", "16 + 57: 6 + 7 = 13, 1 + 5 + 1 = 7, so 73.", "6 + 7 = 13, 1 + 5 + 1 = 7."),
         ("How much is 99 minus 74?", "It is 25. Would you like another sum?", "98 - 73 = 25, so the answer is 25."),
         ("Can you subtract 12 from 50?", "38.", "62."),
         ("Do you know the capital of Russia?", "The capital of Russia is Moscow.", "Paris."),

@@ -96,3 +96,19 @@ def test_run_gate_on_two_adapters(tiny_model_dir, single_thread):
     assert not strict.passed and "KL" in strict.reason and "win rate" in strict.reason
     with pytest.raises(ValueError, match="no adapter"):
         run_gate(policy, tok, lambda p, a: torch.zeros(len(a)), prompts, GateConfig(), "nope")
+
+
+def test_rm_accuracy_check_needs_confidence_not_luck():
+    from training.gate import rm_accuracy_check
+
+    config = GateConfig()  # better than chance, lower bound at z = 1
+    # the same 0.62 accuracy: over 9 held-out votes it could be chance, over 60 it is not
+    assert "lower bound" in rm_accuracy_check(0.62, 9, config)
+    assert rm_accuracy_check(0.62, 60, config) == ""
+    assert "0.45 over 40" in rm_accuracy_check(0.45, 40, config)  # worse than chance
+    assert rm_accuracy_check(float("nan"), 0, config) == ""  # no held-out votes: not checked
+    assert rm_accuracy_check(None, 0, config) == ""
+    strict = GateConfig(min_rm_accuracy=0.7, rm_accuracy_z=0.0)  # a plain accuracy bar
+    assert rm_accuracy_check(0.72, 9, strict) == "" and rm_accuracy_check(0.68, 900, strict) != ""
+    with pytest.raises(ValueError, match="rm_accuracy_z"):
+        GateConfig(rm_accuracy_z=-1.0)

@@ -158,3 +158,33 @@ def test_a_raising_round_is_logged_and_the_scheduler_lives_on(world, caplog):
         assert scheduler.run_now("manual") is None
     assert "out of memory" in caplog.text and "Traceback" in caplog.text
     assert not scheduler.busy
+
+
+@pytest.mark.parametrize("init_policy", ["reference", "live"])
+def test_ppo_starts_from_reference_or_live_adapter(world, tiny_model_dir, init_policy):
+    # live = v1, every LoRA B shifted to 0.5; a round whose PPO barely moves (lr 1e-12) leaves
+    # its candidate where it started: B ≈ 0 from the reference, B ≈ 0.5 from the live adapter
+    from safetensors.torch import load_file
+
+    from tests.test_engine import publish_changed
+
+    store, registry, data = world
+    engine = ChatEngine(*load_model_and_tokenizer(tiny_model_dir), registry)
+    assert publish_changed(engine, tiny_model_dir, shift=0.5) == 1 and store.live_version() == 1
+    add_votes(store, 12)
+    frozen = PPOConfig(steps=1, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6,
+                       normalize_samples=4, lr=1e-12)
+    result = run_round(_config(data, tiny_model_dir, gate_enabled=False, ppo=frozen, init_policy=init_policy),
+                       store, registry)
+    assert result["status"] == "succeeded", result
+    weights = load_file(str(registry.path(result["version"]) / "adapter_model.safetensors"))
+    b = [t for name, t in weights.items() if "lora_B" in name]
+    assert b
+    expected = 0.0 if init_policy == "reference" else 0.5
+    assert all(abs(float(t.mean()) - expected) < 1e-3 for t in b), [float(t.mean()) for t in b]
+    assert store.version(result["version"])["parent"] == 1  # it replaces the live version
+
+
+def test_init_policy_is_checked():
+    with pytest.raises(ValueError, match="init_policy"):
+        RoundConfig(init_policy="somewhere")

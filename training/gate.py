@@ -9,9 +9,13 @@ On held-out prompts, the candidate must
 4. not grow long: mean answer length at most ``max_length_ratio`` × the live version's
    (+ ``length_slack_tokens``), the classic reward-hacking symptom (Singhal et al. 2023,
    "A Long Way to Go: Investigating Length Correlations in RLHF");
-5. have been trained against a reward model that is right on held-out votes at least
-   ``min_rm_accuracy`` of the time (checked by ``training.jobs``, which knows the RM's figures):
-   PPO against a reward model at chance only drifts, and the same model would judge check 1.
+5. have been trained against a reward model that is right on held-out votes more often than
+   ``min_rm_accuracy`` (default ½: better than chance), with confidence: the bar applies to the
+   lower bound ``acc − z·sqrt(acc·(1 − acc)/n)`` over the ``n`` held-out A/B votes (normal
+   approximation, ``z = rm_accuracy_z``), so a handful of held-out votes neither passes a
+   reward model by luck nor fails a good one by noise (:func:`rm_accuracy_check`, called by
+   ``training.jobs``, which knows the RM's figures). PPO against a reward model at chance only
+   drifts, and the same model would judge check 1.
 
 :func:`gate_decision` is the pure rule on precomputed figures; :func:`run_gate` samples both
 adapters of one ``PeftModel`` and applies it. Library only; ``training.jobs`` records the
@@ -20,6 +24,7 @@ result's ``reason`` when a candidate is rejected.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -38,7 +43,8 @@ class GateConfig:
     min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
     max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
     length_slack_tokens: float = help_field(4.0, help="tokens allowed on top of the length ratio")
-    min_rm_accuracy: float = help_field(0.65, help="held-out pairwise accuracy the reward model in use needs before its candidate can be promoted (NaN: no held-out pairs, not checked)")
+    min_rm_accuracy: float = help_field(0.5, help="the reward model's held-out pairwise accuracy, lower confidence bound, must exceed this before its candidate can be promoted (no held-out votes: not checked)")
+    rm_accuracy_z: float = help_field(1.0, help="z of that lower bound (1 ≈ 84 %% one-sided; 0: the plain accuracy)")
     n_prompts: int = help_field(64, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     seed: int = help_field(0, help="sampling seed (the same for both versions)")
@@ -48,6 +54,8 @@ class GateConfig:
             raise ValueError(f"GateConfig.min_win_rate must be in [0, 1], got {self.min_win_rate}")
         if not 0.0 <= self.min_rm_accuracy <= 1.0:
             raise ValueError(f"GateConfig.min_rm_accuracy must be in [0, 1], got {self.min_rm_accuracy}")
+        if self.rm_accuracy_z < 0:
+            raise ValueError(f"GateConfig.rm_accuracy_z must be >= 0, got {self.rm_accuracy_z}")
         if not 0.0 <= self.min_distinct <= 1.0:
             raise ValueError(f"GateConfig.min_distinct must be in [0, 1], got {self.min_distinct}")
         for name in ("max_kl", "max_length_ratio", "n_prompts", "max_new_tokens"):
@@ -64,6 +72,27 @@ class GateResult:
     passed: bool
     reason: str
     metrics: dict = field(default_factory=dict)
+
+
+def rm_accuracy_check(accuracy: float | None, n: int, config: GateConfig) -> str:
+    """Check 5: ``""`` when the reward model in use is accurate enough, else the reason.
+
+    Args:
+        accuracy: share of the ``n`` held-out A/B votes (ties excluded) the reward model orders
+            like the voter; None or NaN (no held-out votes): not checked.
+        n: how many held-out A/B votes that share is over.
+
+    The bar applies to ``accuracy − z·sqrt(accuracy·(1 − accuracy)/n)`` (the normal
+    approximation's lower confidence bound, ``z = config.rm_accuracy_z``); it must be above
+    ``config.min_rm_accuracy``.
+    """
+    if accuracy is None or math.isnan(accuracy) or n <= 0:
+        return ""
+    bound = accuracy - config.rm_accuracy_z * math.sqrt(accuracy * (1.0 - accuracy) / n)
+    if bound > config.min_rm_accuracy:
+        return ""
+    return (f"reward model not yet reliably better than {config.min_rm_accuracy:.2f} on held-out votes: "
+            f"accuracy {accuracy:.2f} over {n} A/B votes, lower bound {bound:.2f}")
 
 
 def gate_decision(

@@ -7,7 +7,8 @@ Run it by hand (the app's scheduler runs exactly this, in a child process):
 Steps, each recorded in the ``training_rounds`` table:
   1. read the votes; fewer A/B votes than ``min_votes`` → the round is skipped, reason recorded;
   2. train the reward model (warm-started from the previous round's) on all votes;
-  3. PPO on a trainable copy of the live adapter, with the reward model's normalised score;
+  3. PPO from the reference policy (a fresh adapter; ``--init-policy live``: from the live
+     adapter) against the reward model's normalised score;
   4. write the new adapter to a staging directory, then rename it into place as version N+1
      and make it live (the serving engine picks it up at its next reply).
 A round that raises is recorded as failed with the reason; nothing half-written is published.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import shutil
 import sys
@@ -30,8 +30,9 @@ import torch
 from storage.db import Store, open_store
 from storage.registry import AdapterRegistry
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
-from training.gate import GateConfig, run_gate
+from training.gate import GateConfig, rm_accuracy_check, run_gate
 from training.models import (
+    add_lora,
     context_window,
     fit_prompts,
     load_lora,
@@ -65,6 +66,10 @@ class RoundConfig:
     threads: int = help_field(0, help="torch CPU threads for training (0: all but one core)")
     seed: int = help_field(0, help="random seed of the round")
     gate_enabled: bool = help_field(True, help="promote only candidates that pass the gate (training.gate)")
+    init_policy: str = help_field(
+        "reference", choices=["reference", "live"],
+        help="where PPO starts each round: a fresh adapter on the reference (SFT) policy, or the live adapter",
+    )
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -76,6 +81,8 @@ class RoundConfig:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.init_policy not in ("reference", "live"):
+            raise ValueError(f"init_policy must be 'reference' or 'live', got {self.init_policy!r}")
         self.reward.min_votes = self.min_votes  # one knob: --min-votes
 
 
@@ -186,12 +193,19 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             rm = RewardModel.load(config.model, init_dir)
         reward_fn = make_reward_fn(rm, tokenizer)
 
-        # 3. PPO on a trainable copy of the live adapter; reference = adapter disabled.
-        #    β carries over from the last round that trained, so the KL controller keeps adapting
+        # 3. PPO against the newest reward model; reference = adapter disabled. By default the
+        #    policy starts from the reference (a fresh adapter, B = 0) every round, so the drift a
+        #    less accurate earlier reward model caused is not compounded: each candidate is one
+        #    KL-bounded step from the SFT policy, scored with everything voted so far (the votes
+        #    still come from the live policy: the loop stays online). β carries over from the
+        #    last round that trained, so the KL controller keeps adapting.
         previous_beta = _last_kl_coef(store)
         if previous_beta is not None and config.ppo.adaptive_kl:
             config.ppo.init_kl_coef = previous_beta
-        policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
+        if config.init_policy == "reference":
+            policy = add_lora(model, adapter_name="policy")
+        else:
+            policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
         ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo)
         metrics = {**rm_metrics, **ppo_metrics}
 
@@ -202,11 +216,10 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             result = run_gate(policy, tokenizer, reward_fn, gate_prompts, config.gate, "policy", "live")
             metrics.update(result.metrics)
             passed, reason = result.passed, result.reason
-            rm_acc = new_acc if keep_new else prev_acc
-            if rm_acc is not None and not math.isnan(rm_acc) and rm_acc < config.gate.min_rm_accuracy:
+            rm_acc = new_acc if keep_new else prev_acc  # both on the same held-out votes
+            weak = rm_accuracy_check(rm_acc, int(rm_metrics.get("rm/heldout_decisive", 0)), config.gate)
+            if weak:
                 passed = False
-                weak = (f"reward model not accurate enough yet: {rm_acc:.2f} on held-out votes, "
-                        f"need {config.gate.min_rm_accuracy:.2f}")
                 reason = f"{reason}; {weak}" if reason else weak
 
         # 5. publish: staging dir → renamed into place as version N+1

@@ -218,7 +218,8 @@ def _pair_scores(rm: RewardModel, batch: list[dict], pad_id: int) -> tuple[torch
 @torch.no_grad()
 def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: int = 16) -> dict:
     """Held-out figures of ``rm`` on encoded pairs: ``rm/accuracy`` (share of non-tie pairs with
-    r_chosen > r_rejected; NaN if there are none) and ``rm/heldout_loss`` (NaN if no pairs)."""
+    r_chosen > r_rejected; NaN if there are none), ``rm/heldout_loss`` (NaN if no pairs) and
+    ``rm/heldout_decisive`` (how many non-tie pairs the accuracy is over)."""
     rm.eval()
     correct, n_pref, losses = 0, 0, []
     for start in range(0, len(encoded), batch_size):
@@ -231,6 +232,7 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
     return {
         "rm/accuracy": correct / n_pref if n_pref else float("nan"),
         "rm/heldout_loss": sum(losses) / len(encoded) if encoded else float("nan"),
+        "rm/heldout_decisive": float(n_pref),
     }
 
 
