@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -199,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     if scheduler is not None:
         scheduler.start()
     print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)
+    # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C: the server closes, a running
+    # training child is stopped (its round recorded as failed) and the data-dir lock released
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launch(demo, config)
     finally:

@@ -144,3 +144,38 @@ def test_restart_after_a_crash_cleans_staging_and_fails_the_stale_round(app_conf
     finally:
         demo.close()
         scheduler.shutdown()
+
+
+def test_sigterm_shuts_down_like_ctrl_c(tiny_model_dir, tmp_path):
+    # `kill PID` (systemd, docker stop): the server closes, the scheduler is shut down and the
+    # process exits 0 instead of dying on the signal mid-whatever
+    import subprocess
+    import time
+    import urllib.request
+
+    port = _free_port()
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "app.py", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data"),
+         "--port", str(port), "--max-new-tokens", "4"],
+        cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "app never came up"
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        output = proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert code == 0, output
+    assert "Traceback" not in output, output
