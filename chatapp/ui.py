@@ -29,6 +29,8 @@ ROUND_COLUMNS = [
     "round", "trigger", "status", "reason", "rm/accuracy", "objective/reward",
     "objective/kl", "version", "started", "finished",
 ]  # fmt: skip
+# the long reason column wraps; the others keep room for their headers
+ROUND_COLUMN_WIDTHS = ["5%", "7%", "8%", "25%", "10%", "10%", "9%", "7%", "9.5%", "9.5%"]
 
 
 @dataclass
@@ -216,7 +218,10 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 refresh_btn = gr.Button("Refresh")
                 export_btn = gr.Button("Export votes (JSONL)")
             export_file = gr.File(label="Preference pairs (TRL conversational format)", interactive=False)
-            rounds = gr.Dataframe(headers=ROUND_COLUMNS, value=rounds_table(store), label="Training rounds", interactive=False, wrap=True)
+            rounds = gr.Dataframe(
+                headers=ROUND_COLUMNS, value=rounds_table(store), label="Training rounds", interactive=False,
+                wrap=True, column_widths=ROUND_COLUMN_WIDTHS,
+            )
             with gr.Row():
                 version_pick = gr.Dropdown(label="Policy version", choices=[], interactive=True)
                 rollback_btn = gr.Button("Make this version live (rollback)")

@@ -84,6 +84,15 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir):
     assert again["status"] == "succeeded", again
     assert again["version"] == 2 and store.version(2)["parent"] == 1
     assert "rm/prev_accuracy" in again["metrics"] and again["metrics"]["rm/replaced"] in (0.0, 1.0)
+    # ... and trains one from the base too: the round's candidate is the more accurate of the two
+    m = again["metrics"]
+    warm, fresh = m["rm/warm_accuracy"], m["rm/fresh_accuracy"]
+    if fresh is not None and warm is not None and fresh > warm:
+        assert m["rm/from_scratch"] == 1.0 and m["rm/accuracy"] == fresh
+    else:
+        assert m["rm/from_scratch"] == 0.0 and (m["rm/accuracy"] == warm or warm is None)
+    only_warm = run_round(_config(data, tiny_model_dir, gate_enabled=False, rm_fresh_candidate=False), store, registry)
+    assert only_warm["status"] == "succeeded" and "rm/from_scratch" not in only_warm["metrics"]
 
 
 def test_gate_rejection_is_recorded_and_live_keeps_serving(world, tiny_model_dir):

@@ -45,7 +45,7 @@ class GateConfig:
     length_slack_tokens: float = help_field(4.0, help="tokens allowed on top of the length ratio")
     min_rm_accuracy: float = help_field(0.5, help="the reward model's held-out pairwise accuracy, lower confidence bound, must exceed this before its candidate can be promoted (no held-out votes: not checked)")
     rm_accuracy_z: float = help_field(1.0, help="z of that lower bound (1 ≈ 84 %% one-sided; 0: the plain accuracy)")
-    n_prompts: int = help_field(64, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
+    n_prompts: int = help_field(128, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     seed: int = help_field(0, help="sampling seed (the same for both versions)")
 

@@ -6,7 +6,9 @@ Run it by hand (the app's scheduler runs exactly this, in a child process):
 
 Steps, each recorded in the ``training_rounds`` table:
   1. read the votes; fewer A/B votes than ``min_votes`` → the round is skipped, reason recorded;
-  2. train the reward model (warm-started from the previous round's) on all votes;
+  2. train the reward model (warm-started from the previous round's, and one from the base
+     weights: the more accurate on the held-out votes is the candidate) on all votes; it
+     replaces the previous one only if at least as accurate;
   3. PPO from the reference policy (a fresh adapter; ``--init-policy live``: from the live
      adapter) against the reward model's normalised score;
   4. write the new adapter to a staging directory, then rename it into place as version N+1
@@ -66,6 +68,9 @@ class RoundConfig:
     threads: int = help_field(0, help="torch CPU threads for training (0: all but one core)")
     seed: int = help_field(0, help="random seed of the round")
     gate_enabled: bool = help_field(True, help="promote only candidates that pass the gate (training.gate)")
+    rm_fresh_candidate: bool = help_field(
+        True, help="also train a reward model from the base weights each round; the more accurate of "
+        "it and the warm-started one (same held-out votes) is the round's candidate")
     init_policy: str = help_field(
         "reference", choices=["reference", "live"],
         help="where PPO starts each round: a fresh adapter on the reference (SFT) policy, or the live adapter",
@@ -182,6 +187,17 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         except NotEnoughVotesError as exc:
             store.finish_round(round_id, "skipped", reason=f"too few votes: {exc}", votes_used=len(pairs))
             return store.round(round_id)
+        if init_dir is not None and config.rm_fresh_candidate:
+            # a warm start keeps fitting the earliest votes round after round; a model trained
+            # from the base on all votes competes with it on the same held-out votes
+            fresh, fresh_metrics = train_reward_model(config.model, tokenizer, pairs, config.reward)
+            warm_acc, fresh_acc = rm_metrics.get("rm/accuracy"), fresh_metrics.get("rm/accuracy")
+            rm_metrics["rm/warm_accuracy"], rm_metrics["rm/fresh_accuracy"] = warm_acc, fresh_acc
+            if fresh_acc is not None and warm_acc is not None and fresh_acc > warm_acc:
+                fresh_metrics["rm/prev_accuracy"] = rm_metrics["rm/prev_accuracy"]  # same split
+                fresh_metrics.update({k: rm_metrics[k] for k in ("rm/warm_accuracy", "rm/fresh_accuracy")})
+                rm, rm_metrics = fresh, fresh_metrics
+            rm_metrics["rm/from_scratch"] = float(rm is fresh)
         prev_acc, new_acc = rm_metrics.get("rm/prev_accuracy"), rm_metrics.get("rm/accuracy")
         keep_new = init_dir is None or not (new_acc is not None and prev_acc is not None and new_acc < prev_acc)
         rm_metrics["rm/replaced"] = float(keep_new)

@@ -72,7 +72,7 @@ class PPOConfig:
 
     init_kl_coef: float = help_field(0.2, help="β, the per-token KL penalty coefficient at the start")
     adaptive_kl: bool = help_field(True, help="adjust β towards kl_target (Ziegler et al. 2019, §2.2)")
-    kl_target: float = help_field(2.0, help="target KL per answer, nats (sum over answer tokens)")
+    kl_target: float = help_field(1.5, help="target KL per answer, nats (sum over answer tokens), mean over a round: KL grows within a round, so its end lands at about twice this")
     kl_horizon: int = help_field(100, help="controller horizon, in samples")
     gamma: float = help_field(1.0, help="discount over answer tokens")
     lam: float = help_field(0.95, help="GAE λ")
@@ -80,8 +80,8 @@ class PPOConfig:
     cliprange_value: float = help_field(0.2, help="ε of the clipped value loss")
     vf_coef: float = help_field(0.1, help="weight of the value loss")
     ppo_epochs: int = help_field(4, help="passes over each rollout batch")
-    mini_batch_size: int = help_field(8, help="answers per gradient step")
-    rollout_batch_size: int = help_field(16, help="answers sampled per iteration")
+    mini_batch_size: int = help_field(16, help="answers per gradient step")
+    rollout_batch_size: int = help_field(32, help="answers sampled per iteration (bench.online_loop: 32 gained more gold win rate per nat of KL than 16)")
     steps: int = help_field(12, help="iterations (rollout batches) per round")
     lr: float = help_field(1e-3, help="AdamW learning rate for the LoRA weights and the value head")
     max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
@@ -334,7 +334,8 @@ def ppo_train(
         ``objective/kl_coef`` (β at the end), ``objective/entropy``, ``ppo/clipfrac``,
         ``ppo/approx_kl``, ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/val/clipfrac``,
         ``ppo/grad_norm``, ``answer/length_tokens``, ``answer/no_eos_rate``, and
-        ``objective/reward_first`` / ``objective/reward_last`` (first and last iteration).
+        ``objective/reward_first`` / ``objective/reward_last`` (first and last iteration),
+        ``objective/kl_last`` (the last iteration's KL).
 
     Raises:
         ValueError: no prompts, or the policy has no LoRA adapter.
@@ -451,6 +452,7 @@ def ppo_train(
     metrics["objective/kl_coef"] = kl_ctl.value
     metrics["objective/reward_first"] = history[0]["objective/reward"]
     metrics["objective/reward_last"] = history[-1]["objective/reward"]
+    metrics["objective/kl_last"] = history[-1]["objective/kl"]  # KL grows within a round: the mean understates the end
     if normalizer is not None:
         metrics["objective/ref_score_mean"] = normalizer.mean
         metrics["objective/ref_score_std"] = normalizer.std
