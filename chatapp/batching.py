@@ -18,7 +18,8 @@ makes it the active one. Only this thread runs the model or changes its adapters
 ``prepare`` hook), so adapter loading can never interleave with a forward pass.
 
 Each request receives only its own tokens, on its own queue: ``("token", id)`` per token, then
-``("done", finish)`` with ``finish`` in ``eos | length | stopped``, or ``("error", exc)``.
+``("done", finish)`` with ``finish`` in ``eos | length | stopped``, or ``("error", exc)``;
+its ``ended`` event is set with that last event (a reader may sleep on it between updates).
 Caches other than plain ``DynamicLayer`` KV tensors (sliding windows, recurrent state) cannot be
 merged; such models decode one request at a time (``mergeable`` is False), still correctly.
 """
