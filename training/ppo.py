@@ -17,9 +17,10 @@ The reference is the same ``PeftModel`` with its adapter disabled
 (:func:`training.rollout.reference_model`). The optimizer holds only the active adapter's
 LoRA weights and the value head; base weights never change.
 
-Pure, hand-checkable pieces: :func:`logprobs_from_logits`, :func:`per_token_kl`,
-:func:`compute_gae`, :func:`whiten`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`,
-:class:`AdaptiveKLController`. The scheduled round in ``training.jobs`` calls :func:`ppo_train`. From the command line::
+Pure, hand-checkable pieces (in :mod:`training.ppo_math`, importable from here too):
+:func:`per_token_kl`, :func:`compute_gae`, :func:`whiten`, :func:`clipped_policy_loss`,
+:func:`clipped_value_loss`, :class:`AdaptiveKLController`; :func:`logprobs_from_logits` is in
+:mod:`training.rollout`. The scheduled round in ``training.jobs`` calls :func:`ppo_train`. From the command line::
 
     python -m training.ppo --model DIR_OR_HUB_ID --rm rm/ --prompts prompts.jsonl --out adapter/ \
         [--adapter previous_adapter/] [--steps 8 --lr 1e-4 ...]
@@ -43,6 +44,16 @@ import torch
 
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.models import end_of_turn_ids
+from training.ppo_math import (
+    AdaptiveKLController,
+    FixedKLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    masked_mean,
+    per_token_kl,
+    whiten,
+)
 from training.reward import RewardNormalizer
 from training.rollout import (
     Rollouts,
@@ -111,136 +122,6 @@ class PPOConfig:
                 f"PPOConfig.mini_batch_size ({self.mini_batch_size}) must be <= "
                 f"rollout_batch_size ({self.rollout_batch_size})"
             )
-
-
-# ---------------------------------------------------------------- pure functions
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``x`` over positions where ``mask`` is 1; (B, T), (B, T) → scalar."""
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def per_token_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """k1 estimator of KL(π ‖ π_ref) per sampled token: log π(a) − log π_ref(a), (B, T) nats.
-
-    Unbiased for the sequence KL when the tokens are sampled from π; this is the quantity both
-    penalised in the reward and logged as ``objective/kl`` (Ziegler et al. 2019)."""
-    return logprobs - ref_logprobs
-
-
-def compute_gae(
-    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous
-    Control Using Generalized Advantage Estimation", eq. 16).
-
-    δ_t = r_t + γ V_{t+1} − V_t,  A_t = δ_t + γλ A_{t+1},  returns R_t = A_t + V_t, with
-    V and A zero after the last answer token.
-
-    Args:
-        rewards: (B, T) per-token rewards.
-        values: (B, T) value estimates V_t.
-        mask: (B, T) 1 on answer tokens; must be a prefix per row (right-padded answers).
-
-    Returns:
-        ``(advantages (B, T), returns (B, T))``, zero where ``mask`` is 0.
-    """
-    mask = mask.to(values.dtype)
-    rewards, values = rewards * mask, values * mask
-    T = rewards.shape[1]
-    advantages = torch.zeros_like(values)
-    last = torch.zeros_like(values[:, 0])  # A_{t+1}, (B,)
-    for t in reversed(range(T)):
-        next_value = values[:, t + 1] if t + 1 < T else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last = (delta + gamma * lam * last) * mask[:, t]
-        advantages[:, t] = last
-    returns = (advantages + values) * mask
-    return advantages, returns
-
-
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(B, T) → (B, T): mean 0 (unless ``shift_mean=False``) and std 1 over masked positions,
-    zero elsewhere. Uses the unbiased variance."""
-    m = mask.to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1.0)
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1.0)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * m
-
-
-def clipped_policy_loss(
-    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-    mask: torch.Tensor, cliprange: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate (Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
-    eq. 7), as a loss to minimise:  mean_t max(−A_t ρ_t, −A_t clip(ρ_t, 1−ε, 1+ε)),
-    ρ_t = exp(log π − log π_old).
-
-    Args: (B, T) tensors; ``mask`` 1 on answer tokens.
-
-    Returns:
-        ``(loss, clipfrac, approx_kl)`` scalars: the fraction of tokens where the clipped term
-        was taken, and ½·mean (log π − log π_old)² (nats per token).
-    """
-    log_ratio = logprobs - old_logprobs  # (B, T)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clipfrac = masked_mean((clipped > unclipped).to(logprobs.dtype), mask)
-    approx_kl = 0.5 * masked_mean(log_ratio.detach() ** 2, mask)
-    return loss, clipfrac.detach(), approx_kl
-
-
-def clipped_value_loss(
-    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-    mask: torch.Tensor, cliprange_value: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss (Schulman et al. 2017 baselines; TRL's PPO):
-    ½ · mean_t max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²).
-
-    Returns ``(loss, clipfrac)`` scalars; clipfrac is the fraction of tokens where the clipped
-    term was larger."""
-    v_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
-    loss_unclipped = (values - returns) ** 2
-    loss_clipped = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-    clipfrac = masked_mean((loss_clipped > loss_unclipped).to(values.dtype), mask)
-    return loss, clipfrac.detach()
-
-
-class AdaptiveKLController:
-    """Adaptive β (Ziegler et al. 2019, §2.2): e = clip(KL/target − 1, −0.2, 0.2),
-    β ← β · (1 + e · n_steps / horizon). KL above target makes β grow, below makes it shrink."""
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        if init_kl_coef <= 0 or target <= 0 or horizon <= 0:
-            raise ValueError("init_kl_coef, target and horizon must all be > 0")
-        self.value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = int(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        """Update β from the observed KL (nats per answer) over ``n_steps`` samples; returns β."""
-        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-
-class FixedKLController:
-    """Constant β (``PPOConfig.adaptive_kl=False``)."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
-        return self.value
 
 
 class ValueHead(torch.nn.Module):
