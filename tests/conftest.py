@@ -7,6 +7,8 @@ The model is a 2-layer Llama built from a config (hidden size 32), saved with
 from __future__ import annotations
 
 import os
+import socket
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -75,3 +77,27 @@ def add_votes(store, n: int, choices=("a", "b")) -> None:
         cid = store.add_comparison(conv, f"s{i}", context, f"ok {i}", f"a much longer answer {i} " * 3, 0, 0, {}, {})
         store.vote(cid, choices[i % len(choices)])
         store.add_message(conv, "assistant", f"ok {i}", policy_version=0)
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for an app under test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def served_app(config):
+    """``app.build_app(config)`` served on ``config.port`` through the app's own ``launch``,
+    without blocking; yields ``(demo, scheduler)`` and always closes the server and shuts the
+    scheduler (if any) down."""
+    from app import build_app, launch
+
+    demo, scheduler = build_app(config)
+    try:
+        launch(demo, config, block=False)
+        yield demo, scheduler
+    finally:
+        demo.close()
+        if scheduler is not None:
+            scheduler.shutdown()

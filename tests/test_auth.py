@@ -11,15 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from app import AppConfig, build_app, launch, main
+from app import AppConfig, main
 from chatapp.auth import AdminAuth, parse_credential
+from tests.conftest import free_port, served_app
 from training.models import ModelLoadError, load_model_and_tokenizer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listening_addresses(port: int) -> set[str]:
@@ -67,16 +62,11 @@ def test_bad_auth_flags_fail_early_with_exit_code_2(tmp_path, capsys):
 @pytest.fixture
 def app_with_auth(tiny_model_dir, tmp_path):
     config = AppConfig(
-        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         max_new_tokens=2, auth="admin:s3cret",
     )  # fmt: skip
-    demo, scheduler = build_app(config)
-    launch(demo, config, block=False)
-    try:
+    with served_app(config):
         yield config
-    finally:
-        demo.close()
-        scheduler.shutdown()
 
 
 @pytest.mark.slow
@@ -119,15 +109,11 @@ def open_rounds(config) -> list:
 @pytest.mark.slow
 def test_host_flag_opens_the_app(tiny_model_dir, tmp_path):
     config = AppConfig(
-        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         host="0.0.0.0", no_train=True, max_new_tokens=2,
     )  # fmt: skip
-    demo, _ = build_app(config)
-    launch(demo, config, block=False)
-    try:
+    with served_app(config):
         assert _listening_addresses(config.port) & {"0.0.0.0", "00000000000000000000000000000000"}
-    finally:
-        demo.close()
 
 
 # ---- safetensors only -----------------------------------------------------------------------

@@ -19,15 +19,15 @@ import html
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from app import AppConfig, build_app, launch
+from app import AppConfig
 from chatapp.engine import ChatEngine
 from chatapp.service import MAX_MESSAGE_CHARS, ChatService, UserInputError
 from storage.db import open_store
+from tests.conftest import free_port, served_app
 
 pytestmark = pytest.mark.slow
 
@@ -43,12 +43,6 @@ HOSTILE_MESSAGES = [
 ]
 HOSTILE_REPLY = ' <img src=x onerror="window.__pwned=4;alert(4)"> <script>alert(5)</script> 1<2>0'
 BIG = "long message " * 8000  # ~100 KB
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -68,15 +62,11 @@ def hostile_model_output(monkeypatch):
 @pytest.fixture
 def app(tiny_model_dir, tmp_path, hostile_model_output):
     config = AppConfig(
-        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         max_new_tokens=4, temperature=1.0, no_train=True,
     )  # fmt: skip
-    demo, _ = build_app(config)
-    launch(demo, config, block=False)
-    try:
+    with served_app(config):
         yield config
-    finally:
-        demo.close()
 
 
 def _ends_with_hostile_reply():

@@ -6,23 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from app import AppConfig, build_app
+from app import AppConfig
 from storage.db import open_store
+from tests.conftest import free_port, served_app
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _digest(directory: Path) -> str:
@@ -34,7 +28,7 @@ def _digest(directory: Path) -> str:
 
 @pytest.fixture
 def running_app(tiny_model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     config = AppConfig(
         model=str(tiny_model_dir),
         data_dir=str(tmp_path / "data"),
@@ -45,14 +39,8 @@ def running_app(tiny_model_dir, tmp_path):
         temperature=1.0,
         gate=False,  # issue-2 path: publish every trained round; the gate has its own tests
     )
-    demo, scheduler = build_app(config)
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    try:
+    with served_app(config) as (demo, scheduler):
         yield config, demo, scheduler
-    finally:
-        demo.close()
-        if scheduler is not None:
-            scheduler.shutdown()
 
 
 def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):

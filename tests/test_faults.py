@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sys
 import threading
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from app import AppConfig, build_app, launch
 from storage.db import open_store
 from storage.registry import AdapterRegistry
-from tests.conftest import add_votes
+from tests.conftest import add_votes, free_port, served_app
 
 pytestmark = pytest.mark.slow
 WAIT_S = 300  # a deadline against hangs only
@@ -43,12 +42,6 @@ sys.exit(jobs.main(sys.argv[2:]))
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _last_reply_version(store) -> int:
     return store.db.execute(
         "select policy_version from messages where role = 'assistant' order by id desc limit 1"
@@ -58,7 +51,7 @@ def _last_reply_version(store) -> int:
 @pytest.fixture
 def app_config(tiny_model_dir, tmp_path):
     return AppConfig(
-        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         min_votes=6, max_new_tokens=4, gate=False,
     )  # fmt: skip
 
@@ -67,15 +60,13 @@ def test_kill_9_mid_publish_chat_lives_round_failed_nothing_half_written_served(
     from gradio_client import Client
 
     data = Path(app_config.data_dir)
-    demo, scheduler = build_app(app_config)
-    launch(demo, app_config, block=False)
-    store = open_store(data)
-    add_votes(store, 12, choices=("b", "a"))
-    client = Client(f"http://127.0.0.1:{app_config.port}/", verbose=False)
-    marker = tmp_path / "half-written"
-    round_fn = scheduler.round_fn
-    round_fn.command = [sys.executable, "-c", HALF_WRITE_THEN_HANG, str(marker)]
-    try:
+    with served_app(app_config) as (demo, scheduler):
+        store = open_store(data)
+        add_votes(store, 12, choices=("b", "a"))
+        client = Client(f"http://127.0.0.1:{app_config.port}/", verbose=False)
+        marker = tmp_path / "half-written"
+        round_fn = scheduler.round_fn
+        round_fn.command = [sys.executable, "-c", HALF_WRITE_THEN_HANG, str(marker)]
         runner = threading.Thread(target=scheduler.run_now, args=("manual",))
         runner.start()
         for _ in range(WAIT_S * 10):
@@ -112,9 +103,6 @@ def test_kill_9_mid_publish_chat_lives_round_failed_nothing_half_written_served(
         assert store.live_version() == result["version"] == 1
         client.predict("hello after the next round", False, api_name="/send")
         assert _last_reply_version(store) == 1
-    finally:
-        demo.close()
-        scheduler.shutdown()
 
 
 def test_restart_after_a_crash_cleans_staging_and_fails_the_stale_round(app_config):
@@ -153,7 +141,7 @@ def test_sigterm_shuts_down_like_ctrl_c(tiny_model_dir, tmp_path):
     import time
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.Popen(
         [sys.executable, "app.py", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data"),

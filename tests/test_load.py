@@ -8,7 +8,6 @@ The app runs in-process on a free port with the tiny model and a temporary SQLit
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import traceback
 import uuid
@@ -18,21 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from app import AppConfig, build_app, launch
+from app import AppConfig
 from storage.db import open_store
 from storage.registry import AdapterRegistry
+from tests.conftest import free_port, served_app
 from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
 
 pytestmark = pytest.mark.slow
 
 CLIENTS, VOTES = 50, 20
 CHOICES = ("a", "b", "tie", "both_bad")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _expected_choice(client: int, i: int) -> str:
@@ -92,35 +86,33 @@ def _read_votes_like_a_round(config: AppConfig, stop: threading.Event, seen: lis
 
 def test_1000_votes_from_50_concurrent_clients_while_a_round_reads(tiny_model_dir, tmp_path):
     config = AppConfig(
-        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=_free_port(),
+        model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         max_new_tokens=2, temperature=1.0, no_train=True, concurrency=16,
     )  # fmt: skip
-    demo, _ = build_app(config)
-    launch(demo, config, block=False)
     url = f"http://127.0.0.1:{config.port}/"
-    stop, seen, reader_errors = threading.Event(), [], []
+    with served_app(config):
+        stop, seen, reader_errors = threading.Event(), [], []
 
-    def reader():
+        def reader():
+            try:
+                _read_votes_like_a_round(config, stop, seen)
+            except Exception:  # noqa: BLE001 - reported by the assertion below
+                reader_errors.append(traceback.format_exc())
+
+        reading = threading.Thread(target=reader, name="round-reader")
+        reading.start()
+        errors: list[str] = []
         try:
-            _read_votes_like_a_round(config, stop, seen)
-        except Exception:  # noqa: BLE001 - reported by the assertion below
-            reader_errors.append(traceback.format_exc())
-
-    reading = threading.Thread(target=reader, name="round-reader")
-    reading.start()
-    errors: list[str] = []
-    try:
-        with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
-            futures = [pool.submit(_client_votes, url, c) for c in range(CLIENTS)]
-            for f in futures:
-                try:
-                    f.result()
-                except Exception as exc:  # noqa: BLE001 - every user-visible error is collected
-                    errors.append(f"{exc.__class__.__name__}: {exc}")
-    finally:
-        stop.set()
-        reading.join()
-        demo.close()
+            with ThreadPoolExecutor(max_workers=CLIENTS) as pool:
+                futures = [pool.submit(_client_votes, url, c) for c in range(CLIENTS)]
+                for f in futures:
+                    try:
+                        f.result()
+                    except Exception as exc:  # noqa: BLE001 - every user-visible error is collected
+                        errors.append(f"{exc.__class__.__name__}: {exc}")
+        finally:
+            stop.set()
+            reading.join()
 
     assert errors == [], f"{len(errors)} clients saw errors, e.g. {errors[:3]}"
     assert reader_errors == [], reader_errors[0]
