@@ -198,6 +198,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
                 fresh_metrics.update({k: rm_metrics[k] for k in ("rm/warm_accuracy", "rm/fresh_accuracy")})
                 rm, rm_metrics = fresh, fresh_metrics
             rm_metrics["rm/from_scratch"] = float(rm is fresh)
+            del fresh  # a losing model (a whole copy of the base) is freed now, not after PPO
         prev_acc, new_acc = rm_metrics.get("rm/prev_accuracy"), rm_metrics.get("rm/accuracy")
         keep_new = init_dir is None or not (new_acc is not None and prev_acc is not None and new_acc < prev_acc)
         rm_metrics["rm/replaced"] = float(keep_new)
