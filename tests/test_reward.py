@@ -15,6 +15,7 @@ from training.reward import (
     RewardModel,
     RewardNormalizer,
     answer_ids,
+    answer_span,
     encode_pairs,
     pairwise_loss,
     score,
@@ -58,11 +59,28 @@ def tok(tiny_model_dir):
 @pytest.fixture(scope="module")
 def rm(tiny_model_dir):
     model = RewardModel.from_base(str(tiny_model_dir), LoraSettings(r=4))
-    with torch.no_grad():  # a non-zero adapter, so LoRA is part of what is checked
+    assert model.uses_reference_features
+    with torch.no_grad():  # a non-zero adapter and head, so LoRA and head are part of what is checked
         for n, p in model.backbone.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
+        model.head.weight.normal_(0, 0.2)
+        model.feature_weight.copy_(torch.tensor([1.0, 0.5]))
     return model
+
+
+def _rows(seqs, answer_lens, width, pad, left):
+    """(ids, attention mask, answer mask), each (B, width), padded on the left or right."""
+    ids, mask, ans = [], [], []
+    for seq, n in zip(seqs, answer_lens, strict=True):
+        k = width - len(seq)
+        row_mask = [1] * len(seq)
+        row_ans = [0] * (len(seq) - n) + [1] * n
+        if left:
+            ids.append([pad] * k + seq), mask.append([0] * k + row_mask), ans.append([0] * k + row_ans)
+        else:
+            ids.append(seq + [pad] * k), mask.append(row_mask + [0] * k), ans.append(row_ans + [0] * k)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(ans)
 
 
 @pytest.mark.parametrize("pad_is_eos", [False, True])
@@ -71,34 +89,57 @@ def test_score_padding_invariant(rm, tok, pad_is_eos):
     prompt = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "hello there"},
               {"role": "assistant", "content": "hi"}, {"role": "user", "content": "what is 12 plus 30?"}]
     short = [{"role": "user", "content": "hi"}]
-    seq = answer_ids(tok, prompt, "it is 42.")
-    other = answer_ids(tok, short, "tac")
+    seq, n_seq = answer_span(tok, prompt, "it is 42.")
+    other, n_other = answer_span(tok, short, "tac")
+    longer, n_longer = answer_span(tok, short + [{"role": "assistant", "content": "x"}] + prompt[1:], "it is 42 or so.")
     assert seq.count(tok.eos_token_id) >= 4 and seq[-1] == tok.eos_token_id
     pad = tok.eos_token_id if pad_is_eos else tok.pad_token_id
-    n, m = len(seq), len(other)
-    alone = rm(torch.tensor([seq]), torch.ones(1, n, dtype=torch.long))
-    right_ids = torch.tensor([seq, other + [pad] * (n - m)])
-    right_mask = torch.tensor([[1] * n, [1] * m + [0] * (n - m)])
-    left_ids = torch.tensor([seq, [pad] * (n - m) + other])
-    left_mask = torch.tensor([[1] * n, [0] * (n - m) + [1] * m])
-    # the short row padded both ways, the long one padded too (a third, longer row)
-    longer = seq + answer_ids(tok, short, "x")
-    k = len(longer)
-    pad_long_right = torch.tensor([seq + [pad] * (k - n), longer])
-    pad_long_left = torch.tensor([[pad] * (k - n) + seq, longer])
-    mask_r = torch.tensor([[1] * n + [0] * (k - n), [1] * k])
-    mask_l = torch.tensor([[0] * (k - n) + [1] * n, [1] * k])
+    n, m, k = len(seq), len(other), len(longer)
+    assert m < n < k
     with torch.no_grad():
-        r = rm(right_ids, right_mask)
-        lft = rm(left_ids, left_mask)
-        other_alone = rm(torch.tensor([other]), torch.ones(1, m, dtype=torch.long))
-        rr = rm(pad_long_right, mask_r)
-        ll = rm(pad_long_left, mask_l)
-    for value in (r[0], lft[0], rr[0], ll[0]):
+        alone = rm(*_rows([seq], [n_seq], n, pad, left=False))
+        other_alone = rm(*_rows([other], [n_other], m, pad, left=False))
+        # the short row padded both ways; then the long one padded too (a third, longer row)
+        batched = [rm(*_rows([seq, other], [n_seq, n_other], n, pad, left)) for left in (False, True)]
+        padded = [rm(*_rows([seq, longer], [n_seq, n_longer], k, pad, left)) for left in (False, True)]
+        features_alone = rm.reference_features(*_rows([seq], [n_seq], n, pad, left=False))
+        features_left = rm.reference_features(*_rows([seq, longer], [n_seq, n_longer], k, pad, left=True))
+    for value in [b[0] for b in batched] + [p[0] for p in padded]:
         assert abs(value.item() - alone.item()) < 1e-4
-    for value in (r[1], lft[1]):
+    for value in [b[1] for b in batched]:
         assert abs(value.item() - other_alone.item()) < 1e-4
+    torch.testing.assert_close(features_left[0], features_alone[0], atol=1e-4, rtol=0)
     assert abs(alone.item() - other_alone.item()) > 1e-3  # scores do depend on the text
+
+
+def test_reference_features_are_the_base_models_answer_log_probs(rm, tok, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).eval()
+    prompt = [{"role": "user", "content": "what is the capital of France?"}]
+    seq, n = answer_span(tok, prompt, "Paris, I think.")
+    assert tok.decode(seq[-n:], skip_special_tokens=True).strip() == "Paris, I think."
+    with torch.no_grad():
+        logp = torch.log_softmax(base(torch.tensor([seq])).logits[0, :-1].float(), dim=-1)
+        token_logp = logp[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-n:]  # the answer's tokens
+        feats = rm.reference_features(*_rows([seq], [n], len(seq), tok.pad_token_id, left=False))[0]
+        with_lora = rm.backbone(torch.tensor([seq])).logits  # the adapter is on outside the reference pass
+    torch.testing.assert_close(feats, torch.stack([token_logp.mean(), token_logp.min()]), atol=1e-4, rtol=0)
+    assert not torch.allclose(with_lora[0, :-1].float().log_softmax(-1), logp, atol=1e-3)  # LoRA is non-zero
+    assert all(p.requires_grad == ("lora_" in name) for name, p in rm.backbone.named_parameters())
+    with pytest.raises(ValueError, match="answer_mask"):
+        rm(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
+
+
+def test_answer_span_marks_the_answer(tok):
+    prompt = [{"role": "user", "content": "hi " * 30}]
+    ids, n = answer_span(tok, prompt, "hello there")
+    assert ids == answer_ids(tok, prompt, "hello there")
+    assert tok.decode(ids[-n:], skip_special_tokens=True).strip() == "hello there" and ids[-1] == tok.eos_token_id
+    cut, n_cut = answer_span(tok, prompt, "hello there", max_length=n + 3)
+    assert cut == ids[-(n + 3):] and n_cut == n
+    tiny, n_tiny = answer_span(tok, prompt, "hello there", max_length=n)  # one token before the answer kept
+    assert len(tiny) == n and n_tiny == n - 1
 
 
 def test_score_function_matches_forward(rm, tok):
@@ -159,6 +200,10 @@ def test_config_validation():
         RewardConfig(heldout_fraction=1.0)
     with pytest.raises(ValueError, match="lr"):
         RewardConfig(lr=0)
+    with pytest.raises(ValueError, match="max_length"):
+        RewardConfig(max_length=1)
+    with pytest.raises(ValueError, match="feature_lr"):
+        RewardConfig(feature_lr=0)
 
 
 def test_normalizer():
@@ -241,3 +286,35 @@ def test_cli_trains_and_saves_from_exported_pairs(tiny_model_dir, tmp_path, caps
     bad.write_text('{"prompt": []}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         load_pairs_jsonl(bad)
+
+
+def test_feature_weights_follow_the_votes_and_stay_non_negative(tiny_model_dir, tok, tmp_path):
+    # Votes that prefer the answer the reference finds more likely raise the feature weights;
+    # votes that prefer the less likely one drive them towards 0, never below.
+    probe = RewardModel.from_base(str(tiny_model_dir), LoraSettings(r=4))
+    words = ["cat", "dog", "Paris", "blue", "seven", "hello", "today", "sorry", "name", "nice"]
+    pairs = []
+    for i in range(40):
+        prompt = [{"role": "user", "content": f"say something about {words[i % 10]}"}]
+        x, y = f"{words[i % 10]} {words[(i * 3 + 1) % 10]}", f"{words[(i * 7 + 2) % 10]} {words[(i + 5) % 10]} {words[i % 10]}"
+        sx, sy = score(probe, tok, [prompt, prompt], [x, y])  # zero head: the features alone
+        chosen, rejected = (x, y) if sx > sy else (y, x)
+        pairs.append({"conversation_id": f"c{i}", "prompt": prompt, "chosen": chosen, "rejected": rejected, "tie": False})
+    start = probe.feature_weights()
+    assert all(w == pytest.approx(0.1, rel=1e-4) for w in start.values())
+    cfg = RewardConfig(lr=1e-9, feature_lr=0.05, epochs=3, batch_size=8, heldout_fraction=0.25, min_votes=10,
+                       lora=LoraSettings(r=4))
+    agree, m_agree = train_reward_model(str(tiny_model_dir), tok, pairs, cfg)
+    flipped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    against, m_against = train_reward_model(str(tiny_model_dir), tok, flipped, cfg)
+    assert m_agree["rm/accuracy"] == 1.0 and m_against["rm/accuracy"] < 0.5
+    assert sum(agree.feature_weights().values()) > sum(start.values())
+    assert all(0.0 <= w < 0.1 for w in against.feature_weights().values())
+    assert m_against["rm/w_ref_mean_logp"] == pytest.approx(against.feature_weights()["ref_mean_logp"])
+    # saved and loaded with the model; an old model without features loads without them
+    off = RewardModel.from_base(str(tiny_model_dir), LoraSettings(r=4), reference_features=False)
+    assert not off.uses_reference_features and off.head.weight.abs().sum() > 0
+    off.save(tmp_path / "off")
+    assert not RewardModel.load(str(tiny_model_dir), tmp_path / "off").uses_reference_features
+    agree.save(tmp_path / "on")
+    assert RewardModel.load(str(tiny_model_dir), tmp_path / "on").feature_weights() == pytest.approx(agree.feature_weights())

@@ -1,7 +1,9 @@
 """Preference pairs for the reward model: tokenising, the held-out split by conversation, and
 reading TRL's conversational preference JSONL (what ``python -m storage export`` writes).
 
-A pair is ``{"conversation_id", "prompt": [messages], "chosen": str, "rejected": str, "tie": bool}``.
+A pair is ``{"conversation_id", "prompt": [messages], "chosen": str, "rejected": str, "tie": bool}``;
+encoded, it also carries how many trailing tokens of each sequence are the answer (the span the
+reward model's reference features are read over).
 Pairs whose two texts are identical carry no information and are dropped; so are pairs marked
 ``both_bad`` (stored by the app, left out of the loss).
 """
@@ -12,10 +14,20 @@ import hashlib
 import json
 
 
-def answer_ids(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
+def answer_span(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> tuple[list[int], int]:
     """Token ids of ``prompt`` with ``answer`` as an assistant turn, through the chat template,
     ending with the end-of-turn token (anything the template puts after it is cut; the token is
-    appended if the template leaves it out). Longer than ``max_length``: the front is cut."""
+    appended if the template leaves it out), and how many trailing ids are the answer.
+
+    The answer is what follows the longest common prefix with the prompt rendered with its
+    generation prompt (the assistant header); end-of-turn included. Longer than
+    ``max_length``: the front is cut, and the answer span keeps at least one token before it.
+
+    Returns:
+        ``(ids, n_answer)`` with ``1 <= n_answer <= len(ids) - 1`` (``len(ids) >= 2``).
+    """
+    from training.models import render_prompt
+
     out = tokenizer.apply_chat_template(
         list(prompt) + [{"role": "assistant", "content": answer}], tokenize=True,
         add_generation_prompt=False)
@@ -26,9 +38,21 @@ def answer_ids(tokenizer, prompt: list[dict], answer: str, max_length: int | Non
             ids = ids[: len(ids) - ids[::-1].index(eot)]
         if not ids or ids[-1] != eot:
             ids.append(eot)
+    shared = 0
+    for a, b in zip(render_prompt(tokenizer, prompt), ids, strict=False):
+        if a != b:
+            break
+        shared += 1
+    n_answer = len(ids) - shared
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]
-    return ids
+    return ids, max(1, min(n_answer, len(ids) - 1))
+
+
+def answer_ids(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
+    """The ids of :func:`answer_span` alone: prompt ⧺ answer ⧺ end-of-turn, front cut to
+    ``max_length``."""
+    return answer_span(tokenizer, prompt, answer, max_length)[0]
 
 
 def _usable(pair: dict) -> bool:
@@ -43,7 +67,9 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int = 512) -> list[di
             "tie": bool}`` dicts.
 
     Returns:
-        ``{"conversation_id", "chosen_ids", "rejected_ids", "tie"}`` dicts, in input order.
+        ``{"conversation_id", "chosen_ids", "rejected_ids", "chosen_answer_len",
+        "rejected_answer_len", "tie"}`` dicts, in input order (``*_answer_len``: trailing ids
+        that are the answer, see :func:`answer_span`).
 
     Raises:
         KeyError: a pair lacks one of the keys above (``tie`` defaults to False).
@@ -52,10 +78,14 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int = 512) -> list[di
     for pair in pairs:
         if not _usable(pair):
             continue
+        chosen, n_chosen = answer_span(tokenizer, pair["prompt"], pair["chosen"], max_length)
+        rejected, n_rejected = answer_span(tokenizer, pair["prompt"], pair["rejected"], max_length)
         out.append({
             "conversation_id": str(pair["conversation_id"]),
-            "chosen_ids": answer_ids(tokenizer, pair["prompt"], pair["chosen"], max_length),
-            "rejected_ids": answer_ids(tokenizer, pair["prompt"], pair["rejected"], max_length),
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "chosen_answer_len": n_chosen,
+            "rejected_answer_len": n_rejected,
             "tie": bool(pair.get("tie", False)),
         })
     return out

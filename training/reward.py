@@ -11,6 +11,18 @@ token), found from the attention mask, with position ids counted over real token
 scored alone, right-padded or left-padded in a batch gets the same score, whatever the pad id
 (pad may equal eos) and however many end-of-turn tokens the prompt holds.
 
+Reference features (on by default, ``RewardConfig.reference_features``): besides the head on the
+last hidden state, the score adds ``softplus(w) · f`` where ``f`` = (mean, min) of the answer's
+token log-probs under the reference policy — the base weights with the adapter disabled, i.e.
+the SFT model PPO is anchored to (nats per token, nats) — and ``w`` (2,) is learned from the
+votes with its own learning rate. A sampled answer the SFT model itself finds unlikely (a
+slipped digit, a garbled word) is often one users reject: language models are largely
+calibrated about their own answers (Kadavath et al. 2022, "Language Models (Mostly) Know What
+They Know"). The last hidden state alone cannot see how surprising earlier tokens were, and a
+few hundred votes are too few to learn it. The weights are kept ≥ 0, so votes that do not
+reward confidence (e.g. a preference for brevity) drive them to ~0 rather than rewarding
+unlikely text. The features are computed without gradient (the reference is frozen).
+
 The held-out split is by conversation (a stable hash of ``conversation_id`` and the seed), so a
 conversation never moves between splits as votes accumulate and successive reward models can be
 compared on the same held-out pairs (:func:`split_by_conversation`, :func:`evaluate_pairs`).
@@ -43,6 +55,7 @@ from training.cli import add_dataclass_args, dataclass_from_args, help_field
 from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer
 from training.preferences import (  # noqa: F401 - re-exported: part of this module's API
     answer_ids,
+    answer_span,
     encode_pairs,
     load_pairs_jsonl,
     split_by_conversation,
@@ -62,7 +75,7 @@ class NotEnoughVotesError(ValueError):
 class RewardConfig:
     """Reward-model training hyper-parameters."""
 
-    lr: float = help_field(1e-3, help="AdamW learning rate for the LoRA weights and the head")
+    lr: float = help_field(3e-4, help="AdamW learning rate for the LoRA weights and the head")
     epochs: int = help_field(4, help="passes over the training pairs")
     batch_size: int = help_field(8, help="pairs per gradient step")
     max_length: int = help_field(512, help="tokens of prompt ⧺ answer kept (the prompt is cut from the left)")
@@ -72,11 +85,17 @@ class RewardConfig:
     max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
     score_clip: float = help_field(5.0, help="PPO reward: normalised scores clipped to ±score_clip")
     lora: LoraSettings = help_field(default_factory=LoraSettings, help="the reward model's own adapter")
+    reference_features: bool = help_field(
+        True, help="add learned, non-negative weights on the reference policy's mean and min token "
+        "log-prob of the answer to the score (a new model only; a warm start keeps its own choice)")
+    feature_lr: float = help_field(0.1, help="AdamW learning rate of the reference-feature weights")
 
     def __post_init__(self):
-        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "score_clip"):
+        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "score_clip", "feature_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RewardConfig.{name} must be > 0, got {getattr(self, name)!r}")
+        if self.max_length < 2:
+            raise ValueError(f"RewardConfig.max_length must be >= 2 (a token before the answer), got {self.max_length}")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ValueError(f"RewardConfig.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.min_votes < 1:
@@ -96,28 +115,57 @@ def _load_base(base):
     )
 
 
-class RewardModel(torch.nn.Module):
-    """Causal-LM backbone (frozen base + LoRA adapter ``"default"``) and a scalar head.
+FEATURES = ("ref_mean_logp", "ref_min_logp")  # nats per answer token, nats
+FEATURE_INIT = 0.1  # softplus(w) of each reference feature at initialisation
+_LOGIT_CHUNK = 512  # answer positions projected to the vocabulary at once (512 × 150k vocab × 4 B = 300 MB)
 
-    ``forward(input_ids (B, T), attention_mask (B, T)) -> (B,)`` scores, read at the last
-    position where ``attention_mask`` is 1.
+
+class RewardModel(torch.nn.Module):
+    """Causal-LM backbone (frozen base + LoRA adapter ``"default"``) and a scalar head, plus
+    optional non-negative weights on reference features (see the module docstring).
+
+    ``forward(input_ids (B, T), attention_mask (B, T), answer_mask (B, T) | None) -> (B,)``
+    scores, read at the last position where ``attention_mask`` is 1.
     """
 
-    def __init__(self, backbone, head: torch.nn.Linear, base_name: str = ""):
+    def __init__(self, backbone, head: torch.nn.Linear, base_name: str = "",
+                 feature_weight: torch.nn.Parameter | None = None):
         super().__init__()
         self.backbone = backbone  # peft PeftModel
         self.head = head  # Linear(hidden, 1)
         self.base_name = str(base_name)
+        self.feature_weight = feature_weight  # (len(FEATURES),) raw; the weight is softplus(raw)
+
+    @property
+    def uses_reference_features(self) -> bool:
+        """True when the score includes the weighted reference features (needs ``answer_mask``)."""
+        return self.feature_weight is not None
+
+    def feature_weights(self) -> dict[str, float]:
+        """The current non-negative feature weights, by name (empty without features)."""
+        if self.feature_weight is None:
+            return {}
+        w = torch.nn.functional.softplus(self.feature_weight.detach()).tolist()
+        return dict(zip(FEATURES, w, strict=True))
 
     @staticmethod
     def _hidden_size(model) -> int:
         config = getattr(model.config, "text_config", None) or model.config
         return int(config.hidden_size)
 
+    @staticmethod
+    def _new_feature_weight() -> torch.nn.Parameter:
+        raw = math.log(math.expm1(FEATURE_INIT))  # softplus(raw) = FEATURE_INIT
+        return torch.nn.Parameter(torch.full((len(FEATURES),), raw))
+
     @classmethod
-    def from_base(cls, base_model_dir_or_id, lora_settings: LoraSettings | None = None, seed: int = 0):
-        """A fresh reward model on a new copy of the base: LoRA with B = 0, head ~ N(0, 1/(H+1))
-        (Stiennon et al. 2020 initialise the head so the initial scores have unit-ish scale)."""
+    def from_base(cls, base_model_dir_or_id, lora_settings: LoraSettings | None = None, seed: int = 0,
+                  reference_features: bool = True):
+        """A fresh reward model on a new copy of the base: LoRA with B = 0; with
+        ``reference_features``, feature weights ``FEATURE_INIT`` each and a zero head, so the
+        first score is the features alone rather than noise the votes must first undo (measured:
+        on 300 noisy votes a random head cost 5–15 points of pairwise accuracy); without, a head
+        ~ N(0, 1/(H+1)) (Stiennon et al. 2020: initial scores of unit-ish scale)."""
         model = _load_base(base_model_dir_or_id)
         backbone = add_lora(model, lora_settings or LoraSettings())
         H = cls._hidden_size(model)
@@ -126,11 +174,15 @@ class RewardModel(torch.nn.Module):
         with torch.no_grad():
             head.weight.copy_(torch.randn(1, H, generator=gen) / math.sqrt(H + 1))
             head.bias.zero_()
-        return cls(backbone, head, base_model_dir_or_id)
+            if reference_features:
+                head.weight.zero_()
+        weight = cls._new_feature_weight() if reference_features else None
+        return cls(backbone, head, base_model_dir_or_id, weight)
 
     @classmethod
     def load(cls, base_model_dir_or_id, directory, trainable: bool = False):
-        """Load a reward model written by :meth:`save` onto a new copy of the base.
+        """Load a reward model written by :meth:`save` onto a new copy of the base (a model
+        saved without reference features loads without them).
 
         Raises:
             FileNotFoundError: ``directory`` lacks the adapter or the head file.
@@ -143,43 +195,102 @@ class RewardModel(torch.nn.Module):
         model = _load_base(base_model_dir_or_id)
         backbone = load_lora(model, directory, trainable=trainable)
         state = load_file(str(directory / HEAD_FILE))
+        raw = state.pop("feature_weight", None)
         head = torch.nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)
         head.requires_grad_(trainable)
-        return cls(backbone, head, base_model_dir_or_id)
+        weight = None
+        if raw is not None:
+            weight = torch.nn.Parameter(raw.float().clone(), requires_grad=trainable)
+        return cls(backbone, head, base_model_dir_or_id, weight)
 
     def save(self, directory) -> None:
-        """Write the adapter, the head and a small JSON note to ``directory`` (created)."""
+        """Write the adapter, the head (and feature weights) and a small JSON note to
+        ``directory`` (created)."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(str(directory))
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
-                  str(directory / HEAD_FILE))
-        (directory / META_FILE).write_text(json.dumps({"base": self.base_name}) + "\n")
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
+        if self.feature_weight is not None:
+            tensors["feature_weight"] = self.feature_weight.detach().contiguous().cpu()
+        save_file(tensors, str(directory / HEAD_FILE))
+        meta = {"base": self.base_name, "features": self.feature_weights()}
+        (directory / META_FILE).write_text(json.dumps(meta) + "\n")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The LoRA weights and the head (what the optimizer holds)."""
+        """The LoRA weights and the head (what the optimizer holds), then the feature weight."""
         lora = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
-        return lora + list(self.head.parameters())
+        extra = [self.feature_weight] if self.feature_weight is not None else []
+        return lora + list(self.head.parameters()) + extra
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, T), (B, T) → (B,) scores at the last real token of each row."""
-        mask = attention_mask.long()
-        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T) real-token positions
+    def _decoder_hidden(self, input_ids, mask, positions) -> torch.Tensor:
+        """(B, T, H) last hidden states of the backbone as it is (adapter on or off)."""
         base = self.backbone.get_base_model()
         decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
         if decoder is not None:
-            hidden = decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                             use_cache=False).last_hidden_state  # (B, T, H)
-        else:
-            hidden = self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                   output_hidden_states=True, use_cache=False).hidden_states[-1]
+            return decoder(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                           use_cache=False).last_hidden_state
+        return self.backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             output_hidden_states=True, use_cache=False).hidden_states[-1]
+
+    @torch.no_grad()
+    def reference_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           answer_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids, (B, T) attention mask, (B, T) answer mask → (B, len(FEATURES)): the mean
+        (nats/token) and the min (nats) of the answer tokens' log-probs under the reference
+        policy (the backbone with its adapter disabled). Token t is predicted from position t−1;
+        only answer positions are projected to the vocabulary, in chunks.
+
+        Raises:
+            ValueError: a row has no answer token, or its first token is marked as answer.
+        """
+        from training.rollout import reference_model
+
+        mask = attention_mask.long()
+        answer = answer_mask.bool() & mask.bool()
+        if not bool(answer.any(dim=1).all()) or bool(answer[:, 0].any()):
+            raise ValueError("answer_mask must mark at least one token per row, never a row's first position")
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+        with reference_model(self.backbone):
+            hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
+        lm_head = self.backbone.get_base_model().get_output_embeddings()
+        rows, cols = answer[:, 1:].nonzero(as_tuple=True)  # predicting token cols+1 from cols
+        logps = []
+        for s in range(0, rows.numel(), _LOGIT_CHUNK):
+            r, c = rows[s:s + _LOGIT_CHUNK], cols[s:s + _LOGIT_CHUNK]
+            logits = lm_head(hidden[r, c]).float()  # (N, V)
+            targets = input_ids[r, c + 1]
+            logps.append(torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1))
+        token_logp = torch.zeros(answer.shape, dtype=torch.float32, device=hidden.device)
+        token_logp[rows, cols + 1] = torch.cat(logps)  # (B, T), 0 outside the answer
+        counts = answer.sum(dim=1).float()
+        mean = token_logp.sum(dim=1) / counts
+        lowest = token_logp.masked_fill(~answer, float("inf")).min(dim=1).values
+        return torch.stack([mean, lowest], dim=1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T), (B, T)[, (B, T)] → (B,) scores at the last real token of each row.
+
+        Raises:
+            ValueError: the model uses reference features and ``answer_mask`` is None.
+        """
+        mask = attention_mask.long()
+        positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T) real-token positions
+        hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
         T = mask.shape[1]
         last = (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # (B,) last real index
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+        scores = self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+        if self.feature_weight is not None:
+            if answer_mask is None:
+                raise ValueError("this reward model adds reference features: pass answer_mask (B, T)")
+            feats = self.reference_features(input_ids, mask, answer_mask)  # (B, F)
+            weight = torch.nn.functional.softplus(self.feature_weight)  # (F,) >= 0
+            scores = scores + (feats.to(weight.dtype) * weight).sum(dim=-1).to(scores.dtype)
+        return scores
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
@@ -197,21 +308,27 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.T
     return torch.nn.functional.binary_cross_entropy_with_logits(d, target)
 
 
-def _pad_right(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_right(rows: list[list[int]], pad_id: int, answer_lens: list[int]) -> tuple[torch.Tensor, ...]:
+    """Right-pad token lists to ``(ids, attention mask, answer mask)``, each (B, T); the answer
+    is the last ``answer_lens[i]`` real tokens of row i."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
+    answer = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (r, n) in enumerate(zip(rows, answer_lens, strict=True)):
         ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
-    return ids, mask
+        answer[i, len(r) - n:len(r)] = 1
+    return ids, mask, answer
 
 
 def _pair_scores(rm: RewardModel, batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected scores (B,), (B,) from one forward of 2B right-padded rows."""
-    ids, mask = _pad_right([p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad_id)
+    ids, mask, answer = _pad_right(
+        [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad_id,
+        [p["chosen_answer_len"] for p in batch] + [p["rejected_answer_len"] for p in batch])
     device = rm.head.weight.device
-    scores = rm(ids.to(device), mask.to(device))  # (2B,)
+    scores = rm(ids.to(device), mask.to(device), answer.to(device))  # (2B,)
     return scores[: len(batch)], scores[len(batch):]
 
 
@@ -269,11 +386,15 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         rm = RewardModel.load(base, init_dir, trainable=True)
         prev = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)  # same split, before training
     else:
-        rm = RewardModel.from_base(base, config.lora, seed=config.seed)
+        rm = RewardModel.from_base(base, config.lora, seed=config.seed,
+                                   reference_features=config.reference_features)
     params = rm.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    groups = [{"params": [p for p in params if p is not rm.feature_weight], "lr": config.lr}]
+    if rm.feature_weight is not None:
+        groups.append({"params": [rm.feature_weight], "lr": config.feature_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     rng = random.Random(config.seed)
     rm.eval()  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
     epoch_loss = float("nan")
@@ -302,6 +423,7 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         "rm/prev_accuracy": prev.get("rm/accuracy", float("nan")),
         "rm/heldout_conversations": len(set(heldout_ids)),
         "rm/train_s": time.time() - t0,
+        **{f"rm/w_{name}": w for name, w in rm.feature_weights().items()},
     })
     log.info("reward model: accuracy=%.3f loss=%.4f train=%d heldout=%d", metrics["rm/accuracy"],
              epoch_loss, len(train), len(heldout))
@@ -320,11 +442,13 @@ def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], answers: list[s
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     rm.eval()
-    rows = [answer_ids(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
+    spans = [answer_span(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
+    device = rm.head.weight.device
     out = []
-    for start in range(0, len(rows), batch_size):
-        ids, mask = _pad_right(rows[start:start + batch_size], tokenizer.pad_token_id)
-        out.append(rm(ids.to(rm.head.weight.device), mask.to(rm.head.weight.device)).float().cpu())
+    for start in range(0, len(spans), batch_size):
+        chunk = spans[start:start + batch_size]
+        ids, mask, answer = _pad_right([r for r, _ in chunk], tokenizer.pad_token_id, [n for _, n in chunk])
+        out.append(rm(ids.to(device), mask.to(device), answer.to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
