@@ -75,23 +75,24 @@ def test_run_gate_on_two_adapters(tiny_model_dir, single_thread):
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     policy = add_lora(model, LoraSettings(r=4), adapter_name="live")
     policy.add_adapter("candidate", LoraSettings(r=4).peft_config())
+    gen = torch.Generator().manual_seed(0)  # not the global RNG: other tests must not change this candidate
     with torch.no_grad():
         for name, p in policy.named_parameters():
             if "lora_B.candidate" in name:
-                p.normal_(0, 0.3)
+                p.copy_(torch.randn(p.shape, generator=gen) * 1.0)  # far enough that KL > 0 beats k1 noise
     policy.set_adapter("live")
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
     # reward = answer length in characters: a long-winded candidate "wins" but the gate sees it
     result = run_gate(policy, tok, lambda p, a: torch.tensor([float(len(x)) for x in a]), prompts,
-                      GateConfig(n_prompts=6, max_new_tokens=6, min_win_rate=0.0, max_kl=1e9),
+                      GateConfig(n_prompts=24, max_new_tokens=6, min_win_rate=0.0, max_kl=1e9),
                       candidate_adapter="candidate", live_adapter="live")
-    assert result.metrics["gate/n"] == 6 and result.metrics["gate/kl"] > 0
+    assert result.metrics["gate/n"] == 24 and result.metrics["gate/kl"] > 0  # k1 is noisy: 24 answers, not 6
     assert result.passed, result.reason
     assert policy.active_adapter == "live"
     assert flags == {n: p.requires_grad for n, p in policy.named_parameters()}
     strict = run_gate(policy, tok, lambda p, a: torch.zeros(len(a)), prompts,
-                      GateConfig(n_prompts=6, max_new_tokens=6, max_kl=1e-6),
+                      GateConfig(n_prompts=24, max_new_tokens=6, max_kl=1e-6),
                       candidate_adapter="candidate")
     assert not strict.passed and "KL" in strict.reason and "win rate" in strict.reason
     with pytest.raises(ValueError, match="no adapter"):

@@ -190,6 +190,25 @@ def test_ppo_train_moves_reward_and_only_lora(tiny_model_dir):
     assert value_head.summary.weight.abs().sum() > 0  # the value head trained too
 
 
+def test_rollout_batches_hold_each_prompt_k_times(tiny_model_dir):
+    policy, tok = make_policy(tiny_model_dir)
+    seen: list[list[str]] = []
+
+    def recording_reward(prompts, answers):
+        seen.append([p[-1]["content"] for p in prompts])
+        return e_reward(prompts, answers)
+
+    config = PPOConfig(steps=2, rollout_batch_size=8, mini_batch_size=8, samples_per_prompt=4, ppo_epochs=1,
+                       max_new_tokens=4, normalize_reward=False, seed=3)
+    ppo_train(policy, tok, recording_reward, PROMPTS, config)
+    assert len(seen) == 2
+    for batch in seen:  # two prompts a batch, each four times in a row
+        assert len(batch) == 8 and len(set(batch)) == 2
+        assert batch[:4] == [batch[0]] * 4 and batch[4:] == [batch[4]] * 4
+    with pytest.raises(ValueError, match="multiple of samples_per_prompt"):
+        PPOConfig(rollout_batch_size=6, mini_batch_size=6, samples_per_prompt=4)
+
+
 def test_ppo_train_input_errors(tiny_model_dir):
     policy, tok = make_policy(tiny_model_dir)
     with pytest.raises(ValueError, match="prompt"):

@@ -13,6 +13,7 @@ from training.ppo import (
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
+    leave_one_out_baseline,
     logprobs_from_logits,
     per_token_kl,
     whiten,
@@ -108,3 +109,17 @@ def test_kl_controller_direction():
 def test_ppo_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         PPOConfig(**{field: value})
+
+
+def test_leave_one_out_baseline_hand_computed():
+    # two prompts, four answers each: s_i − mean of the other three
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 4.0])
+    expected = torch.tensor([1 - 11 / 3, 2 - 10 / 3, 3 - 9 / 3, 6 - 6 / 3, 0 - 4 / 3, 0 - 4 / 3, 0 - 4 / 3, 4 - 0])
+    torch.testing.assert_close(leave_one_out_baseline(scores, 4), expected)
+    # a constant added to one prompt's scores (an easy prompt) changes nothing
+    shifted = scores + torch.tensor([5.0] * 4 + [0.0] * 4)
+    torch.testing.assert_close(leave_one_out_baseline(shifted, 4), expected)
+    with pytest.raises(ValueError, match="group_size"):
+        leave_one_out_baseline(scores, 3)
+    with pytest.raises(ValueError, match="group_size"):
+        leave_one_out_baseline(scores, 1)
