@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         launch(demo, config)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM while Gradio was still starting up (before its
+        demo.close()  # own wait loop, which handles it, took over): the same clean shutdown
     finally:
         if scheduler is not None:
             scheduler.shutdown()
