@@ -209,6 +209,56 @@ def test_rollout_batches_hold_each_prompt_k_times(tiny_model_dir):
         PPOConfig(rollout_batch_size=6, mini_batch_size=6, samples_per_prompt=4)
 
 
+def _demo_nll(policy, examples) -> float:
+    from training.ppo import _PtxBatches
+
+    with torch.no_grad():
+        return float(_PtxBatches(examples, len(examples), 0, 0, "cpu").loss(policy))
+
+
+def test_ppo_ptx_holds_the_demonstrations(tiny_model_dir):
+    # PPO-ptx: the same PPO run, with and without γ × the demonstrations' NLL; with it, the
+    # policy ends up assigning them more likelihood (and logs the term).
+    from training.starter.loop import encode_conversation
+
+    tok = load_model_and_tokenizer(tiny_model_dir)[1]
+    demos = [encode_conversation(tok, [{"role": "user", "content": p[0]["content"]},
+                                       {"role": "assistant", "content": "the cat sat on the mat."}])
+             for p in PROMPTS]
+    nll = {}
+    for coef in (0.0, 2.0):
+        policy, _ = make_policy(tiny_model_dir, sharpen=10.0)
+        config = PPOConfig(lr=5e-2, steps=4, rollout_batch_size=8, mini_batch_size=8, ppo_epochs=2,
+                           max_new_tokens=6, normalize_reward=False, ptx_coef=coef, seed=0)
+        metrics = ppo_train(policy, tok, e_reward, PROMPTS, config, ptx_examples=demos)
+        assert ("ppo/loss/ptx" in metrics) == (coef > 0)
+        nll[coef] = _demo_nll(policy, demos)
+    assert nll[2.0] < nll[0.0] - 0.1, nll
+
+
+def test_ptx_demonstrations_sources(tiny_model_dir, tmp_path):
+    import json
+
+    from training.jobs import RoundConfig, ptx_demonstrations
+
+    def config(**kw):
+        return RoundConfig(ppo=PPOConfig(ptx_coef=0.1), **kw)
+
+    tok = load_model_and_tokenizer(tiny_model_dir)[1]
+    assert ptx_demonstrations(config(model=str(tiny_model_dir)), tok) == []  # not the starter, no file
+    starter_like = tmp_path / "starter"
+    starter_like.mkdir()
+    (starter_like / "starter.json").write_text("{}")
+    from_corpus = ptx_demonstrations(config(model=str(starter_like), ptx_examples=5), tok)
+    assert len(from_corpus) == 5 and all(any(t != -100 for t in labels) for _, labels in from_corpus)
+    data = tmp_path / "demos.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello there"}]}) + "\n")
+    (ids, labels), = ptx_demonstrations(config(model=str(tiny_model_dir), ptx_data=str(data)), tok)
+    assert tok.decode([t for t in labels if t != -100], skip_special_tokens=True).strip() == "hello there"
+    assert ptx_demonstrations(RoundConfig(model=str(starter_like)), tok) == []  # off by default
+
+
 def test_ppo_train_input_errors(tiny_model_dir):
     policy, tok = make_policy(tiny_model_dir)
     with pytest.raises(ValueError, match="prompt"):

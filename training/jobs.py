@@ -10,7 +10,8 @@ Steps, each recorded in the ``training_rounds`` table:
      weights: the more accurate on the held-out votes is the candidate) on all votes; it
      replaces the previous one only if at least as accurate;
   3. PPO from the reference policy (a fresh adapter; ``--init-policy live``: from the live
-     adapter) against the reward model's normalised score;
+     adapter) against the reward model's normalised score (with ``--ppo.ptx-coef``: PPO-ptx on
+     demonstrations, the starter's SFT corpus or ``--ptx-data``);
   4. write the new adapter to a staging directory, then rename it into place as version N+1
      and make it live (the serving engine picks it up at its next reply).
 A round that raises is recorded as failed with the reason; nothing half-written is published.
@@ -75,6 +76,10 @@ class RoundConfig:
         "reference", choices=["reference", "live"],
         help="where PPO starts each round: a fresh adapter on the reference (SFT) policy, or the live adapter",
     )
+    ptx_data: str = help_field(
+        "", help="JSONL of demonstration conversations (python -m training.sft's format) for PPO-ptx "
+        "(--ppo.ptx-coef); empty: the starter's own SFT corpus when the model is the starter, else none")
+    ptx_examples: int = help_field(2000, help="most demonstration conversations used for PPO-ptx")
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -86,9 +91,44 @@ class RoundConfig:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.ptx_examples < 1:
+            raise ValueError(f"ptx_examples must be >= 1, got {self.ptx_examples}")
         if self.init_policy not in ("reference", "live"):
             raise ValueError(f"init_policy must be 'reference' or 'live', got {self.init_policy!r}")
         self.reward.min_votes = self.min_votes  # one knob: --min-votes
+
+
+def ptx_demonstrations(config: RoundConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Demonstrations for PPO-ptx as ``(ids, labels)`` (loss on assistant tokens only): the
+    conversations of ``config.ptx_data``, or, without it, the starter's SFT corpus when
+    ``config.model`` is a starter directory (regenerated from its recipe, not stored); else
+    none. At most ``config.ptx_examples``; none when ``config.ppo.ptx_coef`` is 0.
+
+    Raises:
+        training.sft.SftDataError: ``ptx_data`` is missing, empty or holds no valid conversation.
+    """
+    if config.ppo.ptx_coef <= 0:
+        return []
+    from training.starter.loop import encode_conversation
+
+    if config.ptx_data:
+        from training.sft import read_conversations
+
+        conversations, _bad = read_conversations(config.ptx_data)
+    elif (Path(config.model) / "starter.json").is_file():
+        from training.starter.corpus import generate_conversations
+
+        conversations = [c["messages"] for c in generate_conversations(config.seed + 1_000, config.ptx_examples)]
+    else:
+        log.info("PPO-ptx off: no --ptx-data and the model is not the starter")
+        return []
+    out = []
+    for messages in conversations[: config.ptx_examples]:
+        try:
+            out.append(encode_conversation(tokenizer, messages))
+        except ValueError:
+            continue  # no assistant tokens under this template: nothing to learn from
+    return out
 
 
 def preference_pairs(store: Store) -> list[dict]:
@@ -223,7 +263,8 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             policy = add_lora(model, adapter_name="policy")
         else:
             policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
-        ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo)
+        ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo,
+                                ptx_examples=ptx_demonstrations(config, tokenizer))
         metrics = {**rm_metrics, **ppo_metrics}
 
         # 4. gate: candidate vs live on held-out prompts, judged by the reward model
