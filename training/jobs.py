@@ -109,13 +109,14 @@ def ptx_demonstrations(config: RoundConfig, tokenizer) -> list[tuple[list[int], 
     """
     if config.ppo.ptx_coef <= 0:
         return []
+    from training.starter.build import STARTER_JSON
     from training.starter.loop import encode_conversation
 
     if config.ptx_data:
         from training.sft import read_conversations
 
         conversations, _bad = read_conversations(config.ptx_data)
-    elif (Path(config.model) / "starter.json").is_file():
+    elif (Path(config.model) / STARTER_JSON).is_file():
         from training.starter.corpus import generate_conversations
 
         conversations = [c["messages"] for c in generate_conversations(config.seed + 1_000, config.ptx_examples)]
