@@ -15,6 +15,7 @@ from training.gate import GateConfig
 from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
 from training.models import load_model_and_tokenizer
 from training.ppo import PPOConfig
+from training.rejection import RejectionConfig
 from training.reward import RewardConfig
 from training.scheduler import TrainingScheduler
 
@@ -36,6 +37,7 @@ def _config(data: Path, model_dir, **overrides) -> RoundConfig:
         model=str(model_dir),
         min_votes=6,
         reward=RewardConfig(epochs=1, batch_size=4),
+        rs=RejectionConfig(n=2, steps=1, batch_size=2, max_new_tokens=6, only_ended=False),
         ppo=PPOConfig(steps=1, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6, normalize_samples=4),
         gate=GateConfig(n_prompts=4, max_new_tokens=6),
     )
@@ -79,6 +81,7 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir):
     assert _version_dirs(data) == ["v0", "v1"]
     assert (data / "reward" / "latest" / "reward_model.json").is_file()
     assert "rm/accuracy" in result["metrics"] and "objective/kl" in result["metrics"]
+    assert result["metrics"]["rs/examples"] > 0  # rejection sampling ran before PPO
     # a second round warm-starts the reward model from the first
     again = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
     assert again["status"] == "succeeded", again

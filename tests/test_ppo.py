@@ -210,10 +210,10 @@ def test_rollout_batches_hold_each_prompt_k_times(tiny_model_dir):
 
 
 def _demo_nll(policy, examples) -> float:
-    from training.ppo import _PtxBatches
+    from training.rejection import DemonstrationBatches
 
     with torch.no_grad():
-        return float(_PtxBatches(examples, len(examples), 0, 0, "cpu").loss(policy))
+        return float(DemonstrationBatches(examples, len(examples), 0, 0, "cpu").loss(policy))
 
 
 def test_ppo_ptx_holds_the_demonstrations(tiny_model_dir):

@@ -9,9 +9,10 @@ Steps, each recorded in the ``training_rounds`` table:
   2. train the reward model (warm-started from the previous round's, and one from the base
      weights: the more accurate on the held-out votes is the candidate) on all votes; it
      replaces the previous one only if at least as accurate;
-  3. PPO from the reference policy (a fresh adapter; ``--init-policy live``: from the live
-     adapter) against the reward model's normalised score (with ``--ppo.ptx-coef``: PPO-ptx on
-     demonstrations, the starter's SFT corpus or ``--ptx-data``);
+  3. from the reference policy (a fresh adapter; ``--init-policy live``: from the live
+     adapter): rejection-sampling fine-tuning on the reward model's best of ``--rs.n`` answers
+     per prompt (training.rejection; ``--rs.n 1``: off), then PPO against its normalised score
+     (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations, the starter's SFT corpus or ``--ptx-data``);
   4. write the new adapter to a staging directory, then rename it into place as version N+1
      and make it live (the serving engine picks it up at its next reply).
 A round that raises is recorded as failed with the reason; nothing half-written is published.
@@ -44,6 +45,7 @@ from training.models import (
     save_adapter,
 )
 from training.ppo import PPOConfig, ppo_train
+from training.rejection import RejectionConfig, rejection_sampling_finetune
 from training.reward import (
     NotEnoughVotesError,
     RewardConfig,
@@ -81,6 +83,7 @@ class RoundConfig:
         "(--ppo.ptx-coef); empty: the starter's own SFT corpus when the model is the starter, else none")
     ptx_examples: int = help_field(2000, help="most demonstration conversations used for PPO-ptx")
     reward: RewardConfig = field(default_factory=RewardConfig)
+    rs: RejectionConfig = field(default_factory=RejectionConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -251,8 +254,8 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             rm = RewardModel.load(config.model, init_dir)
         reward_fn = make_reward_fn(rm, tokenizer)
 
-        # 3. PPO against the newest reward model; reference = adapter disabled. By default the
-        #    policy starts from the reference (a fresh adapter, B = 0) every round, so the drift a
+        # 3. rejection sampling, then PPO, against the newest reward model; reference = adapter
+        #    disabled. By default the policy starts from the reference (a fresh adapter, B = 0) every round, so the drift a
         #    less accurate earlier reward model caused is not compounded: each candidate is one
         #    KL-bounded step from the SFT policy, scored with everything voted so far (the votes
         #    still come from the live policy: the loop stays online). β carries over from the
@@ -264,9 +267,12 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             policy = add_lora(model, adapter_name="policy")
         else:
             policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
+        rs_metrics = {}
+        if config.rs.enabled:  # best-of-n distillation first (Llama 2's rejection sampling)
+            rs_metrics = rejection_sampling_finetune(policy, tokenizer, reward_fn, ppo_prompts, config.rs)
         ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo,
                                 ptx_examples=ptx_demonstrations(config, tokenizer))
-        metrics = {**rm_metrics, **ppo_metrics}
+        metrics = {**rm_metrics, **rs_metrics, **ppo_metrics}
 
         # 4. gate: candidate vs live on held-out prompts, judged by the reward model
         passed, reason = True, ""
@@ -311,11 +317,42 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
     return store.round(round_id)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point; exit code 0 unless the round failed."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], exit_on_error=exit_on_error)
     add_dataclass_args(parser, RoundConfig)
     parser.add_argument("--trigger", default="manual", help="recorded with the round")
+    return parser
+
+
+APP_ROUND_FLAGS = ("--data-dir", "--model", "--min-votes", "--seed", "--gate-enabled", "--trigger")
+
+
+def parse_round_flags(flags: list[str]) -> RoundConfig:
+    """Check extra flags the app passes to every round (``python app.py --round-args``) the way
+    ``python -m training.jobs`` will read them, so a typo fails at startup, not in every round.
+
+    Returns:
+        the :class:`RoundConfig` they give (with the app's own flags at their defaults).
+
+    Raises:
+        ValueError: an unknown flag, a bad value, or a flag the app sets itself (its message names it).
+    """
+    taken = [f for f in flags if f.split("=", 1)[0] in APP_ROUND_FLAGS]
+    if taken:
+        raise ValueError(f"{', '.join(taken)}: the app sets this for every round; use the app's own flag")
+    parser = _parser(exit_on_error=False)
+    try:
+        args, unknown = parser.parse_known_args(flags)
+    except argparse.ArgumentError as exc:
+        raise ValueError(f"training flag {exc}") from None
+    if unknown:
+        raise ValueError(f"unknown training flag(s) {' '.join(unknown)}; see python -m training.jobs --help")
+    return dataclass_from_args(RoundConfig, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; exit code 0 unless the round failed."""
+    parser = _parser()
     args = parser.parse_args(argv)
     try:
         config = dataclass_from_args(RoundConfig, args)

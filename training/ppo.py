@@ -55,6 +55,7 @@ from training.ppo_math import (
     per_token_kl,
     whiten,
 )
+from training.rejection import DemonstrationBatches, active_lora_params
 from training.reward import RewardNormalizer
 from training.rollout import (
     Rollouts,
@@ -158,18 +159,6 @@ class ValueHead(torch.nn.Module):
 # ---------------------------------------------------------------- the loop
 
 
-def _active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
-    active = policy.active_adapter
-    active = active[0] if isinstance(active, list | tuple) else active
-    params = [(n, p) for n, p in policy.named_parameters() if "lora_" in n and f".{active}." in n]
-    if not params:
-        raise ValueError(
-            f"the policy has no LoRA weights for its active adapter {active!r}; "
-            "wrap the base with training.models.add_lora before PPO"
-        )
-    return params
-
-
 def _hidden_size(policy) -> int:
     config = policy.get_base_model().config if hasattr(policy, "get_base_model") else policy.config
     config = getattr(config, "text_config", None) or config
@@ -185,36 +174,6 @@ def _prompt_batches(n_prompts: int, batch: int, steps: int, seed: int) -> list[l
         rng.shuffle(idx)
         order += idx
     return [order[i * batch:(i + 1) * batch] for i in range(steps)]
-
-
-class _PtxBatches:
-    """Right-padded minibatches of demonstration ``(ids, labels)``, in a shuffled cycle."""
-
-    def __init__(self, examples, batch_size: int, pad_id: int, seed: int, device):
-        self.examples, self.batch_size, self.pad_id, self.device = examples, batch_size, pad_id, device
-        self.rng = random.Random(seed + 31)
-        self.order: list[int] = []
-
-    def loss(self, policy) -> torch.Tensor:
-        """Mean token NLL (nats) of the next ``batch_size`` demonstrations under ``policy``."""
-        while len(self.order) < self.batch_size:
-            idx = list(range(len(self.examples)))
-            self.rng.shuffle(idx)
-            self.order += idx
-        take, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        rows = [self.examples[i] for i in take]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (row_ids, row_labels) in enumerate(rows):
-            ids[r, :len(row_ids)] = torch.tensor(row_ids)
-            labels[r, :len(row_labels)] = torch.tensor(row_labels)
-            mask[r, :len(row_ids)] = 1
-        logits = policy(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits  # (b, T, V)
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].to(self.device).reshape(-1),
-            ignore_index=-100)
 
 
 def fit_reference_normalizer(
@@ -277,7 +236,7 @@ def ppo_train(
     if not prompts:
         raise ValueError("ppo_train needs at least one prompt")
     t0 = time.time()
-    trainable = _active_lora_params(policy)
+    trainable = active_lora_params(policy)
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     device = next(policy.parameters()).device
     eos_ids = end_of_turn_ids(policy, tokenizer)
@@ -295,7 +254,7 @@ def ppo_train(
     params = [p for _, p in trainable] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, eps=1e-5, weight_decay=0.0)
     history: list[dict] = []
-    ptx = _PtxBatches(ptx_examples, config.mini_batch_size, tokenizer.pad_token_id, config.seed, device) \
+    ptx = DemonstrationBatches(ptx_examples, config.mini_batch_size, tokenizer.pad_token_id, config.seed, device) \
         if ptx_examples and config.ptx_coef > 0 else None
     k = config.samples_per_prompt
     batches = [[i for i in idx for _ in range(k)]  # each prompt k times, adjacent

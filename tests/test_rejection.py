@@ -1,0 +1,116 @@
+"""Rejection-sampling fine-tuning on a tiny real model: the kept answer is each prompt's best
+of n, its example holds exactly the sampled tokens, answers cut at the limit are left out, and
+fine-tuning moves only the active adapter towards the rewarded answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from training.models import LoraSettings, add_lora, end_of_turn_ids, load_model_and_tokenizer
+from training.rejection import IGNORE, RejectionConfig, best_of_n, rejection_sampling_finetune
+from training.rollout import generate_rollouts, reference_model
+
+PROMPTS = [[{"role": "user", "content": t}] for t in (
+    "hello there", "what is 12 plus 30?", "the capital of France?", "spell cat backwards",
+    "my name is Ada", "how are you today?")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_policy(model_dir, sharpen: float = 10.0):
+    """Tiny base (embeddings scaled so sampling is not uniform noise) + a fresh adapter."""
+    model, tok = load_model_and_tokenizer(model_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(sharpen)
+    torch.manual_seed(0)
+    return add_lora(model, LoraSettings(r=8)), tok
+
+
+def e_reward(prompts, answers):
+    """Toy reward: occurrences of the letter 'e' in the answer."""
+    return torch.tensor([a.count("e") / 4.0 for a in answers])
+
+
+def test_best_of_n_keeps_each_prompts_best_sampled_tokens(tiny_model_dir):
+    policy, tok = make_policy(tiny_model_dir)
+    eos = end_of_turn_ids(policy, tok)
+    config = RejectionConfig(n=4, max_new_tokens=12, rollout_batch_size=4, only_ended=False, seed=3)
+    picked = best_of_n(policy, tok, e_reward, PROMPTS, config)
+    assert picked.scores.shape == (4, len(PROMPTS)) and len(picked.answers) == 4
+    assert all(k is not None for k in picked.chosen) and len(picked.examples) == len(PROMPTS)
+    for p, k in enumerate(picked.chosen):
+        assert picked.scores[k, p] == picked.scores[:, p].max()
+        # the same answer again, sampled on its own with the seed best_of_n gave it
+        seed = config.seed * 1_000_003 + k * 100_003 + p  # row p of the batch: base seed + p
+        ro = generate_rollouts(policy, tok, [PROMPTS[p]], config.max_new_tokens, eos, seed=seed)
+        assert ro.answers[0] == picked.answers[k][p]
+        ids, labels = picked.examples[p]
+        prompt_ids = ro.query_ids[0][ro.query_mask[0].bool()].tolist()
+        answer_ids = ro.response_ids[0][ro.response_mask[0].bool()].tolist()
+        assert ids == prompt_ids + answer_ids
+        assert labels == [IGNORE] * len(prompt_ids) + answer_ids  # loss on the answer only
+
+
+def test_answers_cut_at_the_limit_are_left_out(tiny_model_dir):
+    policy, tok = make_policy(tiny_model_dir)
+    config = RejectionConfig(n=3, max_new_tokens=3, rollout_batch_size=8, seed=1)
+    picked = best_of_n(policy, tok, e_reward, PROMPTS, config)
+    assert not picked.ended.all()  # a random tiny model rarely ends within 3 tokens
+    for p, k in enumerate(picked.chosen):
+        if k is None:
+            assert not picked.ended[:, p].any()
+        else:  # the best among the answers that ended, even if a cut one scored higher
+            assert picked.ended[k, p]
+            assert picked.scores[k, p] == picked.scores[picked.ended[:, p], p].max()
+    assert len(picked.examples) == sum(k is not None for k in picked.chosen)
+
+
+def test_finetune_moves_only_the_active_adapter_towards_the_reward(tiny_model_dir):
+    policy, tok = make_policy(tiny_model_dir)
+    policy.add_adapter("other", LoraSettings(r=4).peft_config())  # not active: must not change
+    policy.set_adapter("default")
+    policy.train()
+    eos = end_of_turn_ids(policy, tok)
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+
+    def mean_reward():
+        with torch.no_grad():
+            ro = generate_rollouts(policy, tok, PROMPTS * 8, 12, eos, seed=999)
+        return e_reward(None, ro.answers).mean().item()
+
+    start = mean_reward()
+    config = RejectionConfig(n=8, steps=30, batch_size=6, lr=3e-2, max_new_tokens=12, only_ended=False, seed=0)
+    metrics = rejection_sampling_finetune(policy, tok, e_reward, PROMPTS, config)
+    assert mean_reward() > start + 0.1
+    assert metrics["rs/score_best"] > metrics["rs/score_mean"]
+    assert metrics["rs/nll_last"] < metrics["rs/nll_first"]
+    assert metrics["rs/examples"] == len(PROMPTS)
+    assert policy.training  # mode restored
+    assert {n: p.requires_grad for n, p in policy.named_parameters()} == flags
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n and ".default." in n for n in changed)
+    with reference_model(policy), torch.no_grad():  # the reference is still the base
+        ro = generate_rollouts(policy, tok, PROMPTS, 12, eos, seed=5)
+    base, _ = load_model_and_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        base.get_input_embeddings().weight.mul_(10.0)
+        assert generate_rollouts(base, tok, PROMPTS, 12, eos, seed=5).answers == ro.answers
+
+
+def test_rejection_config_errors(tiny_model_dir):
+    with pytest.raises(ValueError, match="RejectionConfig.n must be > 0"):
+        RejectionConfig(n=0)
+    assert not RejectionConfig().enabled and RejectionConfig(n=2).enabled  # off by default
+    policy, tok = make_policy(tiny_model_dir)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        best_of_n(policy, tok, e_reward, [], RejectionConfig())
+    with pytest.raises(ValueError, match="2 scores for 6 answers"):
+        best_of_n(policy, tok, lambda p, a: torch.zeros(2), PROMPTS, RejectionConfig(n=2, max_new_tokens=4))

@@ -1,0 +1,253 @@
+"""Rejection-sampling fine-tuning (best-of-n distillation) of the policy adapter, run before PPO.
+
+Llama 2 (Touvron et al. 2023, §3.2.3) trained its chat models with rejection sampling before PPO:
+sample ``n`` answers per prompt from the current policy, keep the one the reward model scores
+highest, and fine-tune on those as if they were demonstrations (also RAFT, Dong et al. 2023).
+The fine-tuned policy moves towards the best-of-n policy, whose KL to the sampling policy is at
+most ``log n − (n − 1)/n`` nats (Stiennon et al. 2020, App. G.3; 1.20 nats for n = 8), and it
+learns only from text the policy itself wrote, so it keeps its skills better than a policy
+gradient step that buys the same reward.
+
+Steps of :func:`rejection_sampling_finetune`:
+
+    1 sample   n answers per prompt, pure temperature-1 sampling      n × P answers
+    2 score    reward_fn(prompts, answers)                            (n, P) raw scores
+    3 select   per prompt, the best-scoring answer that ended (end-of-turn token)
+    4 tune     token NLL of the selected answers (prompt tokens masked), AdamW on the active
+               adapter's LoRA weights, ``steps`` minibatches
+
+Measured on the starter model with ``bench.online_loop --votes 300 --noise 0.1`` (n = 8, 100
+steps). One round replayed on a finished run's votes, against PPO alone:
+
+* brevity annotator: gold win rate 0.86 at 2.96 nats (PPO alone: 0.76 at 1.84);
+* correctness annotator: 0.575 (PPO alone: 0.41-0.46).
+
+In the whole online loop (one run each) the correctness annotator's gold win rate rose from
+0.41-0.46 to 0.55, but the brevity annotator's fell from 0.82-0.84 to 0.72: the gate turned
+down more candidates. So it is off by default (``n`` = 1).
+
+Not a script; :mod:`training.jobs` runs it in each round when ``--rs.n`` > 1 (``--rs.steps``, …).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from training.cli import help_field
+from training.models import end_of_turn_ids
+from training.rollout import generate_rollouts
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+IGNORE = -100  # label of tokens without loss (PyTorch's cross-entropy ignore_index)
+
+
+@dataclass
+class RejectionConfig:
+    """Rejection-sampling fine-tuning settings (flags ``--rs.*`` of ``python -m training.jobs``)."""
+
+    n: int = help_field(
+        1, help="answers sampled per prompt; the reward model's best is kept (1 = off, the default). "
+        "bench.online_loop with 8, one run each: the correctness annotator's gold win rate rose from "
+        "0.41-0.46 to 0.55, the brevity annotator's fell from 0.82-0.84 to 0.72")
+    steps: int = help_field(100, help="fine-tuning minibatches on the kept answers")
+    batch_size: int = help_field(16, help="kept answers per fine-tuning step")
+    lr: float = help_field(5e-4, help="AdamW learning rate for the policy adapter's LoRA weights")
+    max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
+    max_new_tokens: int = help_field(48, help="answer length limit, tokens")
+    rollout_batch_size: int = help_field(64, help="prompts sampled at once")
+    only_ended: bool = help_field(
+        True, help="keep only answers that ended with an end-of-turn token (a prompt whose n answers "
+        "all hit the length limit is left out), so the policy is not taught to ramble")
+    seed: int = help_field(0, help="sampling seeds and minibatch order")
+
+    def __post_init__(self):
+        for name in ("n", "steps", "batch_size", "lr", "max_grad_norm", "max_new_tokens", "rollout_batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RejectionConfig.{name} must be > 0, got {getattr(self, name)!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """True when more than one answer per prompt is sampled (best of one is no selection)."""
+        return self.n > 1
+
+
+def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of the LoRA weights of the policy's active adapter.
+
+    Raises:
+        ValueError: the active adapter has no LoRA weights.
+    """
+    active = policy.active_adapter
+    active = active[0] if isinstance(active, list | tuple) else active
+    params = [(n, p) for n, p in policy.named_parameters() if "lora_" in n and f".{active}." in n]
+    if not params:
+        raise ValueError(
+            f"the policy has no LoRA weights for its active adapter {active!r}; "
+            "wrap the base with training.models.add_lora first"
+        )
+    return params
+
+
+class DemonstrationBatches:
+    """Right-padded minibatches of ``(ids, labels)`` token lists (labels ``-100`` where no loss),
+    drawn in a shuffled cycle; :meth:`loss` is their mean token NLL under a model."""
+
+    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
+                 seed: int, device):
+        if not examples:
+            raise ValueError("DemonstrationBatches needs at least one example")
+        self.examples, self.batch_size, self.pad_id, self.device = examples, batch_size, pad_id, device
+        self.rng = random.Random(seed + 31)
+        self.order: list[int] = []
+
+    def loss(self, model) -> torch.Tensor:
+        """Mean NLL (nats per labelled token) of the next ``batch_size`` examples; scalar with grad."""
+        while len(self.order) < self.batch_size:
+            idx = list(range(len(self.examples)))
+            self.rng.shuffle(idx)
+            self.order += idx
+        take, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
+        rows = [self.examples[i] for i in take]
+        width = max(len(ids) for ids, _ in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (row_ids, row_labels) in enumerate(rows):
+            ids[r, :len(row_ids)] = torch.tensor(row_ids)
+            labels[r, :len(row_labels)] = torch.tensor(row_labels)
+            mask[r, :len(row_ids)] = 1
+        logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits  # (b, T, V)
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].to(self.device).reshape(-1),
+            ignore_index=IGNORE)
+
+
+@dataclass
+class BestOfN:
+    """What step 1–3 produced. P = prompts, n = answers per prompt."""
+
+    answers: list[list[str]]  # (n, P) sampled answers
+    scores: torch.Tensor  # (n, P) raw reward-model scores
+    ended: torch.Tensor  # (n, P) bool, the answer ended with an end-of-turn token
+    chosen: list[int | None]  # (P,) index into answers of the kept answer; None: prompt left out
+    examples: list[tuple[list[int], list[int]]]  # kept (prompt ⧺ answer ids, labels on the answer)
+
+
+@torch.no_grad()
+def best_of_n(policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], config: RejectionConfig,
+              eos_ids: list[int] | None = None) -> BestOfN:
+    """Steps 1–3: sample ``config.n`` answers per prompt from ``policy`` as it is (pure
+    sampling), score them, and keep each prompt's best as a training example whose tokens are
+    exactly the sampled ones (prompt tokens labelled ``-100``; the answer and its end-of-turn
+    token labelled).
+
+    Raises:
+        ValueError: no prompts, or ``reward_fn`` returns the wrong number of scores.
+    """
+    if not prompts:
+        raise ValueError("best_of_n needs at least one prompt")
+    eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
+    P, n = len(prompts), config.n
+    answers: list[list[str]] = [[] for _ in range(n)]
+    tokens: list[list[tuple[list[int], list[int]]]] = [[] for _ in range(n)]
+    scores = torch.empty(n, P)
+    ended = torch.zeros(n, P, dtype=torch.bool)
+    for k in range(n):
+        for start in range(0, P, config.rollout_batch_size):
+            chunk = prompts[start:start + config.rollout_batch_size]
+            ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
+                                   seed=config.seed * 1_000_003 + k * 100_003 + start)
+            for q_ids, q_mask, r_ids, r_mask in zip(ro.query_ids, ro.query_mask, ro.response_ids,
+                                                    ro.response_mask, strict=True):
+                tokens[k].append((q_ids[q_mask.bool()].tolist(), r_ids[r_mask.bool()].tolist()))
+            raw = torch.as_tensor(reward_fn(chunk, ro.answers), dtype=torch.float32).flatten()
+            if raw.shape[0] != len(chunk):
+                raise ValueError(f"reward_fn returned {raw.shape[0]} scores for {len(chunk)} answers")
+            scores[k, start:start + len(chunk)] = raw
+            ended[k, start:start + len(chunk)] = ro.ended.cpu()
+            answers[k] += ro.answers
+    eligible = ended if config.only_ended else torch.ones_like(ended)
+    masked = scores.masked_fill(~eligible, float("-inf"))  # (n, P)
+    chosen: list[int | None] = []
+    examples = []
+    for p in range(P):
+        if not bool(eligible[:, p].any()):
+            chosen.append(None)
+            continue
+        k = int(masked[:, p].argmax())
+        chosen.append(k)
+        query, answer = tokens[k][p]
+        if answer:
+            examples.append((query + answer, [IGNORE] * len(query) + answer))
+    return BestOfN(answers, scores, ended, chosen, examples)
+
+
+def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]],
+                                config: RejectionConfig) -> dict:
+    """Fine-tune the active LoRA adapter of ``policy`` on its own best-of-n answers (steps 1–4).
+
+    Args:
+        policy: a peft ``PeftModel``; only its active adapter's LoRA weights change, and every
+            ``requires_grad`` flag and the train/eval mode are restored at the end.
+        reward_fn: ``(prompts, answers) -> (B,)`` raw scores (:func:`training.reward.make_reward_fn`).
+        prompts: conversations ending with a user turn.
+
+    Returns:
+        Metrics (floats): ``rs/score_mean`` (all samples), ``rs/score_best`` (the kept ones),
+        ``rs/examples`` (kept answers), ``rs/ended_rate``, ``rs/nll_first`` and ``rs/nll_last``
+        (nats per token, first and last minibatch), ``rs/length_tokens`` (kept answers) and
+        ``time/rs_s`` (seconds). Empty metrics with ``rs/examples`` 0 when no answer ended.
+
+    Raises:
+        ValueError: no prompts, or the policy has no LoRA adapter.
+    """
+    t0 = time.time()
+    trainable = active_lora_params(policy)
+    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    was_training = policy.training
+    device = next(policy.parameters()).device
+    policy.eval()  # no dropout while sampling or tuning: the same function PPO will see
+    try:
+        picked = best_of_n(policy, tokenizer, reward_fn, prompts, config)
+        metrics = {
+            "rs/score_mean": float(picked.scores.mean()),
+            "rs/ended_rate": float(picked.ended.float().mean()),
+            "rs/examples": float(len(picked.examples)),
+        }
+        if not picked.examples:
+            log.warning("rejection sampling: no sampled answer ended; nothing to fine-tune on")
+            return {**metrics, "time/rs_s": time.time() - t0}
+        kept = [picked.scores[k, p] for p, k in enumerate(picked.chosen) if k is not None]
+        metrics["rs/score_best"] = float(torch.stack(kept).mean())
+        metrics["rs/length_tokens"] = sum(sum(1 for t in lab if t != IGNORE) for _, lab in picked.examples) / len(
+            picked.examples)
+        for _, p in trainable:
+            p.requires_grad_(True)
+        params = [p for _, p in trainable]
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+        batches = DemonstrationBatches(picked.examples, config.batch_size, tokenizer.pad_token_id, config.seed, device)
+        nll = []
+        for _step in range(config.steps):
+            loss = batches.loss(policy)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            nll.append(float(loss.detach()))
+        optimizer.zero_grad(set_to_none=True)
+        metrics.update({"rs/nll_first": nll[0], "rs/nll_last": nll[-1], "time/rs_s": time.time() - t0})
+    finally:
+        for n, p in policy.named_parameters():
+            if p.requires_grad != flags.get(n, p.requires_grad):
+                p.requires_grad_(flags[n])
+        policy.train(was_training)
+    log.info("rejection sampling done: %s", ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
+    return metrics
