@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ class AppConfig:
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
     seed: int = help_field(0, help="seed of the starter build and of training rounds")
+    round_args: str = help_field("", help='more flags for every training round, given with "=": --round-args="--rs.n 8 --ppo.ptx-coef 0.1" (python -m training.jobs --help lists them)')
     threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one); 1 measured best on 2 cores")
 
     def __post_init__(self):
@@ -57,6 +59,26 @@ class AppConfig:
             from chatapp.auth import parse_credential
 
             parse_credential(self.auth)  # fail early: USER:PASS
+        if self.round_args:
+            from training.jobs import parse_round_flags
+
+            parse_round_flags(self.round_flags)  # fail early, not in every round
+
+    @property
+    def round_flags(self) -> list[str]:
+        """``round_args`` split as a shell would (quotes kept together), a relative
+        ``--ptx-data`` path made absolute (the round runs in the project directory).
+
+        Raises:
+            ValueError: unbalanced quotes.
+        """
+        flags = shlex.split(self.round_args)
+        for i, flag in enumerate(flags):
+            if flag == "--ptx-data" and i + 1 < len(flags) and flags[i + 1]:
+                flags[i + 1] = str(Path(flags[i + 1]).resolve())
+            elif flag.startswith("--ptx-data=") and len(flag) > len("--ptx-data="):
+                flags[i] = "--ptx-data=" + str(Path(flag.split("=", 1)[1]).resolve())
+        return flags
 
 
 def _model_identity(model: str) -> str:
@@ -143,7 +165,7 @@ def build_app(config: AppConfig):
     if not config.no_train:
         round_args = ["--data-dir", str(data_dir), "--model", model_ref,
                       "--min-votes", str(config.min_votes), "--seed", str(config.seed),
-                      "--gate-enabled", str(config.gate).lower()]  # fmt: skip
+                      "--gate-enabled", str(config.gate).lower(), *config.round_flags]  # fmt: skip
         round_fn = subprocess_round(round_args, data_dir / "logs" / "training.log", store, registry)
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes)
     demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir, admin=admin))

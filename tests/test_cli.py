@@ -51,3 +51,21 @@ def test_validation_and_bad_values():
         _parse(["--inner.adaptive", "maybe"])
     with pytest.raises(SystemExit):
         _parse(["--steps", "three"])
+
+
+def test_app_round_args_are_checked_at_startup_and_reach_the_round(tmp_path, monkeypatch):
+    from app import AppConfig
+    from training.jobs import parse_round_flags
+
+    monkeypatch.chdir(tmp_path)
+    config = AppConfig(round_args="--rs.n 8 --ppo.ptx-coef 0.1 --ptx-data 'my demos.jsonl'")
+    flags = config.round_flags
+    assert flags[-2:] == ["--ptx-data", str(tmp_path / "my demos.jsonl")]  # the round runs elsewhere
+    round_config = parse_round_flags(flags)
+    assert round_config.rs.n == 8 and round_config.ppo.ptx_coef == 0.1
+    assert round_config.ptx_data == str(tmp_path / "my demos.jsonl")
+    for bad, message in (("--ppo.lr fast", "--ppo.lr"), ("--no-such-flag 1", "--no-such-flag"),
+                         ("--rs.n 0", "RejectionConfig.n"), ("--min-votes 3", "app sets this"),
+                         ("--model=x", "app sets this"), ("--rs.n '8", "quotation")):
+        with pytest.raises(ValueError, match=message):
+            AppConfig(round_args=bad)
