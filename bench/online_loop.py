@@ -72,6 +72,7 @@ class BenchConfig:
     startup_timeout_s: float = help_field(600.0, help="longest wait for the app to come up")
     threads: int = help_field(1, help="torch threads of the evaluation (0: all cores; on shared cores 1 is fastest)")
     app_threads: int = help_field(1, help="OMP_NUM_THREADS of the app process (0: torch's default, all cores)")
+    round_args: str = help_field("", help='the app\'s --round-args, given with "=": --round-args="--rs.n 8" (options of the training rounds)')
 
     def __post_init__(self):
         if ":" not in self.annotator:
@@ -81,6 +82,10 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
+        if self.round_args:
+            from app import AppConfig
+
+            AppConfig(round_args=self.round_args)  # the app's own check, before anything starts
 
 
 def load_annotator(spec: str):
@@ -131,6 +136,8 @@ class App:
                "--min-new-votes", "1000000", "--min-votes", str(config.min_votes), "--gate", "true",
                "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
                "--seed", str(config.seed)]  # fmt: skip
+        if config.round_args:
+            cmd.append(f"--round-args={config.round_args}")
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}

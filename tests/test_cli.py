@@ -69,3 +69,11 @@ def test_app_round_args_are_checked_at_startup_and_reach_the_round(tmp_path, mon
                          ("--model=x", "app sets this"), ("--rs.n '8", "quotation")):
         with pytest.raises(ValueError, match=message):
             AppConfig(round_args=bad)
+
+
+def test_benchmark_checks_round_args_before_starting():
+    from bench.online_loop import BenchConfig
+
+    assert BenchConfig(round_args="--rs.n 8").round_args == "--rs.n 8"
+    with pytest.raises(ValueError, match="--rs.n"):
+        BenchConfig(round_args="--rs.n eight")
