@@ -254,12 +254,13 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             rm = RewardModel.load(config.model, init_dir)
         reward_fn = make_reward_fn(rm, tokenizer)
 
-        # 3. rejection sampling, then PPO, against the newest reward model; reference = adapter
-        #    disabled. By default the policy starts from the reference (a fresh adapter, B = 0) every round, so the drift a
-        #    less accurate earlier reward model caused is not compounded: each candidate is one
-        #    KL-bounded step from the SFT policy, scored with everything voted so far (the votes
-        #    still come from the live policy: the loop stays online). β carries over from the
-        #    last round that trained, so the KL controller keeps adapting.
+        # 3. rejection sampling (if on), then PPO, against the newest reward model; reference =
+        #    adapter disabled. By default the policy starts from the reference (a fresh adapter,
+        #    B = 0) every round, so the drift a less accurate earlier reward model caused is not
+        #    compounded: each candidate is one KL-bounded step from the SFT policy, scored with
+        #    everything voted so far (the votes still come from the live policy: the loop stays
+        #    online). β carries over from the last round that trained, so the KL controller keeps
+        #    adapting.
         previous_beta = _last_kl_coef(store)
         if previous_beta is not None and config.ppo.adaptive_kl:
             config.ppo.init_kl_coef = previous_beta
