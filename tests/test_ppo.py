@@ -256,6 +256,12 @@ def test_ptx_demonstrations_sources(tiny_model_dir, tmp_path):
                                              {"role": "assistant", "content": "hello there"}]}) + "\n")
     (ids, labels), = ptx_demonstrations(config(model=str(tiny_model_dir), ptx_data=str(data)), tok)
     assert tok.decode([t for t in labels if t != -100], skip_special_tokens=True).strip() == "hello there"
+    with data.open("a") as f:  # one conversation far longer than a 64-token window: left out
+        f.write(json.dumps({"messages": [{"role": "user", "content": "hi " * 200},
+                                         {"role": "assistant", "content": "ok"}]}) + "\n")
+    both = ptx_demonstrations(config(model=str(tiny_model_dir), ptx_data=str(data)), tok)
+    fitting = ptx_demonstrations(config(model=str(tiny_model_dir), ptx_data=str(data)), tok, max_tokens=64)
+    assert len(both) == 2 and fitting == [(ids, labels)]
     assert ptx_demonstrations(RoundConfig(model=str(starter_like)), tok) == []  # off by default
 
 

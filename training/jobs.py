@@ -101,11 +101,12 @@ class RoundConfig:
         self.reward.min_votes = self.min_votes  # one knob: --min-votes
 
 
-def ptx_demonstrations(config: RoundConfig, tokenizer) -> list[tuple[list[int], list[int]]]:
+def ptx_demonstrations(config: RoundConfig, tokenizer, max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
     """Demonstrations for PPO-ptx as ``(ids, labels)`` (loss on assistant tokens only): the
     conversations of ``config.ptx_data``, or, without it, the starter's SFT corpus when
     ``config.model`` is a starter directory (regenerated from its recipe, not stored); else
-    none. At most ``config.ptx_examples``; none when ``config.ppo.ptx_coef`` is 0.
+    none. At most ``config.ptx_examples``; none when ``config.ppo.ptx_coef`` is 0. Conversations
+    longer than ``max_tokens`` (the model's context window) are left out, with a log line.
 
     Raises:
         training.sft.SftDataError: ``ptx_data`` is missing, empty or holds no valid conversation.
@@ -126,12 +127,18 @@ def ptx_demonstrations(config: RoundConfig, tokenizer) -> list[tuple[list[int], 
     else:
         log.info("PPO-ptx off: no --ptx-data and the model is not the starter")
         return []
-    out = []
+    out, too_long = [], 0
     for messages in conversations[: config.ptx_examples]:
         try:
-            out.append(encode_conversation(tokenizer, messages))
+            ids, labels = encode_conversation(tokenizer, messages)
         except ValueError:
             continue  # no assistant tokens under this template: nothing to learn from
+        if max_tokens is not None and len(ids) > max_tokens:
+            too_long += 1
+            continue
+        out.append((ids, labels))
+    if too_long:
+        log.warning("PPO-ptx: %d demonstration(s) longer than the %d-token context window left out", too_long, max_tokens)
     return out
 
 
@@ -272,7 +279,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         if config.rs.enabled:  # best-of-n distillation first (Llama 2's rejection sampling)
             rs_metrics = rejection_sampling_finetune(policy, tokenizer, reward_fn, ppo_prompts, config.rs)
         ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo,
-                                ptx_examples=ptx_demonstrations(config, tokenizer))
+                                ptx_examples=ptx_demonstrations(config, tokenizer, max_tokens=window))
         metrics = {**rm_metrics, **rs_metrics, **ppo_metrics}
 
         # 4. gate: candidate vs live on held-out prompts, judged by the reward model
