@@ -131,6 +131,29 @@ def test_reference_features_are_the_base_models_answer_log_probs(rm, tok, tiny_m
         rm(torch.tensor([seq]), torch.ones(1, len(seq), dtype=torch.long))
 
 
+def test_reference_features_follow_the_models_own_logit_soft_capping(tok, tmp_path):
+    # Gemma 2 soft-caps its logits (cap · tanh(logits / cap)) after the LM head; the reference
+    # features must be the log-probs of the model's own forward, cap included.
+    from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                          final_logit_softcapping=0.5, pad_token_id=tok.pad_token_id,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    reward_model = RewardModel.from_base(str(tmp_path), LoraSettings(r=4))
+    seq, n = answer_span(tok, [{"role": "user", "content": "what is 12 plus 30?"}], "it is 42.")
+    with torch.no_grad():
+        logits = base(torch.tensor([seq])).logits[0, :-1].float()
+        assert logits.abs().max() <= 0.5 + 1e-5  # the cap is on
+        logp = torch.log_softmax(logits, dim=-1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])][-n:]
+        feats = reward_model.reference_features(*_rows([seq], [n], len(seq), tok.pad_token_id, left=False))[0]
+    torch.testing.assert_close(feats, torch.stack([logp.mean(), logp.min()]), atol=1e-4, rtol=0)
+
+
 def test_answer_span_marks_the_answer(tok):
     prompt = [{"role": "user", "content": "hi " * 30}]
     ids, n = answer_span(tok, prompt, "hello there")

@@ -52,6 +52,25 @@ FEATURE_INIT = 0.1  # softplus(w) of each reference feature at initialisation
 _LOGIT_CHUNK = 512  # answer positions projected to the vocabulary at once (512 × 150k vocab × 4 B = 300 MB)
 
 
+def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """(N, H) last hidden states → (N, V) next-token logits as the model's own forward computes
+    them: the LM head, then the final-logit transforms some families apply after it —
+    soft-capping ``cap · tanh(logits / cap)`` (Gemma 2/3, ``final_logit_softcapping``), Cohere's
+    ``logit_scale`` and Granite's ``logits_scaling`` (transformers' modeling code of each)."""
+    config = getattr(model.config, "text_config", None) or model.config
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None:
+        logits = logits * scale
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling:
+        logits = logits / scaling
+    return logits
+
+
 class RewardModel(torch.nn.Module):
     """Causal-LM backbone (frozen base + LoRA adapter ``"default"``) and a scalar head, plus
     optional non-negative weights on reference features (see the module docstring).
@@ -185,12 +204,12 @@ class RewardModel(torch.nn.Module):
         positions = position_ids_from_mask(mask)
         with reference_model(self.backbone):
             hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
-        lm_head = self.backbone.get_base_model().get_output_embeddings()
+        base = self.backbone.get_base_model()
         rows, cols = answer[:, 1:].nonzero(as_tuple=True)  # predicting token cols+1 from cols
         logps = []
         for s in range(0, rows.numel(), _LOGIT_CHUNK):
             r, c = rows[s:s + _LOGIT_CHUNK], cols[s:s + _LOGIT_CHUNK]
-            logits = lm_head(hidden[r, c])  # (N, V)
+            logits = output_logits(base, hidden[r, c])  # (N, V)
             logps.append(logprobs_from_logits(logits[None], input_ids[r, c + 1][None])[0])  # (N,)
         token_logp = torch.zeros(answer.shape, dtype=torch.float32, device=hidden.device)
         token_logp[rows, cols + 1] = torch.cat(logps)  # (B, T), 0 outside the answer
