@@ -45,7 +45,7 @@ class AppConfig:
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
     seed: int = help_field(0, help="seed of the starter build and of training rounds")
-    round_args: str = help_field("", help='more flags for every training round, given with "=": --round-args="--rs.n 8 --ppo.ptx-coef 0.1" (python -m training.jobs --help lists them)')
+    round_args: str = help_field("", help='more flags for every training round, best written with "=": --round-args="--rs.n 8 --ppo.ptx-coef 0.1" (python -m training.jobs --help lists them)')
     threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one); 1 measured best on 2 cores")
 
     def __post_init__(self):
@@ -62,7 +62,10 @@ class AppConfig:
         if self.round_args:
             from training.jobs import parse_round_flags
 
-            parse_round_flags(self.round_flags)  # fail early, not in every round
+            try:
+                parse_round_flags(self.round_flags)  # fail early, not in every round
+            except ValueError as exc:
+                raise ValueError(f"--round-args: {exc}") from None
 
     @property
     def round_flags(self) -> list[str]:
@@ -75,9 +78,9 @@ class AppConfig:
         flags = shlex.split(self.round_args)
         for i, flag in enumerate(flags):
             if flag == "--ptx-data" and i + 1 < len(flags) and flags[i + 1]:
-                flags[i + 1] = str(Path(flags[i + 1]).resolve())
+                flags[i + 1] = str(Path(flags[i + 1]).expanduser().resolve())
             elif flag.startswith("--ptx-data=") and len(flag) > len("--ptx-data="):
-                flags[i] = "--ptx-data=" + str(Path(flag.split("=", 1)[1]).resolve())
+                flags[i] = "--ptx-data=" + str(Path(flag.split("=", 1)[1]).expanduser().resolve())
         return flags
 
 
@@ -141,9 +144,10 @@ def build_app(config: AppConfig):
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
-    data_dir = Path(config.data_dir)
+    # absolute: the training child runs in the project directory, not where the app was started
+    data_dir = Path(config.data_dir).expanduser().resolve()
     if config.model:
-        model_ref = config.model
+        model_ref = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     else:
         from training.starter import ensure_starter
 
@@ -196,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the app and serve it until interrupted; exit code 2 on bad input."""
     parser = argparse.ArgumentParser(description="RLHF chat: chat, compare, vote; the model learns online.")
     add_dataclass_args(parser, AppConfig)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        training = any(u.startswith(("--rs.", "--ppo.", "--reward.", "--gate.", "--ptx-")) for u in unknown)
+        hint = '; flags of the training rounds go in --round-args="..."' if training else ""
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         config = dataclass_from_args(AppConfig, args)
     except ValueError as exc:

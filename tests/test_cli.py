@@ -58,6 +58,7 @@ def test_app_round_args_are_checked_at_startup_and_reach_the_round(tmp_path, mon
     from training.jobs import parse_round_flags
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "my demos.jsonl").write_text("")
     config = AppConfig(round_args="--rs.n 8 --ppo.ptx-coef 0.1 --ptx-data 'my demos.jsonl'")
     flags = config.round_flags
     assert flags[-2:] == ["--ptx-data", str(tmp_path / "my demos.jsonl")]  # the round runs elsewhere
@@ -66,9 +67,15 @@ def test_app_round_args_are_checked_at_startup_and_reach_the_round(tmp_path, mon
     assert round_config.ptx_data == str(tmp_path / "my demos.jsonl")
     for bad, message in (("--ppo.lr fast", "--ppo.lr"), ("--no-such-flag 1", "--no-such-flag"),
                          ("--rs.n 0", "RejectionConfig.n"), ("--min-votes 3", "app sets this"),
-                         ("--model=x", "app sets this"), ("--rs.n '8", "quotation")):
-        with pytest.raises(ValueError, match=message):
+                         ("--model=x", "app sets this"), ("--rs.n '8", "quotation"),
+                         ("--data /elsewhere", "unknown training flag"),  # no abbreviations of app flags
+                         ("--reward.min-votes 3", "app sets this"), ("--help", "training.jobs --help"),
+                         ("--rs.lr inf", "--rs.lr"), ("--ptx-data missing.jsonl", "no such file")):
+        with pytest.raises(ValueError, match=message) as caught:
             AppConfig(round_args=bad)
+        assert str(caught.value).startswith("--round-args")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert AppConfig(round_args="--ptx-data ~/'my demos.jsonl'").round_flags[-1] == str(tmp_path / "my demos.jsonl")
 
 
 def test_benchmark_checks_round_args_before_starting():

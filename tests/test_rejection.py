@@ -106,8 +106,10 @@ def test_finetune_moves_only_the_active_adapter_towards_the_reward(tiny_model_di
 
 
 def test_rejection_config_errors(tiny_model_dir):
-    with pytest.raises(ValueError, match="RejectionConfig.n must be > 0"):
+    with pytest.raises(ValueError, match=r"RejectionConfig.n \(--rs.n\) must be a finite number > 0"):
         RejectionConfig(n=0)
+    with pytest.raises(ValueError, match=r"--rs.lr"):
+        RejectionConfig(lr=float("inf"))
     assert not RejectionConfig().enabled and RejectionConfig(n=2).enabled  # off by default
     policy, tok = make_policy(tiny_model_dir)
     with pytest.raises(ValueError, match="at least one prompt"):

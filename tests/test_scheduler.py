@@ -171,3 +171,24 @@ def test_app_factory_twice_leaves_one_scheduler_with_one_job(tiny_model_dir, tmp
     finally:
         first.shutdown()
         second.shutdown()
+
+
+@pytest.mark.slow
+def test_app_started_elsewhere_trains_in_its_own_data_dir(tiny_model_dir, tmp_path, monkeypatch):
+    # relative --data-dir and --model, app started outside the project: the training child (run
+    # in the project directory) must still read and record in the app's own database
+    import os
+
+    from app import AppConfig, build_app
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = AppConfig(model=os.path.relpath(tiny_model_dir, elsewhere), data_dir="rel-data", max_new_tokens=2)
+    _, scheduler = build_app(config)
+    try:
+        result = scheduler.round_fn("manual")
+    finally:
+        scheduler.shutdown()
+    assert result["status"] == "skipped" and "too few votes" in result["reason"], result
+    assert (elsewhere / "rel-data" / "chat.db").is_file()

@@ -326,13 +326,16 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
 
 
 def _parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], exit_on_error=exit_on_error)
+    # no abbreviations: "--data x" among the app's extra flags must not pass for --data-dir
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], exit_on_error=exit_on_error,
+                                     allow_abbrev=False)
     add_dataclass_args(parser, RoundConfig)
     parser.add_argument("--trigger", default="manual", help="recorded with the round")
     return parser
 
 
-APP_ROUND_FLAGS = ("--data-dir", "--model", "--min-votes", "--seed", "--gate-enabled", "--trigger")
+# set by the app for every round (--reward.min-votes is overwritten by --min-votes)
+APP_ROUND_FLAGS = ("--data-dir", "--model", "--min-votes", "--reward.min-votes", "--seed", "--gate-enabled", "--trigger")
 
 
 def parse_round_flags(flags: list[str]) -> RoundConfig:
@@ -343,11 +346,14 @@ def parse_round_flags(flags: list[str]) -> RoundConfig:
         the :class:`RoundConfig` they give (with the app's own flags at their defaults).
 
     Raises:
-        ValueError: an unknown flag, a bad value, or a flag the app sets itself (its message names it).
+        ValueError: an unknown flag, a bad value, a flag the app sets itself, help flags, or a
+            ``--ptx-data`` file that does not exist (the message names the flag).
     """
     taken = [f for f in flags if f.split("=", 1)[0] in APP_ROUND_FLAGS]
     if taken:
         raise ValueError(f"{', '.join(taken)}: the app sets this for every round; use the app's own flag")
+    if any(f in ("-h", "--help") for f in flags):
+        raise ValueError("for the list of training flags run: python -m training.jobs --help")
     parser = _parser(exit_on_error=False)
     try:
         args, unknown = parser.parse_known_args(flags)
@@ -355,7 +361,10 @@ def parse_round_flags(flags: list[str]) -> RoundConfig:
         raise ValueError(f"training flag {exc}") from None
     if unknown:
         raise ValueError(f"unknown training flag(s) {' '.join(unknown)}; see python -m training.jobs --help")
-    return dataclass_from_args(RoundConfig, args)
+    config = dataclass_from_args(RoundConfig, args)
+    if config.ptx_data and not Path(config.ptx_data).is_file():
+        raise ValueError(f"--ptx-data {config.ptx_data}: no such file")
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

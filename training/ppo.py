@@ -122,8 +122,10 @@ class PPOConfig:
                     "ppo_epochs", "mini_batch_size", "rollout_batch_size", "samples_per_prompt", "steps", "lr",
                     "max_grad_norm", "max_new_tokens", "normalize_samples")
         for name in positive:
-            if not getattr(self, name) > 0:
-                raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"PPOConfig.{name} (--ppo.{name.replace('_', '-')}) must be a finite "
+                                 f"number > 0, got {value!r}")
         for name in ("gamma", "lam"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"PPOConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")

@@ -32,6 +32,7 @@ Not a script; :mod:`training.jobs` runs it in each round when ``--rs.n`` > 1 (``
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import Callable
@@ -70,8 +71,10 @@ class RejectionConfig:
 
     def __post_init__(self):
         for name in ("n", "steps", "batch_size", "lr", "max_grad_norm", "max_new_tokens", "rollout_batch_size"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RejectionConfig.{name} must be > 0, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"RejectionConfig.{name} (--rs.{name.replace('_', '-')}) must be a finite "
+                                 f"number > 0, got {value!r}")
 
     @property
     def enabled(self) -> bool:
