@@ -59,6 +59,16 @@ def build_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, hidden: int 
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny matmuls: one thread avoids OpenMP spin contention on a shared 2-core machine (use
+    with ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path to a saved tiny Llama + tokenizer with chat template (session-scoped, read-only)."""

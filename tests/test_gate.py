@@ -62,15 +62,6 @@ def test_mismatched_inputs():
         _decide(live_scores=torch.zeros(3))
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_run_gate_on_two_adapters(tiny_model_dir, single_thread):
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     policy = add_lora(model, LoraSettings(r=4), adapter_name="live")

@@ -24,13 +24,7 @@ PROMPTS = [[{"role": "user", "content": t}] for t in (
     "my name is Ada", "how are you today?", "I don't know", "the capital of Japan?")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls: one thread avoids OpenMP spin contention on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_policy(model_dir, sharpen: float = 1.0, seed: int = 0):

@@ -16,12 +16,7 @@ PROMPTS = [[{"role": "user", "content": t}] for t in (
     "my name is Ada", "how are you today?")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_policy(model_dir, sharpen: float = 10.0):
