@@ -71,10 +71,12 @@ def test_too_few_votes_skips_with_reason(world, tiny_model_dir):
     assert store.live_version() == 0 and _version_dirs(data) == ["v0"]
 
 
-def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir):
+def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir, caplog):
     store, registry, data = world
     add_votes(store, 12)
-    result = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
+    with caplog.at_level("INFO", logger="training.jobs"):
+        result = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
+    assert '"rs": {' in caplog.text and '"n": 2' in caplog.text  # the round's settings are in its log
     assert result["status"] == "succeeded", result
     assert result["version"] == 1 and store.live_version() == 1
     assert store.version(1)["parent"] == 0

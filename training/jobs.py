@@ -21,12 +21,13 @@ A round that raises is recorded as failed with the reason; nothing half-written 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
 import sys
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -199,6 +200,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         storage.RoundAlreadyRunning: another round is recorded as running.
     """
     round_id = store.start_round(trigger)
+    log.info("round %s settings: %s", round_id, json.dumps(asdict(config), sort_keys=True))
     staging: Path | None = None
     rm_staging: Path | None = None
     try:
