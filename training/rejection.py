@@ -208,7 +208,8 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
         Metrics (floats): ``rs/score_mean`` (all samples), ``rs/score_best`` (the kept ones),
         ``rs/examples`` (kept answers), ``rs/ended_rate``, ``rs/nll_first`` and ``rs/nll_last``
         (nats per token, first and last minibatch), ``rs/length_tokens`` (kept answers) and
-        ``time/rs_s`` (seconds). Empty metrics with ``rs/examples`` 0 when no answer ended.
+        ``time/rs_s`` (seconds). When no answer ended: ``rs/examples`` 0, no fine-tuning and no
+        fine-tuning figures.
 
     Raises:
         ValueError: no prompts, or the policy has no LoRA adapter.
