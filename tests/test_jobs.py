@@ -83,7 +83,9 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir, ca
     assert _version_dirs(data) == ["v0", "v1"]
     assert (data / "reward" / "latest" / "reward_model.json").is_file()
     assert "rm/accuracy" in result["metrics"] and "objective/kl" in result["metrics"]
-    assert result["metrics"]["rs/examples"] > 0  # rejection sampling ran before PPO
+    assert result["metrics"]["rs/examples"] > 0  # rejection sampling ran before PPO ...
+    # ... and PPO's KL target counts from where it left the policy
+    assert result["metrics"]["rs/ppo_kl_target"] == PPOConfig().kl_target + max(0.0, result["metrics"]["rs/kl"])
     # a second round warm-starts the reward model from the first
     again = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
     assert again["status"] == "succeeded", again

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from training.models import LoraSettings, add_lora, end_of_turn_ids, load_model_and_tokenizer
-from training.rejection import IGNORE, RejectionConfig, best_of_n, rejection_sampling_finetune
+from training.rejection import (
+    IGNORE,
+    RejectionConfig,
+    best_of_n,
+    measure_kl,
+    rejection_sampling_finetune,
+)
 from training.rollout import generate_rollouts, reference_model
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
@@ -82,9 +88,12 @@ def test_finetune_moves_only_the_active_adapter_towards_the_reward(tiny_model_di
         return e_reward(None, ro.answers).mean().item()
 
     start = mean_reward()
-    config = RejectionConfig(n=8, steps=30, batch_size=6, lr=3e-2, max_new_tokens=12, only_ended=False, seed=0)
+    config = RejectionConfig(n=8, steps=30, batch_size=6, lr=3e-2, max_new_tokens=12, only_ended=False, seed=0,
+                             kl_prompts=12)
+    assert measure_kl(policy, tok, PROMPTS, config) == 0.0  # fresh adapter (B = 0): the reference itself
     metrics = rejection_sampling_finetune(policy, tok, e_reward, PROMPTS, config)
     assert mean_reward() > start + 0.1
+    assert metrics["rs/kl"] > 0.05 and metrics["rs/kl"] == measure_kl(policy, tok, PROMPTS, config)
     assert metrics["rs/score_best"] > metrics["rs/score_mean"]
     assert metrics["rs/nll_last"] < metrics["rs/nll_first"]
     assert metrics["rs/examples"] == len(PROMPTS)

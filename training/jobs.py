@@ -27,7 +27,7 @@ import os
 import shutil
 import sys
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -277,10 +277,16 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
             policy = add_lora(model, adapter_name="policy")
         else:
             policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
-        rs_metrics = {}
+        rs_metrics, ppo_config = {}, config.ppo
         if config.rs.enabled:  # best-of-n distillation first (Llama 2's rejection sampling)
             rs_metrics = rejection_sampling_finetune(policy, tokenizer, reward_fn, ppo_prompts, config.rs)
-        ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, config.ppo,
+            if "rs/kl" in rs_metrics and ppo_config.adaptive_kl:
+                # PPO's KL target counts from where rejection sampling left the policy: without
+                # this the controller reads that drift as PPO overshooting and β climbs round
+                # after round (measured: 0.26 → 0.9 over five rounds, against 0.10-0.14 without it)
+                ppo_config = replace(ppo_config, kl_target=ppo_config.kl_target + max(0.0, rs_metrics["rs/kl"]))
+                rs_metrics["rs/ppo_kl_target"] = ppo_config.kl_target
+        ppo_metrics = ppo_train(policy, tokenizer, reward_fn, ppo_prompts, ppo_config,
                                 ptx_examples=ptx_demonstrations(config, tokenizer, max_tokens=window))
         metrics = {**rm_metrics, **rs_metrics, **ppo_metrics}
 

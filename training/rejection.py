@@ -15,6 +15,7 @@ Steps of :func:`rejection_sampling_finetune`:
     3 select   per prompt, the best-scoring answer that ended (end-of-turn token)
     4 tune     token NLL of the selected answers (prompt tokens masked), AdamW on the active
                adapter's LoRA weights, ``steps`` minibatches
+    5 measure  the tuned policy's KL to the reference on fresh samples    nats per answer
 
 Measured on the starter model with ``bench.online_loop --votes 300 --noise 0.1`` (n = 8, 100
 steps). One round replayed on a finished run's votes, against PPO alone:
@@ -43,7 +44,8 @@ import torch
 
 from training.cli import help_field
 from training.models import end_of_turn_ids
-from training.rollout import generate_rollouts
+from training.ppo_math import per_token_kl
+from training.rollout import forward_response, generate_rollouts, reference_model
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +70,14 @@ class RejectionConfig:
     only_ended: bool = help_field(
         True, help="keep only answers that ended with an end-of-turn token (a prompt whose n answers "
         "all hit the length limit is left out), so the policy is not taught to ramble")
+    kl_prompts: int = help_field(
+        64, help="answers sampled after fine-tuning to measure the policy's KL to the reference "
+        "(rs/kl, nats per answer); training.jobs raises PPO's KL target by it")
     seed: int = help_field(0, help="sampling seeds and minibatch order")
 
     def __post_init__(self):
-        for name in ("n", "steps", "batch_size", "lr", "max_grad_norm", "max_new_tokens", "rollout_batch_size"):
+        for name in ("n", "steps", "batch_size", "lr", "max_grad_norm", "max_new_tokens", "rollout_batch_size",
+                     "kl_prompts"):
             value = getattr(self, name)
             if not (value > 0 and math.isfinite(value)):
                 raise ValueError(f"RejectionConfig.{name} (--rs.{name.replace('_', '-')}) must be a finite "
@@ -194,6 +200,34 @@ def best_of_n(policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]],
     return BestOfN(answers, scores, ended, chosen, examples)
 
 
+@torch.no_grad()
+def measure_kl(policy, tokenizer, prompts: list[list[dict]], config: RejectionConfig,
+               eos_ids: list[int] | None = None) -> float:
+    """Mean KL(π ‖ π_ref) per answer (nats, k1 summed over answer tokens) of ``policy`` (its
+    active adapter) to the reference (adapter disabled), on one pure-sampling answer to each of
+    ``config.kl_prompts`` prompts (cycled): the quantity PPO penalises and logs (Ziegler et al. 2019).
+
+    Raises:
+        ValueError: no prompts.
+    """
+    if not prompts:
+        raise ValueError("measure_kl needs at least one prompt")
+    eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
+    batch = [prompts[i % len(prompts)] for i in range(config.kl_prompts)]
+    total = 0.0
+    for start in range(0, len(batch), config.rollout_batch_size):
+        chunk = batch[start:start + config.rollout_batch_size]
+        ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
+                               seed=config.seed * 1_000_003 + 900_000_011 + start)
+        Tr = ro.response_ids.shape[1]
+        logprobs, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)  # (b, Tr)
+        with reference_model(policy):
+            ref_logprobs, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
+        kl = per_token_kl(logprobs, ref_logprobs) * ro.response_mask  # (b, Tr) nats
+        total += float(kl.sum())
+    return total / len(batch)
+
+
 def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]],
                                 config: RejectionConfig) -> dict:
     """Fine-tune the active LoRA adapter of ``policy`` on its own best-of-n answers (steps 1–4).
@@ -207,8 +241,8 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
     Returns:
         Metrics (floats): ``rs/score_mean`` (all samples), ``rs/score_best`` (the kept ones),
         ``rs/examples`` (kept answers), ``rs/ended_rate``, ``rs/nll_first`` and ``rs/nll_last``
-        (nats per token, first and last minibatch), ``rs/length_tokens`` (kept answers) and
-        ``time/rs_s`` (seconds). When no answer ended: ``rs/examples`` 0, no fine-tuning and no
+        (nats per token, first and last minibatch), ``rs/length_tokens`` (kept answers),
+        ``rs/kl`` (:func:`measure_kl` after fine-tuning, nats per answer) and ``time/rs_s`` (seconds). When no answer ended: ``rs/examples`` 0, no fine-tuning and no
         fine-tuning figures.
 
     Raises:
@@ -248,6 +282,7 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
             optimizer.step()
             nll.append(float(loss.detach()))
         optimizer.zero_grad(set_to_none=True)
+        metrics["rs/kl"] = measure_kl(policy, tokenizer, prompts, config)
         metrics.update({"rs/nll_first": nll[0], "rs/nll_last": nll[-1], "time/rs_s": time.time() - t0})
     finally:
         for n, p in policy.named_parameters():
