@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.cli import help_field
-from training.rollout import forward_response, generate_rollouts, reference_model
+from training.rollout import answer_kl, generate_rollouts, reference_model
 
 
 @dataclass
@@ -185,11 +185,7 @@ def run_gate(
     try:
         policy.set_adapter(candidate_adapter)
         cand = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)
-        Tr = cand.response_ids.shape[1]
-        logprobs, _ = forward_response(policy, cand.input_ids, cand.attention_mask, Tr)
-        with reference_model(policy):
-            ref_logprobs, _ = forward_response(policy, cand.input_ids, cand.attention_mask, Tr)
-        kl = ((logprobs - ref_logprobs) * cand.response_mask).sum(dim=1)  # (N,) nats
+        kl = answer_kl(policy, cand)  # (N,) nats
         if live_adapter is None:
             with reference_model(policy):
                 live = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)

@@ -311,6 +311,23 @@ def context_window(model, default: int = 2048) -> int:
     return default
 
 
+def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of the LoRA weights of the peft model's active adapter.
+
+    Raises:
+        ValueError: the active adapter has no LoRA weights.
+    """
+    active = policy.active_adapter
+    active = active[0] if isinstance(active, list | tuple) else active
+    params = [(n, p) for n, p in policy.named_parameters() if "lora_" in n and f".{active}." in n]
+    if not params:
+        raise ValueError(
+            f"the policy has no LoRA weights for its active adapter {active!r}; "
+            "wrap the base with training.models.add_lora first"
+        )
+    return params
+
+
 def add_lora(model, settings: LoraSettings | None = None, adapter_name: str = "default"):
     """Wrap ``model`` in a peft ``PeftModel`` with a fresh LoRA adapter (B = 0, so the policy
     starts equal to the base). Base weights are frozen; only LoRA weights require grad."""

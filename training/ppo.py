@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
-from training.models import end_of_turn_ids
+from training.models import active_lora_params, end_of_turn_ids
 from training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -55,7 +55,7 @@ from training.ppo_math import (
     per_token_kl,
     whiten,
 )
-from training.rejection import DemonstrationBatches, active_lora_params
+from training.rejection import DemonstrationBatches
 from training.reward import RewardNormalizer
 from training.rollout import (
     Rollouts,

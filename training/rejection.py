@@ -48,9 +48,8 @@ from dataclasses import dataclass
 import torch
 
 from training.cli import help_field
-from training.models import end_of_turn_ids
-from training.ppo_math import per_token_kl
-from training.rollout import forward_response, generate_rollouts, reference_model
+from training.models import active_lora_params, end_of_turn_ids
+from training.rollout import answer_kl, generate_rollouts, right_pad
 
 log = logging.getLogger(__name__)
 
@@ -94,23 +93,6 @@ class RejectionConfig:
         return self.n > 1
 
 
-def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
-    """``(name, parameter)`` of the LoRA weights of the policy's active adapter.
-
-    Raises:
-        ValueError: the active adapter has no LoRA weights.
-    """
-    active = policy.active_adapter
-    active = active[0] if isinstance(active, list | tuple) else active
-    params = [(n, p) for n, p in policy.named_parameters() if "lora_" in n and f".{active}." in n]
-    if not params:
-        raise ValueError(
-            f"the policy has no LoRA weights for its active adapter {active!r}; "
-            "wrap the base with training.models.add_lora first"
-        )
-    return params
-
-
 class DemonstrationBatches:
     """Right-padded minibatches of ``(ids, labels)`` token lists (labels ``-100`` where no loss),
     drawn in a shuffled cycle; :meth:`loss` is their mean token NLL under a model."""
@@ -131,14 +113,8 @@ class DemonstrationBatches:
             self.order += idx
         take, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
         rows = [self.examples[i] for i in take]
-        width = max(len(ids) for ids, _ in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, (row_ids, row_labels) in enumerate(rows):
-            ids[r, :len(row_ids)] = torch.tensor(row_ids)
-            labels[r, :len(row_labels)] = torch.tensor(row_labels)
-            mask[r, :len(row_ids)] = 1
+        ids, mask = right_pad([row_ids for row_ids, _ in rows], self.pad_id)  # (b, T)
+        labels, _ = right_pad([row_labels for _, row_labels in rows], IGNORE)  # (b, T)
         logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits  # (b, T, V)
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].to(self.device).reshape(-1),
@@ -224,12 +200,7 @@ def measure_kl(policy, tokenizer, prompts: list[list[dict]], config: RejectionCo
         chunk = batch[start:start + config.rollout_batch_size]
         ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
                                seed=config.seed * 1_000_003 + 900_000_011 + start)
-        Tr = ro.response_ids.shape[1]
-        logprobs, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)  # (b, Tr)
-        with reference_model(policy):
-            ref_logprobs, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
-        kl = per_token_kl(logprobs, ref_logprobs) * ro.response_mask  # (b, Tr) nats
-        total += float(kl.sum())
+        total += float(answer_kl(policy, ro).sum())  # (b,) nats per answer, summed
     return total / len(batch)
 
 

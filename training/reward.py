@@ -49,6 +49,7 @@ from training.reward_model import (  # noqa: F401 - re-exported: part of this mo
     META_FILE,
     RewardModel,
 )
+from training.rollout import right_pad
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,9 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.T
 def _pad_right(rows: list[list[int]], pad_id: int, answer_lens: list[int]) -> tuple[torch.Tensor, ...]:
     """Right-pad token lists to ``(ids, attention mask, answer mask)``, each (B, T); the answer
     is the last ``answer_lens[i]`` real tokens of row i."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    answer = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, mask = right_pad(rows, pad_id)
+    answer = torch.zeros_like(mask)
     for i, (r, n) in enumerate(zip(rows, answer_lens, strict=True)):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
         answer[i, len(r) - n:len(r)] = 1
     return ids, mask, answer
 

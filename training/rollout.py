@@ -8,6 +8,8 @@
   disabled, restoring every ``requires_grad`` flag on exit.
 * :func:`forward_response` — per-token log-probs (and the last hidden state) of the response
   part of ``query ⧺ response`` sequences.
+* :func:`answer_kl` — the KL per answer of sampled rollouts to the reference (the gate's and
+  rejection sampling's figure; PPO keeps the per-token terms).
 
 Sampling is written out (prompt pass, then one token a step with the KV cache) rather than
 delegated to ``model.generate`` so that no generation-config field (``top_k``,
@@ -76,6 +78,18 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, 
         if r:
             ids[i, width - len(r):] = torch.tensor(list(r), dtype=torch.long)
             mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists to ``(ids (B, T), mask (B, T))``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, :len(r)] = torch.tensor(list(r), dtype=torch.long)
+            mask[i, :len(r)] = 1
     return ids, mask
 
 
@@ -248,3 +262,15 @@ def reference_model(policy) -> Iterator[object]:
         for name, p in policy.named_parameters():
             if name in flags and p.requires_grad != flags[name]:
                 p.requires_grad_(flags[name])
+
+
+@torch.no_grad()
+def answer_kl(policy, rollouts: Rollouts) -> torch.Tensor:
+    """(B,) KL(π ‖ π_ref) per answer of sampled ``rollouts``, nats: the k1 estimate
+    log π(a) − log π_ref(a) summed over answer tokens, π being ``policy`` as it is (its active
+    adapter) and π_ref the same model with its adapters disabled (Ziegler et al. 2019)."""
+    Tr = rollouts.response_ids.shape[1]
+    logprobs, _ = forward_response(policy, rollouts.input_ids, rollouts.attention_mask, Tr)  # (B, Tr)
+    with reference_model(policy):
+        ref_logprobs, _ = forward_response(policy, rollouts.input_ids, rollouts.attention_mask, Tr)
+    return ((logprobs - ref_logprobs) * rollouts.response_mask).sum(dim=1)
