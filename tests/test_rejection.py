@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.models import LoraSettings, add_lora, end_of_turn_ids, load_model_and_tokenizer
+from tests.test_ppo import e_reward, make_policy  # the tiny base + a fresh adapter; the toy reward
+from training.models import LoraSettings, end_of_turn_ids, load_model_and_tokenizer
 from training.rejection import (
     IGNORE,
     RejectionConfig,
@@ -25,22 +26,8 @@ PROMPTS = [[{"role": "user", "content": t}] for t in (
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def make_policy(model_dir, sharpen: float = 10.0):
-    """Tiny base (embeddings scaled so sampling is not uniform noise) + a fresh adapter."""
-    model, tok = load_model_and_tokenizer(model_dir)
-    with torch.no_grad():
-        model.get_input_embeddings().weight.mul_(sharpen)
-    torch.manual_seed(0)
-    return add_lora(model, LoraSettings(r=8)), tok
-
-
-def e_reward(prompts, answers):
-    """Toy reward: occurrences of the letter 'e' in the answer."""
-    return torch.tensor([a.count("e") / 4.0 for a in answers])
-
-
 def test_best_of_n_keeps_each_prompts_best_sampled_tokens(tiny_model_dir):
-    policy, tok = make_policy(tiny_model_dir)
+    policy, tok = make_policy(tiny_model_dir, sharpen=10.0)
     eos = end_of_turn_ids(policy, tok)
     config = RejectionConfig(n=4, max_new_tokens=12, rollout_batch_size=4, only_ended=False, seed=3)
     picked = best_of_n(policy, tok, e_reward, PROMPTS, config)
@@ -60,7 +47,7 @@ def test_best_of_n_keeps_each_prompts_best_sampled_tokens(tiny_model_dir):
 
 
 def test_answers_cut_at_the_limit_are_left_out(tiny_model_dir):
-    policy, tok = make_policy(tiny_model_dir)
+    policy, tok = make_policy(tiny_model_dir, sharpen=10.0)
     config = RejectionConfig(n=3, max_new_tokens=3, rollout_batch_size=8, seed=1)
     picked = best_of_n(policy, tok, e_reward, PROMPTS, config)
     assert not picked.ended.all()  # a random tiny model rarely ends within 3 tokens
@@ -74,7 +61,7 @@ def test_answers_cut_at_the_limit_are_left_out(tiny_model_dir):
 
 
 def test_finetune_moves_only_the_active_adapter_towards_the_reward(tiny_model_dir):
-    policy, tok = make_policy(tiny_model_dir)
+    policy, tok = make_policy(tiny_model_dir, sharpen=10.0)
     policy.add_adapter("other", LoraSettings(r=4).peft_config())  # not active: must not change
     policy.set_adapter("default")
     policy.train()
@@ -115,7 +102,7 @@ def test_rejection_config_errors(tiny_model_dir):
     with pytest.raises(ValueError, match=r"--rs.lr"):
         RejectionConfig(lr=float("inf"))
     assert not RejectionConfig().enabled and RejectionConfig(n=2).enabled  # off by default
-    policy, tok = make_policy(tiny_model_dir)
+    policy, tok = make_policy(tiny_model_dir, sharpen=10.0)
     with pytest.raises(ValueError, match="at least one prompt"):
         best_of_n(policy, tok, e_reward, [], RejectionConfig())
     with pytest.raises(ValueError, match="2 scores for 6 answers"):
