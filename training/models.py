@@ -301,9 +301,18 @@ def fit_prompts(
     return fitted
 
 
+def text_config(model):
+    """The config of a model's language part: ``config.text_config`` for families that nest it
+    (Gemma 3, Llava-style multimodal checkpoints), else ``config`` itself. ``model`` may be a
+    ``PeftModel``; its base model's config is used."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model.config, "text_config", None) or model.config
+
+
 def context_window(model, default: int = 2048) -> int:
     """The model's context window in tokens (``max_position_embeddings`` or similar)."""
-    cfg = model.config
+    cfg = text_config(model)
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         value = getattr(cfg, key, None)
         if isinstance(value, int) and value > 0:

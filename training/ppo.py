@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import torch
 
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
-from training.models import active_lora_params, end_of_turn_ids
+from training.models import active_lora_params, end_of_turn_ids, text_config
 from training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -162,9 +162,7 @@ class ValueHead(torch.nn.Module):
 
 
 def _hidden_size(policy) -> int:
-    config = policy.get_base_model().config if hasattr(policy, "get_base_model") else policy.config
-    config = getattr(config, "text_config", None) or config
-    return int(config.hidden_size)
+    return int(text_config(policy).hidden_size)
 
 
 def _prompt_batches(n_prompts: int, batch: int, steps: int, seed: int) -> list[list[int]]:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer
+from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer, text_config
 from training.rollout import logprobs_from_logits, position_ids_from_mask, reference_model
 
 HEAD_FILE = "reward_head.safetensors"
@@ -57,7 +57,7 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     them: the LM head, then the final-logit transforms some families apply after it —
     soft-capping ``cap · tanh(logits / cap)`` (Gemma 2/3, ``final_logit_softcapping``), Cohere's
     ``logit_scale`` and Granite's ``logits_scaling`` (transformers' modeling code of each)."""
-    config = getattr(model.config, "text_config", None) or model.config
+    config = text_config(model)
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
@@ -101,8 +101,7 @@ class RewardModel(torch.nn.Module):
 
     @staticmethod
     def _hidden_size(model) -> int:
-        config = getattr(model.config, "text_config", None) or model.config
-        return int(config.hidden_size)
+        return int(text_config(model).hidden_size)
 
     @staticmethod
     def _new_feature_weight() -> torch.nn.Parameter:
