@@ -2,6 +2,7 @@
 
     python -m storage export --data-dir data --out votes.jsonl   # TRL preference pairs
     python -m storage stats  --data-dir data                     # votes, versions, rounds
+    python -m storage stats  --data-dir data --settings          # ... and each round's settings
 
 Only parses arguments and calls ``storage.Store``.
 """
@@ -55,6 +56,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 f"  #{r['id']} {r['status']:<9} trigger={r['trigger']} version={r['version']} "
                 f"votes={r['votes_used']} started={r['started_at']} {r['reason']} {metrics}".rstrip()
             )
+            if args.settings and r.get("settings"):
+                print(f"    settings: {json.dumps(r['settings'], ensure_ascii=False, sort_keys=True)}")
     return 0
 
 
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="print vote counts, live version and rounds")
     stats.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with chat.db")
     stats.add_argument("--rounds", type=int, default=10, help="how many recent rounds to list")
+    stats.add_argument("--settings", action="store_true", help="also print each round's settings")
     stats.set_defaults(func=cmd_stats)
     return parser
 

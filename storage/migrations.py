@@ -109,9 +109,15 @@ def m002_indexes(db: sqlite_utils.Database) -> None:
     )
 
 
+def m003_round_settings(db: sqlite_utils.Database) -> None:
+    """Each training round keeps the settings it ran with (JSON; NULL for older rounds)."""
+    db["training_rounds"].add_column("settings", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_initial_schema,
     m002_indexes,
+    m003_round_settings,
 ]
 
 

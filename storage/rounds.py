@@ -27,10 +27,11 @@ class RoundsMixin:
     def _now(self) -> str:  # provided by Store
         raise NotImplementedError
 
-    def start_round(self, trigger: str) -> int:
+    def start_round(self, trigger: str, settings: dict | None = None) -> int:
         """Record a new round in status ``'running'`` and return its id (int).
 
-        ``trigger`` says who started it, e.g. ``'schedule'`` or ``'manual'``.
+        ``trigger`` says who started it, e.g. ``'schedule'`` or ``'manual'``; ``settings`` the
+        JSON-able configuration it runs with, returned decoded as the row's ``settings``.
         Raises ``RoundAlreadyRunning`` if another round is still ``'running'`` (after a crash,
         call ``fail_stale_rounds`` at startup), ``ValueError`` if ``trigger`` is empty.
         """
@@ -53,6 +54,7 @@ class RoundsMixin:
                     "status": "running",
                     "reason": "",
                     "metrics": None,
+                    "settings": dumps(settings),
                     "version": None,
                     "votes_used": 0,
                     "started_at": self._now(),
@@ -103,7 +105,7 @@ class RoundsMixin:
         return self.round(round_id)
 
     def round(self, round_id: int) -> dict:
-        """One round as a dict (``metrics`` decoded). Raises ``UnknownRound`` if absent."""
+        """One round as a dict (``metrics`` and ``settings`` decoded). Raises ``UnknownRound`` if absent."""
         try:
             row = self.db.table("training_rounds").get(round_id)
         except sqlite_utils.db.NotFoundError:

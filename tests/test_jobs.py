@@ -78,6 +78,10 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir, ca
         result = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
     assert '"rs": {' in caplog.text and '"n": 2' in caplog.text  # the round's settings are in its log
     assert result["status"] == "succeeded", result
+    # ... and in its row: the configuration as run, nested sections included
+    config = _config(data, tiny_model_dir, gate_enabled=False)
+    assert result["settings"]["rs"]["n"] == config.rs.n and result["settings"]["model"] == config.model
+    assert result["settings"]["ppo"]["steps"] == config.ppo.steps
     assert result["version"] == 1 and store.live_version() == 1
     assert store.version(1)["parent"] == 0
     assert _version_dirs(data) == ["v0", "v1"]

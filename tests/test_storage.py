@@ -79,6 +79,25 @@ def test_migrations_idempotent_and_data_survives_reopen(tmp_path):
     second.close()
 
 
+def test_database_from_before_round_settings_is_upgraded_in_place(tmp_path, monkeypatch):
+    import storage.migrations as migrations
+
+    path = tmp_path / "chat.db"
+    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:2])  # the schema before settings
+    with Store(path) as old:  # a round row as the old code wrote it
+        assert "settings" not in old.db["training_rounds"].columns_dict
+        old.db["training_rounds"].insert({
+            "trigger": "manual", "status": "succeeded", "reason": "", "metrics": '{"objective/kl": 0.5}',
+            "version": None, "votes_used": 3, "started_at": "2026-01-01T00:00:00Z", "finished_at": None})
+    monkeypatch.undo()
+    with Store(path) as store:
+        assert store.schema_version() == len(MIGRATIONS)
+        before = store.rounds()[0]
+        assert before["settings"] is None and before["metrics"] == {"objective/kl": 0.5}
+        rid = store.start_round("manual", settings={"ppo": {"steps": 3}})
+        assert store.round(rid)["settings"] == {"ppo": {"steps": 3}}
+
+
 def test_failed_migration_rolls_back_whole(tmp_path, monkeypatch):
     import storage.migrations as migrations
 
@@ -337,7 +356,9 @@ def test_rounds_lifecycle(store):
     assert done["finished_at"] > done["started_at"]
     with pytest.raises(ValueError, match="already finished"):
         store.finish_round(r1, "failed")
-    r2 = store.start_round("manual")
+    assert done["settings"] is None  # started without settings
+    r2 = store.start_round("manual", settings={"lr": 1e-3, "name": "é", "bad": float("nan")})
+    assert store.running_round()["settings"] == {"lr": 1e-3, "name": "é", "bad": None}
     assert [r["id"] for r in store.rounds()] == [r2, r1]
     assert [r["id"] for r in store.rounds(limit=1)] == [r2]
     assert store.fail_stale_rounds("crashed") == 1
@@ -478,7 +499,7 @@ def test_cli_export_and_stats(tmp_path):
         store.vote(comparison(store, "oui 🇫🇷", "non"), "a")
         store.vote(comparison(store), "b")
         store.vote(comparison(store), "tie")
-        store.finish_round(store.start_round("manual"), "skipped", "too few votes")
+        store.finish_round(store.start_round("manual", settings={"ppo": {"steps": 7}}), "skipped", "too few votes")
     out = tmp_path / "votes.jsonl"
     result = run_cli("export", "--data-dir", str(data), "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -488,6 +509,10 @@ def test_cli_export_and_stats(tmp_path):
     assert stats.returncode == 0, stats.stderr
     assert "a=1 b=1 tie=1 both_bad=0 total=3 pending=0" in stats.stdout
     assert "skipped" in stats.stdout and "too few votes" in stats.stdout
+    assert "settings" not in stats.stdout
+    with_settings = run_cli("stats", "--data-dir", str(data), "--settings")
+    assert with_settings.returncode == 0, with_settings.stderr
+    assert 'settings: {"ppo": {"steps": 7}}' in with_settings.stdout
     missing = run_cli("export", "--data-dir", str(tmp_path / "nowhere"))
     assert missing.returncode != 0 and "no database" in missing.stderr
     assert not (tmp_path / "nowhere").exists()

@@ -193,14 +193,15 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
     """Run one training round and record it; never raises for a failed round.
 
     Returns:
-        the round's row as recorded: ``{"id", "status", "reason", "metrics", "version", …}``
-        with status ``succeeded``, ``rejected`` (the gate said no), ``skipped`` or ``failed``.
+        the round's row as recorded: ``{"id", "status", "reason", "metrics", "settings",
+        "version", …}`` (``settings``: this ``config`` as a dict) with status ``succeeded``, ``rejected`` (the gate said no), ``skipped`` or ``failed``.
 
     Raises:
         storage.RoundAlreadyRunning: another round is recorded as running.
     """
-    round_id = store.start_round(trigger)
-    log.info("round %s settings: %s", round_id, json.dumps(asdict(config), sort_keys=True))
+    settings = asdict(config)  # as configured; β at the start carries over from the last round
+    round_id = store.start_round(trigger, settings=settings)
+    log.info("round %s settings: %s", round_id, json.dumps(settings, sort_keys=True))
     staging: Path | None = None
     rm_staging: Path | None = None
     try:
