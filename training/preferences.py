@@ -13,8 +13,13 @@ from __future__ import annotations
 import hashlib
 import json
 
+from training.models import render_prompt
 
-def answer_span(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> tuple[list[int], int]:
+
+def answer_span(
+    tokenizer, prompt: list[dict], answer: str, max_length: int | None = None,
+    prompt_ids: list[int] | None = None,
+) -> tuple[list[int], int]:
     """Token ids of ``prompt`` with ``answer`` as an assistant turn, through the chat template,
     ending with the end-of-turn token (anything the template puts after it is cut; the token is
     appended if the template leaves it out), and how many trailing ids are the answer.
@@ -22,12 +27,12 @@ def answer_span(tokenizer, prompt: list[dict], answer: str, max_length: int | No
     The answer is what follows the longest common prefix with the prompt rendered with its
     generation prompt (the assistant header); end-of-turn included. Longer than
     ``max_length``: the front is cut, and the answer span keeps at least one token before it.
+    ``prompt_ids``: that rendering when the caller already has it (``render_prompt(tokenizer,
+    prompt)``; two answers to one prompt need it once).
 
     Returns:
         ``(ids, n_answer)`` with ``1 <= n_answer <= len(ids) - 1`` (``len(ids) >= 2``).
     """
-    from training.models import render_prompt
-
     out = tokenizer.apply_chat_template(
         list(prompt) + [{"role": "assistant", "content": answer}], tokenize=True,
         add_generation_prompt=False)
@@ -39,7 +44,9 @@ def answer_span(tokenizer, prompt: list[dict], answer: str, max_length: int | No
         if not ids or ids[-1] != eot:
             ids.append(eot)
     shared = 0
-    for a, b in zip(render_prompt(tokenizer, prompt), ids, strict=False):
+    if prompt_ids is None:
+        prompt_ids = render_prompt(tokenizer, prompt)
+    for a, b in zip(prompt_ids, ids, strict=False):
         if a != b:
             break
         shared += 1
@@ -78,8 +85,9 @@ def encode_pairs(tokenizer, pairs: list[dict], max_length: int = 512) -> list[di
     for pair in pairs:
         if not _usable(pair):
             continue
-        chosen, n_chosen = answer_span(tokenizer, pair["prompt"], pair["chosen"], max_length)
-        rejected, n_rejected = answer_span(tokenizer, pair["prompt"], pair["rejected"], max_length)
+        prompt_ids = render_prompt(tokenizer, pair["prompt"])
+        chosen, n_chosen = answer_span(tokenizer, pair["prompt"], pair["chosen"], max_length, prompt_ids)
+        rejected, n_rejected = answer_span(tokenizer, pair["prompt"], pair["rejected"], max_length, prompt_ids)
         out.append({
             "conversation_id": str(pair["conversation_id"]),
             "chosen_ids": chosen,
