@@ -17,7 +17,7 @@ from training.ppo import (
     ppo_train,
     reference_model,
 )
-from training.rollout import forward_response
+from training.rollout import forward_response, position_ids_from_mask
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "hello there", "what is 12 plus 30?", "the capital of France?", "spell cat backwards",
@@ -143,6 +143,23 @@ def test_kl_is_zero_when_policy_equals_reference(tiny_model_dir):
     kl = per_token_kl(logprobs, ref_logprobs) * ro.response_mask
     assert kl.abs().max().item() < 1e-6
     assert logprobs.shape == ro.response_ids.shape and (logprobs <= 0).all()
+
+
+def test_forward_response_matches_a_full_forward(tiny_model_dir):
+    """The answer log-probs and hidden states equal those read off a plain forward over the
+    whole sequence (forward_response asks the model for the answer positions' logits only)."""
+    policy, tok = make_policy(tiny_model_dir, sharpen=3.0)
+    ro = generate_rollouts(policy, tok, PROMPTS, 8, end_of_turn_ids(policy, tok), seed=1)
+    Tr, T = ro.response_ids.shape[1], ro.input_ids.shape[1]
+    with torch.no_grad():
+        logprobs, hidden = forward_response(policy, ro.input_ids, ro.attention_mask, Tr, output_hidden=True)
+        full = policy(input_ids=ro.input_ids, attention_mask=ro.attention_mask,
+                      position_ids=position_ids_from_mask(ro.attention_mask), output_hidden_states=True)
+    assert full.logits.shape[1] == T
+    expected = torch.log_softmax(full.logits[:, T - Tr - 1:T - 1].float(), dim=-1)
+    expected = expected.gather(-1, ro.input_ids[:, T - Tr:].unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(logprobs, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden, full.hidden_states[-1][:, T - Tr - 1:T - 1])
 
 
 def e_reward(prompts, answers):

@@ -23,6 +23,7 @@ Not a script; used by :mod:`training.ppo`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -222,16 +223,25 @@ def forward_response(
         ``(logprobs (B, Tr) nats, hidden (B, Tr, H) or None)``; logprobs[:, t] is
         log π(answer token t | prompt, answer tokens < t).
     """
+    # only the Tr + 1 last positions go through the LM head where the model allows it: the
+    # prompt's (B, Tq, V) logits would be thrown away (for a 150k vocabulary, most of the memory)
+    keep = {"logits_to_keep": response_len + 1} if _accepts_logits_to_keep(model) else {}
     out = model(
         input_ids=input_ids, attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
-        output_hidden_states=output_hidden, use_cache=False,
+        output_hidden_states=output_hidden, use_cache=False, **keep,
     )
     T = input_ids.shape[1]
-    logits = out.logits[:, T - response_len - 1: T - 1, :].float()  # (B, Tr, V)
+    logits = out.logits[:, -response_len - 1: -1, :].float()  # (B, Tr, V): positions T-Tr-1 … T-2
     logprobs = logprobs_from_logits(logits, input_ids[:, T - response_len:])  # (B, Tr)
     hidden = out.hidden_states[-1][:, T - response_len - 1: T - 1, :] if output_hidden else None
     return logprobs, hidden
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers ≥ 4.50 models)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 @contextlib.contextmanager
