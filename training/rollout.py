@@ -166,7 +166,8 @@ def generate_rollouts(
 
     mask = query_mask  # (B, T) grows by one column a step
     positions = position_ids_from_mask(mask)  # (B, Tq)
-    out = policy(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    keep = {"logits_to_keep": 1} if _accepts_logits_to_keep(policy) else {}  # the next token's only
+    out = policy(input_ids=query_ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep)
     cache_key = "cache" if "cache" in out.keys() else "past_key_values"  # transformers 5 renamed it
     past = out[cache_key]
     next_pos = positions[:, -1:] + 1  # (B, 1)
