@@ -38,6 +38,7 @@ def running_app(tiny_model_dir, tmp_path):
         max_new_tokens=12,
         temperature=1.0,
         gate=False,  # issue-2 path: publish every trained round; the gate has its own tests
+        round_args="--ppo.steps 6 --ppo.rollout-batch-size 16",  # a short round, passed to the child
     )
     with served_app(config) as (demo, scheduler):
         yield config, demo, scheduler
@@ -81,6 +82,10 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
     metrics = result["metrics"]
     for key in ("rm/accuracy", "objective/kl", "objective/reward", "ppo/clipfrac"):
         assert key in metrics, key
+    # the child ran with the app's --round-args, and the round's row says so
+    ppo_settings = store.round(result["id"])["settings"]["ppo"]
+    assert (ppo_settings["steps"], ppo_settings["rollout_batch_size"]) == (6, 16)
+    assert metrics["ppo/samples"] == 6 * 16
 
     # the next reply comes from version 1, with no restart
     client.predict("hello again", False, api_name="/send")
