@@ -194,7 +194,8 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
 
     Returns:
         the round's row as recorded: ``{"id", "status", "reason", "metrics", "settings",
-        "version", …}`` (``settings``: this ``config`` as a dict) with status ``succeeded``, ``rejected`` (the gate said no), ``skipped`` or ``failed``.
+        "version", …}`` (``settings``: this ``config`` as a dict) with status ``succeeded``,
+        ``rejected`` (the gate said no), ``skipped`` or ``failed``.
 
     Raises:
         storage.RoundAlreadyRunning: another round is recorded as running.

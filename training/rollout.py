@@ -240,7 +240,8 @@ def forward_response(
 
 
 def _accepts_logits_to_keep(model) -> bool:
-    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers ≥ 4.50 models)."""
+    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' own model classes
+    do; a remote-code model may not, and then gets a plain forward)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
