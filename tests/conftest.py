@@ -69,6 +69,16 @@ def single_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def store(tmp_path):
+    """A real SQLite store in a fresh data folder, closed afterwards."""
+    from storage import DB_FILENAME, Store
+
+    s = Store(tmp_path / "data" / DB_FILENAME)
+    yield s
+    s.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path to a saved tiny Llama + tokenizer with chat template (session-scoped, read-only)."""

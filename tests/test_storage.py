@@ -15,16 +15,12 @@ from pathlib import Path
 import pytest
 
 from storage import (
-    DB_FILENAME,
-    AdapterRegistry,
     AlreadyVoted,
-    RejectedVersion,
     RoundAlreadyRunning,
     Store,
     UnknownComparison,
     UnknownConversation,
     UnknownRound,
-    UnknownVersion,
     open_store,
 )
 from storage.migrations import MIGRATIONS
@@ -42,25 +38,12 @@ HOSTILE = {
 }
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "data" / DB_FILENAME)
-    yield s
-    s.close()
-
-
 def comparison(store: Store, answer_a="Paris.", answer_b="Lyon.", context=None) -> str:
     conv = store.new_conversation("session-1")
     context = context or [{"role": "user", "content": "Capital of France?"}]
     return store.add_comparison(
         conv, "session-1", context, answer_a, answer_b, 0, 1, {"temperature": 0.7}, {"top_p": 0.9}
     )
-
-
-def write_adapter(directory: Path, marker: str = "w") -> Path:
-    (directory / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    (directory / "adapter_model.safetensors").write_bytes(marker.encode() * 64)
-    return directory
 
 
 # -- schema ---------------------------------------------------------------------------------
@@ -395,94 +378,6 @@ def test_new_votes_since_last_round(store):
     r = store.start_round("manual")
     store.finish_round(r, "rejected", "candidate lost the gate")
     assert store.new_votes_since_last_round() == 0
-
-
-# -- policy versions -------------------------------------------------------------------------
-
-
-def test_version_registry_live_rollback_and_errors(store):
-    assert store.next_version() == 0 and store.live_version() is None
-    rid = store.start_round("manual")
-    store.register_version(0, "/v0", None, None, None, status="live")
-    store.register_version(1, "/v1", 0, rid, {"rm/accuracy": 0.8})
-    assert store.live_version() == 0 and store.next_version() == 2
-    assert store.set_live(1)["status"] == "live"
-    assert [(v["version"], v["status"]) for v in store.versions()] == [(0, "retired"), (1, "live")]
-    assert store.version(1)["metrics"] == {"rm/accuracy": 0.8} and store.version(1)["parent"] == 0
-    store.set_live(0)  # rollback
-    assert store.live_version() == 0 and store.version(1)["status"] == "retired"
-    store.set_version_status(1, "rejected")
-    with pytest.raises(RejectedVersion, match="rejected"):
-        store.set_live(1)
-    with pytest.raises(ValueError, match="set_live"):
-        store.set_version_status(0, "retired")
-    with pytest.raises(UnknownVersion):
-        store.set_live(7)
-    with pytest.raises(ValueError, match="already registered"):
-        store.register_version(1, "/again", 0, None, None)
-    with pytest.raises(UnknownRound):
-        store.register_version(2, "/v2", 1, 999, None)
-    assert store.live_version() == 0
-
-
-def test_registry_publish_numbering_and_rollback(store, tmp_path):
-    root = tmp_path / "adapters"
-    reg = AdapterRegistry(root, store)
-    staging = write_adapter(reg.staging_dir())
-    assert staging.parent == root / ".staging"
-    assert not list(root.glob("v*"))  # a staging dir is never visible as a version
-    v0 = reg.publish(staging, parent=None, round_id=None, metrics=None)
-    assert v0 == 0 and not staging.exists() and reg.is_complete(root / "v0")
-    r = store.start_round("manual")
-    v1 = reg.publish(write_adapter(reg.staging_dir(), "1"), parent=0, round_id=r,
-                     metrics={"objective/reward": 1.5})
-    v2 = reg.publish(write_adapter(reg.staging_dir(), "2"), parent=1, round_id=None,
-                     metrics=None, live=False)
-    assert (v1, v2) == (1, 2)
-    assert store.live_version() == 1 and store.version(2)["status"] == "candidate"
-    assert reg.path(1) == (root / "v1").resolve()
-    assert (reg.path(1) / "adapter_model.safetensors").read_bytes() == b"1" * 64
-    store.set_live(0)
-    assert reg.live_path() == (root / "v0").resolve()
-    assert sorted(p.name for p in root.iterdir()) == [".staging", "v0", "v1", "v2"]
-    assert Path(store.version(2)["path"]).is_absolute()
-    assert list((root / ".staging").iterdir()) == []
-    moved = tmp_path / "moved"
-    root.rename(moved)  # data folder relocated: paths resolve under the new root
-    assert AdapterRegistry(moved, store).path(2) == moved.resolve() / "v2"
-
-
-def test_registry_refuses_incomplete_and_foreign_dirs(store, tmp_path):
-    reg = AdapterRegistry(tmp_path / "adapters", store)
-    half = reg.staging_dir()
-    (half / "adapter_config.json").write_text("{}")  # weights not written yet
-    with pytest.raises(ValueError, match="not a complete adapter"):
-        reg.publish(half, None, None, None)
-    outside = write_adapter(tmp_path)
-    with pytest.raises(ValueError, match="staging_dir"):
-        reg.publish(outside, None, None, None)
-    with pytest.raises(ValueError, match="staging_dir"):
-        reg.discard(outside)
-    assert store.versions() == [] and (tmp_path / "adapter_config.json").exists()
-
-
-def test_registry_crash_leftovers(store, tmp_path):
-    root = tmp_path / "adapters"
-    reg = AdapterRegistry(root, store)
-    (root / "v0").mkdir()
-    write_adapter(root / "v0")  # a crash after the rename, before registering
-    assert reg.publish(write_adapter(reg.staging_dir()), None, None, None) == 1
-    assert [v["version"] for v in store.versions()] == [1]
-    # registering fails (unknown round): the directory goes back to staging
-    staging = write_adapter(reg.staging_dir())
-    with pytest.raises(UnknownRound):
-        reg.publish(staging, 1, 999, None)
-    assert reg.is_complete(staging) and not (root / "v2").exists()
-    reg.discard(staging)
-    assert not staging.exists()
-    reg.staging_dir()
-    write_adapter(reg.staging_dir())
-    assert reg.clean_staging() == 2 and list(reg.staging_root.iterdir()) == []
 
 
 # -- command line ----------------------------------------------------------------------------
