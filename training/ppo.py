@@ -79,7 +79,7 @@ RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 @dataclass
 class PPOConfig:
     """PPO hyper-parameters. Defaults are tuned on the starter model with ``python -m
-    bench.online_loop`` (2 CPU cores, about three minutes a round): 3072 answers a round
+    bench.online_loop`` (2 CPU cores, about 3.5 minutes a round): 3072 answers a round
     (48 iterations of 64, two epochs of minibatches of 16, lr 5e-4). The policy gradient of a
     reward model trained on a few hundred votes is noisy, and the number of answers mattered
     more than anything else tried (GAE λ = 1, a leave-one-out baseline, lr alone, a fixed β).
