@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from training.cli import help_field
+from training.models import requires_grad_flags, restore_requires_grad
 from training.rollout import answer_kl, generate_rollouts, reference_model
 
 
@@ -181,7 +182,7 @@ def run_gate(
         if name is not None and name not in names:
             raise ValueError(f"the policy has no adapter {name!r}; it holds {sorted(names)}")
     active = policy.active_adapter
-    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    flags = requires_grad_flags(policy)
     try:
         policy.set_adapter(candidate_adapter)
         cand = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)
@@ -194,9 +195,7 @@ def run_gate(
             live = generate_rollouts(policy, tokenizer, chosen, config.max_new_tokens, seed=config.seed)
     finally:
         policy.set_adapter(active)
-        for n, p in policy.named_parameters():
-            if n in flags and p.requires_grad != flags[n]:
-                p.requires_grad_(flags[n])
+        restore_requires_grad(policy, flags)
     cand_scores = torch.as_tensor(reward_fn(chosen, cand.answers), dtype=torch.float32).flatten()
     live_scores = torch.as_tensor(reward_fn(chosen, live.answers), dtype=torch.float32).flatten()
     return gate_decision(cand_scores, live_scores, cand.answers, kl, cand.lengths.float(),

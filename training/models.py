@@ -320,6 +320,20 @@ def context_window(model, default: int = 2048) -> int:
     return default
 
 
+def requires_grad_flags(model) -> dict[str, bool]:
+    """Every parameter's ``requires_grad`` flag by name: a snapshot for
+    :func:`restore_requires_grad`."""
+    return {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def restore_requires_grad(model, flags: dict[str, bool]) -> None:
+    """Set each parameter named in ``flags`` back to its snapshot flag (peft's adapter switches
+    mark adapters trainable); parameters added since the snapshot are left as they are."""
+    for name, p in model.named_parameters():
+        if name in flags and p.requires_grad != flags[name]:
+            p.requires_grad_(flags[name])
+
+
 def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of the LoRA weights of the peft model's active adapter.
 

@@ -43,7 +43,13 @@ from dataclasses import dataclass
 import torch
 
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
-from training.models import active_lora_params, end_of_turn_ids, text_config
+from training.models import (
+    active_lora_params,
+    end_of_turn_ids,
+    requires_grad_flags,
+    restore_requires_grad,
+    text_config,
+)
 from training.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
@@ -242,7 +248,7 @@ def ppo_train(
         raise ValueError("ppo_train needs at least one prompt")
     t0 = time.time()
     trainable = active_lora_params(policy)
-    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    flags = requires_grad_flags(policy)
     device = next(policy.parameters()).device
     eos_ids = end_of_turn_ids(policy, tokenizer)
     if value_head is None:
@@ -352,9 +358,7 @@ def ppo_train(
                 iterator.set_postfix(reward=f"{row['objective/reward']:.3f}", kl=f"{kl_per_answer:.2f}")
     finally:
         optimizer.zero_grad(set_to_none=True)
-        for n, p in policy.named_parameters():
-            if p.requires_grad != flags.get(n, p.requires_grad):
-                p.requires_grad_(flags[n])
+        restore_requires_grad(policy, flags)
         policy.train(was_training)
     metrics = {k: sum(h[k] for h in history) / len(history) for k in history[0]}
     metrics["objective/kl_coef"] = kl_ctl.value

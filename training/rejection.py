@@ -48,7 +48,12 @@ from dataclasses import dataclass
 import torch
 
 from training.cli import help_field
-from training.models import active_lora_params, end_of_turn_ids
+from training.models import (
+    active_lora_params,
+    end_of_turn_ids,
+    requires_grad_flags,
+    restore_requires_grad,
+)
 from training.rollout import answer_kl, generate_rollouts, right_pad
 
 log = logging.getLogger(__name__)
@@ -226,7 +231,7 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
     """
     t0 = time.time()
     trainable = active_lora_params(policy)
-    flags = {n: p.requires_grad for n, p in policy.named_parameters()}
+    flags = requires_grad_flags(policy)
     was_training = policy.training
     device = next(policy.parameters()).device
     policy.eval()  # no dropout while sampling or tuning: the same function PPO will see
@@ -261,9 +266,7 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
         metrics["rs/kl"] = measure_kl(policy, tokenizer, prompts, config)
         metrics.update({"rs/nll_first": nll[0], "rs/nll_last": nll[-1], "time/rs_s": time.time() - t0})
     finally:
-        for n, p in policy.named_parameters():
-            if p.requires_grad != flags.get(n, p.requires_grad):
-                p.requires_grad_(flags[n])
+        restore_requires_grad(policy, flags)
         policy.train(was_training)
     log.info("rejection sampling done: %s", ", ".join(f"{k}={v:.3g}" for k, v in metrics.items()))
     return metrics

@@ -29,7 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
-from training.models import end_of_turn_ids, render_prompt
+from training.models import (
+    end_of_turn_ids,
+    render_prompt,
+    requires_grad_flags,
+    restore_requires_grad,
+)
 
 
 @dataclass
@@ -264,14 +269,12 @@ def reference_model(policy) -> Iterator[object]:
             "the policy must be a peft PeftModel (base + LoRA adapter) so that the reference is "
             "the base with the adapter disabled; wrap it with training.models.add_lora"
         )
-    flags = {name: p.requires_grad for name, p in policy.named_parameters()}
+    flags = requires_grad_flags(policy)
     try:
         with policy.disable_adapter():
             yield policy
     finally:
-        for name, p in policy.named_parameters():
-            if name in flags and p.requires_grad != flags[name]:
-                p.requires_grad_(flags[name])
+        restore_requires_grad(policy, flags)
 
 
 @torch.no_grad()
