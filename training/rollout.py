@@ -23,6 +23,7 @@ Not a script; used by :mod:`training.ppo`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -248,7 +249,13 @@ def _accepts_logits_to_keep(model) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' own model classes
     do; a remote-code model may not, and then gets a plain forward)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(model_class: type) -> bool:
+    # once per class: this is asked before every forward of a rollout and a PPO minibatch
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 @contextlib.contextmanager
