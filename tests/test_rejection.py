@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.test_ppo import PROMPTS as PPO_PROMPTS
 from tests.test_ppo import e_reward, make_policy  # the tiny base + a fresh adapter; the toy reward
 from training.models import LoraSettings, end_of_turn_ids, load_model_and_tokenizer
 from training.rejection import (
@@ -18,9 +19,7 @@ from training.rejection import (
 )
 from training.rollout import generate_rollouts, reference_model
 
-PROMPTS = [[{"role": "user", "content": t}] for t in (
-    "hello there", "what is 12 plus 30?", "the capital of France?", "spell cat backwards",
-    "my name is Ada", "how are you today?")]
+PROMPTS = PPO_PROMPTS[:6]  # six single-turn prompts
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
