@@ -42,6 +42,7 @@ class AppConfig:
     no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
     temperature: float = help_field(0.8, help="sampling temperature of plain chat replies (0: greedy)")
     compare_temperature: float = help_field(1.0, help="sampling temperature of the two answers of a comparison (1: the distribution PPO trains on)")
+    distinct_redraws: int = help_field(2, help="a comparison's B answer that repeats A word for word is drawn again up to this many times (identical pairs teach the reward model nothing)")
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
     seed: int = help_field(0, help="seed of the starter build and of training rounds")
@@ -53,6 +54,8 @@ class AppConfig:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.train_every <= 0:
             raise ValueError(f"--train-every must be > 0 minutes, got {self.train_every}")
+        if self.distinct_redraws < 0:
+            raise ValueError(f"--distinct-redraws must be >= 0, got {self.distinct_redraws}")
         if self.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
         if self.auth:
@@ -164,7 +167,8 @@ def build_app(config: AppConfig):
     engine = ChatEngine(model, tokenizer, registry)
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
-    service = ChatService(engine, store, sampling, compare_sampling=compare_sampling)
+    service = ChatService(engine, store, sampling, compare_sampling=compare_sampling,
+                          distinct_redraws=config.distinct_redraws)
     scheduler = None
     if not config.no_train:
         round_args = ["--data-dir", str(data_dir), "--model", model_ref,

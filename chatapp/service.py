@@ -57,6 +57,10 @@ class ChatService:
         compare_sampling: sampling settings of the two answers of a comparison (default: pure
             sampling, temperature 1 and no nucleus cut, the distribution PPO trains on).
         seed: seeds the A/B order shuffle (None: nondeterministic).
+        distinct_redraws: when the B answer comes out word for word the same as A, it is drawn
+            again up to this many times (0: never). Two identical answers tell the user nothing
+            and give the reward model nothing to learn (identical pairs are left out of its
+            loss); a sharpened policy writes many of them for short factual questions.
     """
 
     def __init__(
@@ -66,7 +70,11 @@ class ChatService:
         sampling: Sampling | None = None,
         seed=None,
         compare_sampling: Sampling | None = None,
+        distinct_redraws: int = 2,
     ):
+        if distinct_redraws < 0:
+            raise ValueError(f"distinct_redraws must be >= 0, got {distinct_redraws}")
+        self.distinct_redraws = distinct_redraws
         self.engine = engine
         self.store = store
         self.sampling = sampling or Sampling()
@@ -116,6 +124,20 @@ class ChatService:
         )
         session.messages.append({"role": "assistant", "content": reply.text, "version": reply.version})
 
+    def _stream_answer(
+        self, context: list[dict], version: int, stop_event: threading.Event, shown: list[str], i: int
+    ) -> Iterator[tuple[str, str]]:
+        """Stream one answer of a comparison into ``shown[i]`` (from empty), yielding both
+        answers' texts as they grow; returns the :class:`Reply`."""
+        shown[i] = ""
+        gen = self.engine.stream(context, sampling=self.compare_sampling, version=version, stop_event=stop_event)
+        while True:
+            try:
+                shown[i] = next(gen)
+            except StopIteration as done:
+                return done.value
+            yield shown[0], shown[1]
+
     # ---- chat -------------------------------------------------------------------------------
     def new_conversation(self, session: ChatSession, system_prompt: str | None = None) -> ChatSession:
         """A fresh conversation in the same browser session (pending comparison dropped)."""
@@ -145,7 +167,9 @@ class ChatService:
         """Answer ``text`` twice and stream ``(answer_a, answer_b)`` as they grow.
 
         The two answers are two samples of the live policy, or the live and the previous
-        version once one exists, in random order. The comparison is stored when both ended
+        version once one exists, in random order. When B comes out the same text as A it is
+        drawn again (at most ``distinct_redraws`` times; B's stream starts over, and its stored
+        sampling settings count the redraws). The comparison is stored when both ended
         normally; a stopped comparison is never offered for voting (its partial A answer
         continues the conversation instead).
         """
@@ -159,17 +183,16 @@ class ChatService:
         replies: list[Reply] = []
         shown = ["", ""]
         for i, version in enumerate(versions):
-            gen = self.engine.stream(
-                context, sampling=self.compare_sampling, version=version, stop_event=stop_event
-            )
-            while True:
-                try:
-                    shown[i] = next(gen)
-                except StopIteration as done:
-                    replies.append(done.value)
-                    break
-                yield shown[0], shown[1]
-            if replies[-1].stopped:
+            reply = yield from self._stream_answer(context, version, stop_event, shown, i)
+            redraws = 0
+            while (i == 1 and not reply.stopped and reply.text == replies[0].text
+                   and redraws < self.distinct_redraws):
+                redraws += 1  # B is word for word A: nothing to compare, draw B again
+                reply = yield from self._stream_answer(context, version, stop_event, shown, i)
+            if redraws:
+                reply.sampling = {**reply.sampling, "distinct_redraws": redraws}
+            replies.append(reply)
+            if reply.stopped:
                 self._append_reply(session, replies[0])
                 return None
         a, b = replies

@@ -119,6 +119,27 @@ def test_compare_vote_continues_with_chosen_answer(service):
     assert service.store.comparison(pending.comparison_id)["choice"] == "b"
 
 
+@pytest.mark.parametrize("redraws", [2, 0])
+def test_b_answer_repeating_a_is_drawn_again(service, redraws, monkeypatch):
+    # greedy decoding: every draw of B repeats A word for word, so each allowed redraw happens
+    service.compare_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=8, min_new_tokens=8)
+    service.distinct_redraws = redraws
+    draws, real_stream = [], service.engine.stream
+
+    def counted_stream(*args, **kwargs):  # the real engine, its calls counted
+        draws.append(kwargs.get("version"))
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(service.engine, "stream", counted_stream)
+    session = ChatSession()
+    _drain(service.compare(session, "hello"))
+    row = service.store.comparison(session.pending.comparison_id)
+    assert row["answer_a"] == row["answer_b"] != ""
+    assert len(draws) == 2 + redraws
+    assert row["sampling_b"].get("distinct_redraws", 0) == redraws
+    assert "distinct_redraws" not in row["sampling_a"]
+
+
 @pytest.mark.parametrize("choice", ["tie", "both_bad"])
 def test_tie_and_both_bad_continue_with_a(service, choice):
     session = ChatSession()
