@@ -72,11 +72,15 @@ class BenchConfig:
     startup_timeout_s: float = help_field(600.0, help="longest wait for the app to come up")
     threads: int = help_field(1, help="torch threads of the evaluation (0: all cores; on shared cores 1 is fastest)")
     app_threads: int = help_field(1, help="OMP_NUM_THREADS of the app process (0: torch's default, all cores)")
+    round_threads: int = help_field(0, help="torch threads of each training round (the round's --threads; 0: all cores, "
+                                    "since the simulated users wait for the round; the app's own default leaves one core to chat)")
     round_args: str = help_field("", help='the app\'s --round-args, given with "=": --round-args="--rs.n 8" (options of the training rounds)')
 
     def __post_init__(self):
         if ":" not in self.annotator:
             raise ValueError(f"--annotator must be MODULE:FUNCTION, got {self.annotator!r}")
+        if self.round_threads < 0:
+            raise ValueError(f"--round-threads must be >= 0, got {self.round_threads}")
         for name in ("votes", "round_every", "users", "eval_prompts", "eval_max_new_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -136,8 +140,9 @@ class App:
                "--min-new-votes", "1000000", "--min-votes", str(config.min_votes), "--gate", "true",
                "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
                "--seed", str(config.seed)]  # fmt: skip
-        if config.round_args:
-            cmd.append(f"--round-args={config.round_args}")
+        # the users wait for each round, so it may use every core (a later --threads in --round-args wins)
+        round_threads = config.round_threads or os.cpu_count() or 1
+        cmd.append(f"--round-args=--threads {round_threads} {config.round_args}".rstrip())
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
