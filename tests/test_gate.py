@@ -41,6 +41,15 @@ def test_win_rate_counts_ties_half():
     assert not result.passed and "win rate" in result.reason
 
 
+def test_default_bar_promotes_a_candidate_judged_no_worse_than_live():
+    default = GateConfig()
+    ties = _decide(candidate_scores=torch.zeros(8), live_scores=torch.zeros(8), config=default)
+    assert ties.metrics["gate/win_rate"] == 0.5 and ties.passed
+    one_loss = torch.tensor([0.0] * 7 + [-1.0])  # 7 ties, 1 loss: 3.5 / 8
+    worse = _decide(candidate_scores=one_loss, live_scores=torch.zeros(8), config=default)
+    assert not worse.passed and "win rate" in worse.reason
+
+
 def test_collapsed_candidate_rejected():
     result = _decide(candidate_answers=["the same"] * 7 + ["other"])
     assert not result.passed and "collapsed" in result.reason
@@ -83,7 +92,7 @@ def test_run_gate_on_two_adapters(tiny_model_dir, single_thread):
     assert policy.active_adapter == "live"
     assert flags == {n: p.requires_grad for n, p in policy.named_parameters()}
     strict = run_gate(policy, tok, lambda p, a: torch.zeros(len(a)), prompts,
-                      GateConfig(n_prompts=24, max_new_tokens=6, max_kl=1e-6),
+                      GateConfig(n_prompts=24, max_new_tokens=6, max_kl=1e-6, min_win_rate=0.55),  # all ties: 0.5
                       candidate_adapter="candidate")
     assert not strict.passed and "KL" in strict.reason and "win rate" in strict.reason
     with pytest.raises(ValueError, match="no adapter"):
