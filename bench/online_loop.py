@@ -321,9 +321,8 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
     from storage.db import open_store
     from storage.registry import AdapterRegistry
     from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
-    from training.models import end_of_turn_ids, load_lora, load_model_and_tokenizer
-    from training.reward import RewardModel, score
-    from training.rollout import forward_response, generate_rollouts, reference_model
+    from training.models import load_lora, load_model_and_tokenizer
+    from training.reward import RewardModel
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     store = open_store(data_dir)
@@ -332,18 +331,45 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
     model, tokenizer = load_model_and_tokenizer(model_ref)
     policy = load_lora(model, registry.path(live), adapter_name="live")
     load_lora(policy, registry.path(0), adapter_name="v0")
+    rm_dir = data_dir / REWARD_DIRNAME / "latest"
+    rm = RewardModel.load(model_ref, rm_dir) if (rm_dir / "reward_head.safetensors").is_file() else None
+    result = gold_figures(policy, tokenizer, annotator, prompts, "live", "v0", rm=rm, seed=config.seed,
+                          max_new_tokens=config.eval_max_new_tokens)
+    result["live_version"] = live
+    return result
+
+
+def gold_figures(policy, tokenizer, annotator, prompts: list[list[dict]], adapter: str, baseline: str,
+                 rm=None, seed: int = 0, max_new_tokens: int = 48) -> dict:
+    """Adapter ``adapter`` of ``policy`` against adapter ``baseline`` (version 0), one
+    temperature-1 answer each per prompt, judged by ``annotator`` without noise.
+
+    Returns:
+        ``gold_win_rate`` (wins + ½ ties over n), ``kl_nats`` (mean k1 KL per answer of
+        ``adapter`` to the reference, i.e. the adapter disabled; nats), ``answer_tokens_live`` /
+        ``answer_tokens_v0`` (mean answer length, tokens), ``eval_n``, ``eval_s`` (seconds),
+        ``examples``; with a reward model ``rm`` also ``gold_win_rate_bon4`` (its best of 4
+        answers of ``baseline`` against ``baseline``) and ``rm_gold_accuracy`` (how often it
+        agrees with the annotator on the pairs the annotator separates), else NaN.
+    """
+    import torch
+
+    from training.models import end_of_turn_ids
+    from training.reward import score
+    from training.rollout import forward_response, generate_rollouts, reference_model
+
     policy.eval()
     eos = end_of_turn_ids(policy, tokenizer)
-    n, T, B = len(prompts), config.eval_max_new_tokens, 32
-    base_seed = config.seed * 1_000_003 + 77_000_000
+    n, B = len(prompts), 32
+    base_seed = seed * 1_000_003 + 77_000_000
 
-    def sample(adapter: str, seed: int, with_kl: bool = False):
-        policy.set_adapter(adapter)
+    def sample(name: str, row_seed: int, with_kl: bool = False):
+        policy.set_adapter(name)
         answers, kls, lengths = [], [], []
         for s in range(0, n, B):
             chunk = prompts[s:s + B]
             with torch.no_grad():
-                ro = generate_rollouts(policy, tokenizer, chunk, T, eos, seed=seed + s)
+                ro = generate_rollouts(policy, tokenizer, chunk, max_new_tokens, eos, seed=row_seed + s)
                 answers += ro.answers
                 lengths += ro.lengths.tolist()
                 if with_kl:
@@ -355,23 +381,20 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
         return answers, kls, lengths
 
     t0 = time.time()
-    live_answers, kls, live_len = sample("live", base_seed, with_kl=True)
-    v0_answers, _, v0_len = sample("v0", base_seed + 1_000_000)
-    candidates = [sample("v0", base_seed + 2_000_000 * (k + 1))[0] for k in range(4)]
-    rm_dir = data_dir / REWARD_DIRNAME / "latest"
-    rng = random.Random(config.seed + 2)
+    live_answers, kls, live_len = sample(adapter, base_seed, with_kl=True)
+    v0_answers, _, v0_len = sample(baseline, base_seed + 1_000_000)
+    rng = random.Random(seed + 2)
     wins = [_judge(annotator, p, x, y, rng) for p, x, y in zip(prompts, live_answers, v0_answers, strict=True)]
     result = {"gold_win_rate": sum(wins) / n, "kl_nats": sum(kls) / n, "eval_n": n,
-              "answer_tokens_live": sum(live_len) / n, "answer_tokens_v0": sum(v0_len) / n,
-              "live_version": live}
-    if (rm_dir / "reward_head.safetensors").is_file():
-        rm = RewardModel.load(model_ref, rm_dir)
+              "answer_tokens_live": sum(live_len) / n, "answer_tokens_v0": sum(v0_len) / n}
+    if rm is not None:
+        candidates = [sample(baseline, base_seed + 2_000_000 * (k + 1))[0] for k in range(4)]
         scores = torch.stack([score(rm, tokenizer, prompts, c) for c in candidates])  # (4, n)
         best = scores.argmax(dim=0).tolist()
         bon = [candidates[k][i] for i, k in enumerate(best)]
         result["gold_win_rate_bon4"] = sum(
             _judge(annotator, p, x, y, rng) for p, x, y in zip(prompts, bon, v0_answers, strict=True)) / n
-        # how often the final RM agrees with the gold judgement on live-vs-v0 pairs it can separate
+        # how often the reward model agrees with the gold judgement on the pairs it separates
         s_live, s_v0 = score(rm, tokenizer, prompts, live_answers), score(rm, tokenizer, prompts, v0_answers)
         agree = [(w == 1.0) == bool(a > b) for w, a, b in zip(wins, s_live, s_v0, strict=True) if w != 0.5]
         result["rm_gold_accuracy"] = sum(agree) / len(agree) if agree else float("nan")
@@ -379,9 +402,8 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
         result["gold_win_rate_bon4"] = float("nan")
         result["rm_gold_accuracy"] = float("nan")
     result["eval_s"] = time.time() - t0
-    examples = [{"prompt": p[-1]["content"], "live": x, "v0": y}
-                for p, x, y in list(zip(prompts, live_answers, v0_answers, strict=True))[:EXAMPLES]]
-    result["examples"] = examples
+    result["examples"] = [{"prompt": p[-1]["content"], "live": x, "v0": y}
+                          for p, x, y in list(zip(prompts, live_answers, v0_answers, strict=True))[:EXAMPLES]]
     return result
 
 

@@ -1,0 +1,241 @@
+"""Replay a training round offline on a data dir's stored votes and prompts, then score it with
+the gold judgement: a benchmark of the reward model and of PPO without the noise of the online
+loop (which prompts users sent, which answers they saw, which votes were flipped).
+
+    python -m bench.online_loop --data-dir runs/corr ...      # keeps the run's data dir
+    python -m bench.ppo_replay --data-dir runs/corr --annotator bench.annotators:prefers_correct
+    python -m bench.ppo_replay --data-dir runs/corr --annotator ... --reward gold --round-args="--ppo.lr 1e-3"
+
+What it does:
+  1. reads the data dir like a round (``training.jobs``): all votes; PPO prompts from the stored
+     conversations, split by conversation with the round's seed;
+  2. builds the reward (``--reward``):
+       * ``rm`` — a reward model trained from the base weights on all votes (the round's fresh
+         candidate, ``training.reward.train_reward_model``);
+       * ``gold`` — the annotator's own verdict, without noise: each answer is judged against
+         ``--gold-refs`` answers of the reference policy to the same prompt (drawn once, before
+         PPO), 1 for a win, ½ for a tie, 0 for a loss, averaged. This is the win rate the online
+         benchmark measures, as a per-answer score: what PPO reaches with a perfect reward model;
+  3. improves a policy adapter exactly as a round does (``training.jobs.improve_policy``:
+     rejection sampling if ``--rs.n`` > 1, then PPO), from a fresh adapter on the reference
+     policy (``--init-policy live``: from the data dir's live adapter), with the round settings
+     given in ``--round-args`` (the flags of ``python -m training.jobs``; β starts at
+     ``--ppo.init-kl-coef``, it does not carry over from the data dir's rounds);
+  4. scores the new adapter against version 0 like ``bench.online_loop`` (``gold_win_rate``,
+     ``kl_nats``, and with ``--reward rm`` also ``gold_win_rate_bon4`` and ``rm_gold_accuracy``)
+     on the same held-out prompts (``--prompts``, ``--eval-prompts``, ``--seed`` as given to the
+     online benchmark).
+
+Prints progress, then one JSON object (also written to ``--json``). Nothing in the data dir is
+changed: no version is published, no reward model saved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from bench.online_loop import BenchConfig, _judge, gold_figures, load_annotator, load_prompts
+from training.cli import add_dataclass_args, dataclass_from_args, help_field
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class ReplayConfig:
+    """Flags of ``python -m bench.ppo_replay``."""
+
+    data_dir: str = help_field("", help="the app data dir to replay (chat.db and adapters/; e.g. a bench.online_loop --data-dir)")
+    annotator: str = help_field("bench.annotators:prefers_correct", help="MODULE:FUNCTION, (messages, a, b) -> 'a'|'b'|'tie'")
+    reward: str = help_field("rm", choices=["rm", "gold"], help="rm: a reward model trained on the stored votes; "
+                             "gold: the annotator's noise-free verdict against reference answers")
+    gold_refs: int = help_field(2, help="reference answers per prompt each answer is judged against (--reward gold)")
+    model: str = help_field("", help="base model dir or hub id (default: the offline starter, data/starter)")
+    prompts: str = help_field("", help="JSONL of prompts, as given to bench.online_loop (default: the starter's held-out prompts)")
+    eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation")
+    eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
+    seed: int = help_field(0, help="the online benchmark's --seed (evaluation prompts and sampling) and the round's seed")
+    threads: int = help_field(0, help="torch threads (0: all cores)")
+    round_args: str = help_field("", help='round settings, the flags of python -m training.jobs, given with "=": '
+                                 '--round-args="--ppo.steps 96"')
+    json: str = help_field("", help="also write the result JSON here")
+
+    def __post_init__(self):
+        if not self.data_dir:
+            raise ValueError("--data-dir is required (an app data dir with votes, e.g. from bench.online_loop --data-dir)")
+        if ":" not in self.annotator:
+            raise ValueError(f"--annotator must be MODULE:FUNCTION, got {self.annotator!r}")
+        if self.reward not in ("rm", "gold"):
+            raise ValueError(f"--reward must be 'rm' or 'gold', got {self.reward!r}")
+        for name in ("gold_refs", "eval_prompts", "eval_max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        self.round_config()  # a bad --round-args fails here, before anything loads
+
+    def round_config(self):
+        """The round's :class:`training.jobs.RoundConfig`: ``--round-args`` with this data dir,
+        model and seed.
+
+        Raises:
+            ValueError: an unknown or bad training flag, or one this benchmark sets itself.
+        """
+        import shlex
+
+        from training.jobs import parse_round_flags
+
+        config = parse_round_flags(shlex.split(self.round_args))
+        return replace(config, data_dir=self.data_dir, model=self.model, seed=self.seed)
+
+
+def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs: int,
+                   max_new_tokens: int, seed: int):
+    """A noise-free reward from a pairwise annotator: ``reward_fn(prompts, answers) -> (B,)``
+    scores in [0, 1], each answer's mean verdict (win 1, tie ½, loss 0; shown as A or B at
+    random) against ``refs`` answers of the reference policy (``policy`` with its adapters
+    disabled) to the same prompt, drawn here, once, for every prompt in ``prompts``.
+
+    Raises:
+        KeyError: the returned function is called with a prompt that was not in ``prompts``.
+    """
+    import torch
+
+    from training.models import end_of_turn_ids
+    from training.rollout import generate_rollouts, reference_model
+
+    eos = end_of_turn_ids(policy, tokenizer)
+    distinct = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
+    references: dict[str, list[str]] = {json.dumps(p, sort_keys=True): [] for p in distinct}
+    policy.eval()
+    for k in range(refs):
+        for s in range(0, len(distinct), 32):
+            chunk = distinct[s:s + 32]
+            with torch.no_grad(), reference_model(policy):
+                answers = generate_rollouts(policy, tokenizer, chunk, max_new_tokens, eos,
+                                            seed=seed + 1_000_000 * k + s).answers
+            for p, a in zip(chunk, answers, strict=True):
+                references[json.dumps(p, sort_keys=True)].append(a)
+    rng = random.Random(seed)
+
+    def reward_fn(batch: list[list[dict]], answers: list[str]) -> torch.Tensor:
+        out = []
+        for p, a in zip(batch, answers, strict=True):
+            refs_p = references[json.dumps(p, sort_keys=True)]
+            out.append(sum(_judge(annotator, p, a, r, rng) for r in refs_p) / len(refs_p))
+        return torch.tensor(out, dtype=torch.float32)
+
+    return reward_fn
+
+
+def run(config: ReplayConfig) -> dict:
+    """Replay one round on ``config.data_dir`` and score it (see the module docstring).
+
+    Raises:
+        ValueError: the data dir has no votes usable for a reward model (``--reward rm``), no
+            stored prompts, or no version 0.
+    """
+    import torch
+
+    from storage import DB_FILENAME
+    from storage.db import open_store
+    from storage.registry import AdapterRegistry
+    from training.jobs import ADAPTERS_DIRNAME, improve_policy, preference_pairs, split_prompts
+    from training.models import (
+        add_lora,
+        context_window,
+        fit_prompts,
+        load_lora,
+        load_model_and_tokenizer,
+    )
+    from training.reward import make_reward_fn, train_reward_model
+
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.1f}s] {msg}", flush=True)
+
+    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    annotator = load_annotator(config.annotator)
+    model_ref = config.model or str(PROJECT_ROOT / "data" / "starter")
+    round_config = replace(config.round_config(), model=model_ref)
+    data_dir = Path(config.data_dir)
+    if not (data_dir / DB_FILENAME).is_file():
+        raise ValueError(f"{data_dir}: no {DB_FILENAME}; pass the data dir of an app or of bench.online_loop --data-dir")
+    store = open_store(data_dir)
+    registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
+    if store.live_version() is None:
+        raise ValueError(f"{data_dir}: no published version 0 (start the app on it once)")
+    stored = store.prompts(limit=round_config.max_prompts)
+    if not stored:
+        raise ValueError(f"{data_dir}: no stored conversations to take prompts from")
+    ppo_prompts, _ = split_prompts(stored, round_config.reward.heldout_fraction, round_config.seed)
+    _, eval_prompts = load_prompts(BenchConfig(prompts=config.prompts, eval_prompts=config.eval_prompts,
+                                               seed=config.seed))
+    torch.manual_seed(round_config.seed)
+    model, tokenizer = load_model_and_tokenizer(model_ref)
+    ppo_prompts = fit_prompts(tokenizer, ppo_prompts, context_window(model), round_config.ppo.max_new_tokens)
+    log(f"{len(ppo_prompts)} PPO prompts, {len(eval_prompts)} evaluation prompts, reward: {config.reward}")
+
+    rm, metrics = None, {}
+    if config.reward == "rm":
+        pairs = preference_pairs(store)
+        rm, metrics = train_reward_model(model_ref, tokenizer, pairs, round_config.reward)
+        reward_fn = make_reward_fn(rm, tokenizer)
+        log(f"reward model: held-out accuracy {metrics['rm/accuracy']:.3f} on {metrics['rm/heldout_decisive']:.0f} pairs")
+    if round_config.init_policy == "reference":
+        policy = add_lora(model, adapter_name="policy")
+    else:
+        policy = load_lora(model, registry.path(store.live_version()), adapter_name="policy", trainable=True)
+    if config.reward == "gold":
+        reward_fn = gold_reward_fn(annotator, policy, tokenizer, ppo_prompts, config.gold_refs,
+                                   round_config.ppo.max_new_tokens, round_config.seed + 5_000_000)
+        log(f"gold reward: {config.gold_refs} reference answers for each PPO prompt")
+    t_train = time.time()
+    metrics.update(improve_policy(policy, tokenizer, reward_fn, ppo_prompts, round_config, context_window(model)))
+    train_s = time.time() - t_train
+    log(f"trained in {train_s:.0f} s; evaluating against version 0")
+    load_lora(policy, registry.path(0), adapter_name="v0")
+    gold = gold_figures(policy, tokenizer, annotator, eval_prompts, "policy", "v0", rm=rm, seed=config.seed,
+                        max_new_tokens=config.eval_max_new_tokens)
+    keep = ("rm/accuracy", "rm/heldout_decisive", "rm/train_pairs", "objective/kl", "objective/kl_last",
+            "objective/kl_coef", "objective/reward_first", "objective/reward_last", "objective/score",
+            "objective/ref_score_mean", "objective/ref_score_std", "answer/length_tokens", "ppo/samples", "rs/kl")
+    return {
+        "reward": config.reward, "annotator": config.annotator, "pairs": len(preference_pairs(store)),
+        "ppo_prompts": len(ppo_prompts), **{k: v for k, v in gold.items() if k != "examples"},
+        "train_s": train_s, "wall_s": time.time() - t_start,
+        "metrics": {k: metrics[k] for k in keep if k in metrics},
+        "examples": gold["examples"], "config": asdict(config),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line; exit code 0, or 2 for bad flags or an unusable data dir."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_dataclass_args(parser, ReplayConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(ReplayConfig, args)
+        load_annotator(config.annotator)
+    except (ValueError, ImportError) as exc:
+        parser.error(str(exc))
+    try:
+        result = run(config)
+    except ValueError as exc:
+        print(f"ppo_replay: {exc}", file=sys.stderr)
+        return 2
+    if config.json:
+        Path(config.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""bench.ppo_replay: a round replayed offline on a data dir and scored by an annotator (tiny model,
+real SQLite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.ppo_replay import ReplayConfig, gold_reward_fn, main
+from chatapp.engine import ChatEngine
+from storage.db import open_store
+from storage.registry import AdapterRegistry
+from tests.conftest import add_votes
+from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
+from training.models import add_lora, load_model_and_tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MARK = "MARKED ANSWER"
+
+
+def prefers_marked(messages, answer_a, answer_b):
+    """The answer that is exactly MARK wins; otherwise a tie."""
+    a, b = answer_a == MARK, answer_b == MARK
+    return "tie" if a == b else ("a" if a else "b")
+
+
+def prefers_short(messages, answer_a, answer_b):
+    return "tie" if len(answer_a) == len(answer_b) else ("a" if len(answer_a) < len(answer_b) else "b")
+
+
+TINY_ROUND = ("--reward.epochs 1 --reward.batch-size 4 --ppo.steps 1 --ppo.rollout-batch-size 4 "
+              "--ppo.mini-batch-size 4 --ppo.ppo-epochs 1 --ppo.max-new-tokens 6 --ppo.normalize-samples 4")
+
+
+@pytest.fixture
+def run_dir(tiny_model_dir, tmp_path):
+    """A data dir as the online benchmark leaves it: version 0 published, 12 votes stored."""
+    data = tmp_path / "data"
+    store = open_store(data)
+    registry = AdapterRegistry(data / ADAPTERS_DIRNAME, store)
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    ChatEngine(model, tok, registry)  # publishes v0
+    add_votes(store, 12)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"}]}) + "\n"
+                               for w in "one two three four five six seven eight".split()))
+    return data, prompts
+
+
+def test_gold_reward_scores_each_answer_against_reference_answers(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    policy = add_lora(model, adapter_name="policy")
+    prompts = [[{"role": "user", "content": "hello"}], [{"role": "user", "content": "how are you"}]]
+    reward_fn = gold_reward_fn(prefers_marked, policy, tok, prompts + prompts[:1], refs=3, max_new_tokens=5, seed=0)
+    scores = reward_fn(prompts, [MARK, "something else"])
+    # the marked answer beats every reference answer; any other answer ties with them
+    assert scores.tolist() == [1.0, 0.5]
+    assert policy.active_adapter == "policy" and not policy.training
+    with pytest.raises(KeyError):
+        reward_fn([[{"role": "user", "content": "never seen"}]], [MARK])
+
+
+@pytest.mark.parametrize("reward", ["rm", "gold"])
+def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_model_dir, tmp_path, capsys, reward):
+    data, prompts = run_dir
+    before = sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir())
+    out = tmp_path / "replay.json"
+    code = main(["--data-dir", str(data), "--model", str(tiny_model_dir), "--reward", reward,
+                 "--annotator", "tests.test_bench_replay:prefers_short", "--prompts", str(prompts),
+                 "--eval-prompts", "4", "--eval-max-new-tokens", "6", "--threads", "1",
+                 "--json", str(out), f"--round-args={TINY_ROUND}"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result == json.loads(out.read_text())
+    assert result["reward"] == reward and result["eval_n"] == 4 and result["pairs"] == 12
+    assert 0.0 <= result["gold_win_rate"] <= 1.0 and result["metrics"]["ppo/samples"] == 4
+    if reward == "rm":
+        assert 0.0 <= result["gold_win_rate_bon4"] <= 1.0 and "rm/accuracy" in result["metrics"]
+    else:
+        assert result["gold_win_rate_bon4"] != result["gold_win_rate_bon4"]  # NaN: no reward model
+    # nothing published, no reward model saved
+    assert sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir()) == before
+    assert not (data / REWARD_DIRNAME).exists()
+    assert open_store(data).live_version() == 0
+
+
+def test_replay_rejects_bad_input_with_a_message(run_dir, tiny_model_dir, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--data-dir", str(empty), "--model", str(tiny_model_dir), "--threads", "1"]) == 2
+    assert "chat.db" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the replay sets the seed itself
+        main(["--data-dir", str(run_dir[0]), "--round-args=--seed 3"])
+    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--data-dir is required"):
+        ReplayConfig()
