@@ -91,8 +91,13 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir, ca
     # ... and PPO's KL target counts from where it left the policy
     assert result["metrics"]["rs/ppo_kl_target"] == PPOConfig().kl_target + max(0.0, result["metrics"]["rs/kl"])
     # a second round warm-starts the reward model from the first
-    again = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
+    second = _config(data, tiny_model_dir, gate_enabled=False)
+    again = run_round(second, store, registry)
     assert again["status"] == "succeeded", again
+    # β starts where the first round left it; the caller's config is not changed
+    assert result["metrics"]["objective/kl_coef_start"] == PPOConfig().init_kl_coef
+    assert again["metrics"]["objective/kl_coef_start"] == result["metrics"]["objective/kl_coef"] != PPOConfig().init_kl_coef
+    assert second.ppo.init_kl_coef == PPOConfig().init_kl_coef
     assert again["version"] == 2 and store.version(2)["parent"] == 1
     assert "rm/prev_accuracy" in again["metrics"] and again["metrics"]["rm/replaced"] in (0.0, 1.0)
     # ... and trains one from the base too: the round's candidate is the more accurate of the two

@@ -299,13 +299,14 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         #    online). β carries over from the last round that trained, so the KL controller keeps
         #    adapting.
         previous_beta = _last_kl_coef(store)
-        if previous_beta is not None and config.ppo.adaptive_kl:
-            config.ppo.init_kl_coef = previous_beta
+        if previous_beta is not None and config.ppo.adaptive_kl:  # the caller's config is left as it is
+            config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
         if config.init_policy == "reference":
             policy = add_lora(model, adapter_name="policy")
         else:
             policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
-        metrics = {**rm_metrics, **improve_policy(policy, tokenizer, reward_fn, ppo_prompts, config, window)}
+        metrics = {**rm_metrics, **improve_policy(policy, tokenizer, reward_fn, ppo_prompts, config, window),
+                   "objective/kl_coef_start": config.ppo.init_kl_coef}
 
         # 4. gate: candidate vs live on held-out prompts, judged by the reward model
         passed, reason = True, ""
