@@ -21,7 +21,8 @@ What it does:
      policy (``--init-policy live``: from the data dir's live adapter), with the round settings
      given in ``--round-args`` (the flags of ``python -m training.jobs``; β starts at
      ``--ppo.init-kl-coef``, it does not carry over from the data dir's rounds);
-  4. scores the new adapter against version 0 like ``bench.online_loop`` (``gold_win_rate``,
+     ``--rounds N`` repeats this N times, each round continuing the last one's adapter;
+  4. scores the new adapter (after each round) against version 0 like ``bench.online_loop`` (``gold_win_rate``,
      ``kl_nats``, and with ``--reward rm`` also ``gold_win_rate_bon4`` and ``rm_gold_accuracy``)
      on the same held-out prompts (``--prompts``, ``--eval-prompts``, ``--seed`` as given to the
      online benchmark).
@@ -62,6 +63,8 @@ class ReplayConfig:
     eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
     seed: int = help_field(0, help="the online benchmark's --seed (evaluation prompts and sampling) and the round's seed")
     threads: int = help_field(0, help="torch threads (0: all cores)")
+    rounds: int = help_field(1, help="rounds in a row, each continuing the last one's adapter (as --init-policy live "
+                             "does online, every round promoted); the votes, and so the reward, stay the same")
     round_args: str = help_field("", help='round settings, the flags of python -m training.jobs, given with "=": '
                                  '--round-args="--ppo.steps 96"')
     json: str = help_field("", help="also write the result JSON here")
@@ -73,7 +76,7 @@ class ReplayConfig:
             raise ValueError(f"--annotator must be MODULE:FUNCTION, got {self.annotator!r}")
         if self.reward not in ("rm", "gold"):
             raise ValueError(f"--reward must be 'rm' or 'gold', got {self.reward!r}")
-        for name in ("gold_refs", "eval_prompts", "eval_max_new_tokens"):
+        for name in ("gold_refs", "eval_prompts", "eval_max_new_tokens", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -197,21 +200,32 @@ def run(config: ReplayConfig) -> dict:
         reward_fn = gold_reward_fn(annotator, policy, tokenizer, ppo_prompts, config.gold_refs,
                                    round_config.ppo.max_new_tokens, round_config.seed + 5_000_000)
         log(f"gold reward: {config.gold_refs} reference answers for each PPO prompt")
-    t_train = time.time()
-    metrics.update(improve_policy(policy, tokenizer, reward_fn, ppo_prompts, round_config, context_window(model)))
-    train_s = time.time() - t_train
-    log(f"trained in {train_s:.0f} s; evaluating against version 0")
-    load_lora(policy, registry.path(0), adapter_name="v0")
-    gold = gold_figures(policy, tokenizer, annotator, eval_prompts, "policy", "v0", rm=rm, seed=config.seed,
-                        max_new_tokens=config.eval_max_new_tokens)
+    load_lora(policy, registry.path(0), adapter_name="v0")  # the evaluation's baseline, never trained
     keep = ("rm/accuracy", "rm/heldout_decisive", "rm/train_pairs", "objective/kl", "objective/kl_last",
             "objective/kl_coef", "objective/reward_first", "objective/reward_last", "objective/score",
             "objective/ref_score_mean", "objective/ref_score_std", "answer/length_tokens", "ppo/samples", "rs/kl")
+    per_round, train_s = [], 0.0
+    for r in range(config.rounds):
+        # each round continues the last one's adapter, with β where it ended and new prompt order
+        if r:
+            round_config = replace(round_config, seed=round_config.seed + 1,
+                                   ppo=replace(round_config.ppo, init_kl_coef=metrics["objective/kl_coef"]))
+        policy.set_adapter("policy")
+        t_train = time.time()
+        metrics.update(improve_policy(policy, tokenizer, reward_fn, ppo_prompts, round_config, context_window(model)))
+        train_s += time.time() - t_train
+        log(f"round {r + 1}/{config.rounds} trained in {time.time() - t_train:.0f} s; evaluating against version 0")
+        gold = gold_figures(policy, tokenizer, annotator, eval_prompts, "policy", "v0", rm=rm, seed=config.seed,
+                            max_new_tokens=config.eval_max_new_tokens)
+        per_round.append({"gold_win_rate": gold["gold_win_rate"], "kl_nats": gold["kl_nats"],
+                          **{k: metrics[k] for k in keep if k in metrics}})
+        log(f"round {r + 1}: gold win rate {gold['gold_win_rate']:.3f}, KL {gold['kl_nats']:.2f} nats")
     return {
         "reward": config.reward, "annotator": config.annotator, "pairs": len(preference_pairs(store)),
         "ppo_prompts": len(ppo_prompts), **{k: v for k, v in gold.items() if k != "examples"},
         "train_s": train_s, "wall_s": time.time() - t_start,
         "metrics": {k: metrics[k] for k in keep if k in metrics},
+        "rounds": per_round if config.rounds > 1 else None,
         "examples": gold["examples"], "config": asdict(config),
     }
 

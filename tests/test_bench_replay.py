@@ -14,6 +14,7 @@ from storage.registry import AdapterRegistry
 from tests.conftest import add_votes
 from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
 from training.models import add_lora, load_model_and_tokenizer
+from training.ppo import PPOConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -62,20 +63,26 @@ def test_gold_reward_scores_each_answer_against_reference_answers(tiny_model_dir
         reward_fn([[{"role": "user", "content": "never seen"}]], [MARK])
 
 
-@pytest.mark.parametrize("reward", ["rm", "gold"])
-def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_model_dir, tmp_path, capsys, reward):
+@pytest.mark.parametrize(("reward", "rounds"), [("rm", 1), ("gold", 2)])
+def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_model_dir, tmp_path, capsys, reward, rounds):
     data, prompts = run_dir
     before = sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir())
     out = tmp_path / "replay.json"
     code = main(["--data-dir", str(data), "--model", str(tiny_model_dir), "--reward", reward,
                  "--annotator", "tests.test_bench_replay:prefers_short", "--prompts", str(prompts),
                  "--eval-prompts", "4", "--eval-max-new-tokens", "6", "--threads", "1",
-                 "--json", str(out), f"--round-args={TINY_ROUND}"])
+                 "--rounds", str(rounds), "--json", str(out), f"--round-args={TINY_ROUND}"])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
     assert result["reward"] == reward and result["eval_n"] == 4 and result["pairs"] == 12
     assert 0.0 <= result["gold_win_rate"] <= 1.0 and result["metrics"]["ppo/samples"] == 4
+    if rounds > 1:  # figures after each round; the last round's are the result's
+        assert len(result["rounds"]) == rounds and result["rounds"][-1]["gold_win_rate"] == result["gold_win_rate"]
+        # the second round starts with β where the first left it (the KL stays under target: β shrinks)
+        assert result["rounds"][1]["objective/kl_coef"] < result["rounds"][0]["objective/kl_coef"] < PPOConfig().init_kl_coef
+    else:
+        assert result["rounds"] is None
     if reward == "rm":
         assert 0.0 <= result["gold_win_rate_bon4"] <= 1.0 and "rm/accuracy" in result["metrics"]
     else:
