@@ -78,8 +78,8 @@ def test_run_gate_on_two_adapters(tiny_model_dir, single_thread):
     gen = torch.Generator().manual_seed(0)  # not the global RNG: other tests must not change this candidate
     with torch.no_grad():
         for name, p in policy.named_parameters():
-            if "lora_B.candidate" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 1.0)  # far enough that KL > 0 beats k1 noise
+            if "lora_A.candidate" in name or "lora_B.candidate" in name:  # both: A's init is global-RNG
+                p.copy_(torch.randn(p.shape, generator=gen) * 2.0)  # far enough that KL > 0 beats k1 noise
     policy.set_adapter("live")
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
     prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
