@@ -85,6 +85,23 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
+@pytest.fixture
+def world(tiny_model_dir, tmp_path):
+    """``(store, registry, data dir)`` with version 0 published by a real engine, as the app does."""
+    from chatapp.engine import ChatEngine
+    from storage.db import open_store
+    from storage.registry import AdapterRegistry
+    from training.jobs import ADAPTERS_DIRNAME
+    from training.models import load_model_and_tokenizer
+
+    data = tmp_path / "data"
+    store = open_store(data)
+    registry = AdapterRegistry(data / ADAPTERS_DIRNAME, store)
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    ChatEngine(model, tok, registry)  # publishes v0
+    return store, registry, data
+
+
 def add_votes(store, n: int, choices=("a", "b")) -> None:
     """Store ``n`` voted comparisons, three per conversation; answer A is always the short one and
     the votes cycle through ``choices``. The assistant turn "ok i" follows each user turn."""

@@ -8,9 +8,7 @@ import json
 import pytest
 
 from bench.ppo_replay import ReplayConfig, gold_reward_fn, main
-from chatapp.engine import ChatEngine
 from storage.db import open_store
-from storage.registry import AdapterRegistry
 from tests.conftest import add_votes
 from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
 from training.models import add_lora, load_model_and_tokenizer
@@ -36,13 +34,10 @@ TINY_ROUND = ("--reward.epochs 1 --reward.batch-size 4 --ppo.steps 1 --ppo.rollo
 
 
 @pytest.fixture
-def run_dir(tiny_model_dir, tmp_path):
-    """A data dir as the online benchmark leaves it: version 0 published, 12 votes stored."""
-    data = tmp_path / "data"
-    store = open_store(data)
-    registry = AdapterRegistry(data / ADAPTERS_DIRNAME, store)
-    model, tok = load_model_and_tokenizer(tiny_model_dir)
-    ChatEngine(model, tok, registry)  # publishes v0
+def run_dir(world, tmp_path):
+    """A data dir as the online benchmark leaves it (version 0 published, 12 votes stored) and a
+    prompts file."""
+    store, _registry, data = world
     add_votes(store, 12)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {w}"}]}) + "\n"

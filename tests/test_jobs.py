@@ -8,8 +8,6 @@ from pathlib import Path
 import pytest
 
 from chatapp.engine import ChatEngine
-from storage.db import open_store
-from storage.registry import AdapterRegistry
 from tests.conftest import add_votes
 from training.gate import GateConfig
 from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
@@ -18,17 +16,6 @@ from training.ppo import PPOConfig
 from training.rejection import RejectionConfig
 from training.reward import RewardConfig
 from training.scheduler import TrainingScheduler
-
-
-@pytest.fixture
-def world(tiny_model_dir, tmp_path):
-    """A store + registry with version 0 published by a real engine, as the app does."""
-    data = tmp_path / "data"
-    store = open_store(data)
-    registry = AdapterRegistry(data / ADAPTERS_DIRNAME, store)
-    model, tok = load_model_and_tokenizer(tiny_model_dir)
-    ChatEngine(model, tok, registry)  # publishes v0
-    return store, registry, data
 
 
 def _config(data: Path, model_dir, **overrides) -> RoundConfig:
