@@ -420,7 +420,8 @@ def _round_summary(data_dir: Path) -> dict:
             "rejections": [r.get("reason") for r in rounds if r["status"] == "rejected"]}
 
 
-def resolve_model(config: BenchConfig, log) -> str:
+def resolve_model(config, log) -> str:
+    """``config.model``, or else the offline starter (built once into data/starter)."""
     if config.model:
         return config.model
     from training.starter import ensure_starter

@@ -42,10 +42,15 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench.online_loop import BenchConfig, _judge, gold_figures, load_annotator, load_prompts
+from bench.online_loop import (
+    BenchConfig,
+    _judge,
+    gold_figures,
+    load_annotator,
+    load_prompts,
+    resolve_model,
+)
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -57,7 +62,7 @@ class ReplayConfig:
     reward: str = help_field("rm", choices=["rm", "gold"], help="rm: a reward model trained on the stored votes; "
                              "gold: the annotator's noise-free verdict against reference answers")
     gold_refs: int = help_field(2, help="reference answers per prompt each answer is judged against (--reward gold)")
-    model: str = help_field("", help="base model dir or hub id (default: the offline starter, data/starter)")
+    model: str = help_field("", help="base model dir or hub id (default: the offline starter, cached in data/starter)")
     prompts: str = help_field("", help="JSONL of prompts, as given to bench.online_loop (default: the starter's held-out prompts)")
     eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation")
     eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
@@ -113,9 +118,12 @@ def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs
     from training.models import end_of_turn_ids
     from training.rollout import generate_rollouts, reference_model
 
+    def key(messages: list[dict]) -> str:
+        return json.dumps(messages, sort_keys=True)
+
     eos = end_of_turn_ids(policy, tokenizer)
-    distinct = list({json.dumps(p, sort_keys=True): p for p in prompts}.values())
-    references: dict[str, list[str]] = {json.dumps(p, sort_keys=True): [] for p in distinct}
+    references: dict[str, list[str]] = {key(p): [] for p in prompts}
+    distinct = list({key(p): p for p in prompts}.values())
     policy.eval()
     for k in range(refs):
         for s in range(0, len(distinct), 32):
@@ -124,13 +132,13 @@ def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs
                 answers = generate_rollouts(policy, tokenizer, chunk, max_new_tokens, eos,
                                             seed=seed + 1_000_000 * k + s).answers
             for p, a in zip(chunk, answers, strict=True):
-                references[json.dumps(p, sort_keys=True)].append(a)
+                references[key(p)].append(a)
     rng = random.Random(seed)
 
     def reward_fn(batch: list[list[dict]], answers: list[str]) -> torch.Tensor:
         out = []
         for p, a in zip(batch, answers, strict=True):
-            refs_p = references[json.dumps(p, sort_keys=True)]
+            refs_p = references[key(p)]
             out.append(sum(_judge(annotator, p, a, r, rng) for r in refs_p) / len(refs_p))
         return torch.tensor(out, dtype=torch.float32)
 
@@ -166,8 +174,7 @@ def run(config: ReplayConfig) -> dict:
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     annotator = load_annotator(config.annotator)
-    model_ref = config.model or str(PROJECT_ROOT / "data" / "starter")
-    round_config = replace(config.round_config(), model=model_ref)
+    round_config = config.round_config()
     data_dir = Path(config.data_dir)
     if not (data_dir / DB_FILENAME).is_file():
         raise ValueError(f"{data_dir}: no {DB_FILENAME}; pass the data dir of an app or of bench.online_loop --data-dir")
@@ -178,17 +185,19 @@ def run(config: ReplayConfig) -> dict:
     stored = store.prompts(limit=round_config.max_prompts)
     if not stored:
         raise ValueError(f"{data_dir}: no stored conversations to take prompts from")
+    model_ref = resolve_model(config, log)  # after the checks: it may build the starter first
+    round_config = replace(round_config, model=model_ref)
     ppo_prompts, _ = split_prompts(stored, round_config.reward.heldout_fraction, round_config.seed)
     _, eval_prompts = load_prompts(BenchConfig(prompts=config.prompts, eval_prompts=config.eval_prompts,
                                                seed=config.seed))
     torch.manual_seed(round_config.seed)
     model, tokenizer = load_model_and_tokenizer(model_ref)
-    ppo_prompts = fit_prompts(tokenizer, ppo_prompts, context_window(model), round_config.ppo.max_new_tokens)
+    window = context_window(model)
+    ppo_prompts = fit_prompts(tokenizer, ppo_prompts, window, round_config.ppo.max_new_tokens)
     log(f"{len(ppo_prompts)} PPO prompts, {len(eval_prompts)} evaluation prompts, reward: {config.reward}")
 
-    rm, metrics = None, {}
+    rm, metrics, pairs = None, {}, preference_pairs(store)
     if config.reward == "rm":
-        pairs = preference_pairs(store)
         rm, metrics = train_reward_model(model_ref, tokenizer, pairs, round_config.reward)
         reward_fn = make_reward_fn(rm, tokenizer)
         log(f"reward model: held-out accuracy {metrics['rm/accuracy']:.3f} on {metrics['rm/heldout_decisive']:.0f} pairs")
@@ -212,7 +221,7 @@ def run(config: ReplayConfig) -> dict:
                                    ppo=replace(round_config.ppo, init_kl_coef=metrics["objective/kl_coef"]))
         policy.set_adapter("policy")
         t_train = time.time()
-        metrics.update(improve_policy(policy, tokenizer, reward_fn, ppo_prompts, round_config, context_window(model)))
+        metrics.update(improve_policy(policy, tokenizer, reward_fn, ppo_prompts, round_config, window))
         train_s += time.time() - t_train
         log(f"round {r + 1}/{config.rounds} trained in {time.time() - t_train:.0f} s; evaluating against version 0")
         gold = gold_figures(policy, tokenizer, annotator, eval_prompts, "policy", "v0", rm=rm, seed=config.seed,
@@ -221,7 +230,7 @@ def run(config: ReplayConfig) -> dict:
                           **{k: metrics[k] for k in keep if k in metrics}})
         log(f"round {r + 1}: gold win rate {gold['gold_win_rate']:.3f}, KL {gold['kl_nats']:.2f} nats")
     return {
-        "reward": config.reward, "annotator": config.annotator, "pairs": len(preference_pairs(store)),
+        "reward": config.reward, "annotator": config.annotator, "pairs": len(pairs),
         "ppo_prompts": len(ppo_prompts), **{k: v for k, v in gold.items() if k != "examples"},
         "train_s": train_s, "wall_s": time.time() - t_start,
         "metrics": {k: metrics[k] for k in keep if k in metrics},
