@@ -198,6 +198,11 @@ def test_ensure_starter_reuses_a_good_cache_and_rebuilds_a_corrupt_one(tmp_path,
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     assert ensure_starter(tmp_path, cfg, progress=False) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
+    # built with an older recipe: kept as it is (adapters were trained on it), with a note
+    assert ensure_starter(tmp_path, StarterConfig(**(CHEAP | {"sft_steps": 7, "num_threads": 1})), progress=False) == out
+    note = capsys.readouterr().out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert "sft_steps=5" in note and "sft_steps=7" in note and "num_threads" not in note
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
     ensure_starter(tmp_path, cfg, progress=False)
     message = capsys.readouterr().out
