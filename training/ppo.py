@@ -85,18 +85,21 @@ RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 @dataclass
 class PPOConfig:
     """PPO hyper-parameters. Defaults are tuned on the starter model with ``python -m
-    bench.online_loop`` (2 CPU cores, about 3.5 minutes a round on one core): 3072 answers a
-    round (48 iterations of 64: 16 prompts × 4 answers each, two epochs of minibatches of 16,
-    lr 5e-4). The number of answers mattered more than anything else tried: replaying the last
-    round of two benchmark runs of the correctness annotator (same reward model, same prompts),
-    gold win rates were 0.60 and 0.63 with 3072 answers, against 0.49 and 0.55 with the earlier
-    384 (12 × 32, four epochs, lr 1e-3), at a similar KL (1.3-1.9 nats). Four answers a prompt
+    bench.online_loop`` (2 CPU cores, about 3.5 minutes a round): 6144 answers a round (96
+    iterations of 64: 16 prompts × 4 answers each, two epochs of minibatches of 16, lr 5e-4).
+    The number of answers mattered more than anything else tried. On the first starter (600 SFT
+    steps), replaying the last round of two benchmark runs of the correctness annotator (same
+    reward model, same prompts) gave gold win rates of 0.60 and 0.63 with 3072 answers, against
+    0.49 and 0.55 with the earlier 384 (12 × 32, four epochs, lr 1e-3), at a similar KL (1.3-1.9
+    nats). On the current starter (1200 SFT steps), one replay (``python -m bench.ppo_replay``)
+    gave 0.78 with 6144 answers against 0.73 with 3072 (KL 1.3 and 1.5 nats), and lr 1e-3 gave
+    0.67; for the brevity annotator, 0.80 and 0.84 (± 0.03 either way). Four answers a prompt
     with a leave-one-out baseline (``samples_per_prompt``) is the other setting that helped: with
     the correctness annotator's own verdict as the reward (noise-free, so the optimiser alone is
-    measured), one round of 3072 answers reached gold win rates of 0.67-0.69 (four variants),
-    against 0.61 with one answer a prompt; lr 1e-3 or 2e-3 (0.49-0.66) and four epochs (0.57)
-    were worse. β must adapt within a round (short horizon) so that the KL to the reference
-    stays a few nats."""
+    measured), one round of 3072 answers on the first starter reached gold win rates of
+    0.67-0.69 (four variants), against 0.61 with one answer a prompt; lr 1e-3 or 2e-3
+    (0.49-0.66) and four epochs (0.57) were worse. β must adapt within a round (short horizon)
+    so that the KL to the reference stays a few nats."""
 
     init_kl_coef: float = help_field(0.2, help="β, the per-token KL penalty coefficient at the start")
     adaptive_kl: bool = help_field(True, help="adjust β towards kl_target (Ziegler et al. 2019, §2.2)")
@@ -114,7 +117,7 @@ class PPOConfig:
         4, help="answers sampled per prompt in a rollout batch (a divisor of rollout_batch_size); with "
         "more than 1, each score is centred on the mean score of the other answers to the same prompt "
         "(a leave-one-out baseline: how hard a prompt is does not pass for how good an answer is)")
-    steps: int = help_field(48, help="iterations (rollout batches) per round: steps × rollout_batch_size answers")
+    steps: int = help_field(96, help="iterations (rollout batches) per round: steps × rollout_batch_size answers")
     lr: float = help_field(5e-4, help="AdamW learning rate for the LoRA weights and the value head")
     max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
     ptx_coef: float = help_field(
