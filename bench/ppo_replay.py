@@ -157,14 +157,14 @@ def run(config: ReplayConfig) -> dict:
     from storage import DB_FILENAME
     from storage.db import open_store
     from storage.registry import AdapterRegistry
-    from training.jobs import ADAPTERS_DIRNAME, improve_policy, preference_pairs, split_prompts
-    from training.models import (
-        add_lora,
-        context_window,
-        fit_prompts,
-        load_lora,
-        load_model_and_tokenizer,
+    from training.jobs import (
+        ADAPTERS_DIRNAME,
+        improve_policy,
+        preference_pairs,
+        split_prompts,
+        starting_policy,
     )
+    from training.models import context_window, fit_prompts, load_lora, load_model_and_tokenizer
     from training.reward import make_reward_fn, train_reward_model
 
     t_start = time.time()
@@ -201,10 +201,7 @@ def run(config: ReplayConfig) -> dict:
         rm, metrics = train_reward_model(model_ref, tokenizer, pairs, round_config.reward)
         reward_fn = make_reward_fn(rm, tokenizer)
         log(f"reward model: held-out accuracy {metrics['rm/accuracy']:.3f} on {metrics['rm/heldout_decisive']:.0f} pairs")
-    if round_config.init_policy == "reference":
-        policy = add_lora(model, adapter_name="policy")
-    else:
-        policy = load_lora(model, registry.path(store.live_version()), adapter_name="policy", trainable=True)
+    policy = starting_policy(model, round_config, registry, store.live_version())
     if config.reward == "gold":
         reward_fn = gold_reward_fn(annotator, policy, tokenizer, ppo_prompts, config.gold_refs,
                                    round_config.ppo.max_new_tokens, round_config.seed + 5_000_000)

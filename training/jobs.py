@@ -189,6 +189,20 @@ def _last_kl_coef(store: Store) -> float | None:
     return None
 
 
+def starting_policy(model, config: RoundConfig, registry: AdapterRegistry, live: int):
+    """The model with the adapter ``"policy"`` that a round trains, active: a fresh LoRA on the
+    reference policy (``config.init_policy == "reference"``, B = 0 so it starts as the SFT
+    model) or a trainable copy of version ``live``'s adapter (``"live"``).
+
+    Raises:
+        storage.registry.UnknownVersion (a ``KeyError``) / FileNotFoundError: ``"live"``, and
+            version ``live`` is not registered / has no adapter files (``AdapterRegistry.path``).
+    """
+    if config.init_policy == "reference":
+        return add_lora(model, adapter_name="policy")
+    return load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
+
+
 def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], config: RoundConfig,
                    window: int | None = None) -> dict:
     """Step 3 of a round: rejection-sampling fine-tuning (when ``config.rs.n`` > 1), then PPO
@@ -301,10 +315,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         previous_beta = _last_kl_coef(store)
         if previous_beta is not None and config.ppo.adaptive_kl:  # the caller's config is left as it is
             config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
-        if config.init_policy == "reference":
-            policy = add_lora(model, adapter_name="policy")
-        else:
-            policy = load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
+        policy = starting_policy(model, config, registry, live)
         metrics = {**rm_metrics, **improve_policy(policy, tokenizer, reward_fn, ppo_prompts, config, window),
                    "objective/kl_coef_start": config.ppo.init_kl_coef}
 
