@@ -17,7 +17,8 @@ What it does:
      ties over n), ``gold_win_rate_bon4`` (best of 4 samples of version 0 picked by the final
      reward model vs version 0, judged the same way), ``kl_nats`` (mean per answer, k1, live vs
      reference). Answers are sampled with pure temperature-1 sampling (the distribution PPO
-     optimises and whose KL is measured).
+     optimises and whose KL is measured). Each win rate comes with its standard error
+     (``gold_win_rate_se``, ``gold_win_rate_bon4_se``; ``bench.gold``).
 
 Prints progress, then one JSON object (also written to ``--json``). Every wait is bounded and
 the app (with any training child) is always stopped.
@@ -42,10 +43,10 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.gold import gold_figures
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = 6  # live vs version-0 answers shown in the result
 
 
 @dataclass
@@ -305,15 +306,6 @@ def train_round(client, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------ gold evaluation -------------
-def _judge(annotator, messages, x: str, y: str, rng: random.Random) -> float:
-    """1 if the annotator prefers ``x`` over ``y``, ½ on a tie, else 0 (x shown as A or B at random)."""
-    if rng.random() < 0.5:
-        verdict = annotator(messages, x, y)
-        return {"a": 1.0, "tie": 0.5}.get(verdict, 0.0)
-    verdict = annotator(messages, y, x)
-    return {"b": 1.0, "tie": 0.5}.get(verdict, 0.0)
-
-
 def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, prompts: list[list[dict]], log) -> dict:
     """Gold figures of the live version against version 0 (see the module docstring)."""
     import torch
@@ -336,74 +328,6 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
     result = gold_figures(policy, tokenizer, annotator, prompts, "live", "v0", rm=rm, seed=config.seed,
                           max_new_tokens=config.eval_max_new_tokens)
     result["live_version"] = live
-    return result
-
-
-def gold_figures(policy, tokenizer, annotator, prompts: list[list[dict]], adapter: str, baseline: str,
-                 rm=None, seed: int = 0, max_new_tokens: int = 48) -> dict:
-    """Adapter ``adapter`` of ``policy`` against adapter ``baseline`` (version 0), one
-    temperature-1 answer each per prompt, judged by ``annotator`` without noise.
-
-    Returns:
-        ``gold_win_rate`` (wins + ½ ties over n), ``kl_nats`` (mean k1 KL per answer of
-        ``adapter`` to the reference, i.e. the adapter disabled; nats), ``answer_tokens_live`` /
-        ``answer_tokens_v0`` (mean answer length, tokens), ``eval_n``, ``eval_s`` (seconds),
-        ``examples``; with a reward model ``rm`` also ``gold_win_rate_bon4`` (its best of 4
-        answers of ``baseline`` against ``baseline``) and ``rm_gold_accuracy`` (how often it
-        agrees with the annotator on the pairs the annotator separates), else NaN.
-    """
-    import torch
-
-    from training.models import end_of_turn_ids
-    from training.reward import score
-    from training.rollout import forward_response, generate_rollouts, reference_model
-
-    policy.eval()
-    eos = end_of_turn_ids(policy, tokenizer)
-    n, B = len(prompts), 32
-    base_seed = seed * 1_000_003 + 77_000_000
-
-    def sample(name: str, row_seed: int, with_kl: bool = False):
-        policy.set_adapter(name)
-        answers, kls, lengths = [], [], []
-        for s in range(0, n, B):
-            chunk = prompts[s:s + B]
-            with torch.no_grad():
-                ro = generate_rollouts(policy, tokenizer, chunk, max_new_tokens, eos, seed=row_seed + s)
-                answers += ro.answers
-                lengths += ro.lengths.tolist()
-                if with_kl:
-                    Tr = ro.response_ids.shape[1]
-                    lp, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
-                    with reference_model(policy):
-                        ref, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
-                    kls += ((lp - ref) * ro.response_mask).sum(dim=1).tolist()
-        return answers, kls, lengths
-
-    t0 = time.time()
-    live_answers, kls, live_len = sample(adapter, base_seed, with_kl=True)
-    v0_answers, _, v0_len = sample(baseline, base_seed + 1_000_000)
-    rng = random.Random(seed + 2)
-    wins = [_judge(annotator, p, x, y, rng) for p, x, y in zip(prompts, live_answers, v0_answers, strict=True)]
-    result = {"gold_win_rate": sum(wins) / n, "kl_nats": sum(kls) / n, "eval_n": n,
-              "answer_tokens_live": sum(live_len) / n, "answer_tokens_v0": sum(v0_len) / n}
-    if rm is not None:
-        candidates = [sample(baseline, base_seed + 2_000_000 * (k + 1))[0] for k in range(4)]
-        scores = torch.stack([score(rm, tokenizer, prompts, c) for c in candidates])  # (4, n)
-        best = scores.argmax(dim=0).tolist()
-        bon = [candidates[k][i] for i, k in enumerate(best)]
-        result["gold_win_rate_bon4"] = sum(
-            _judge(annotator, p, x, y, rng) for p, x, y in zip(prompts, bon, v0_answers, strict=True)) / n
-        # how often the reward model agrees with the gold judgement on the pairs it separates
-        s_live, s_v0 = score(rm, tokenizer, prompts, live_answers), score(rm, tokenizer, prompts, v0_answers)
-        agree = [(w == 1.0) == bool(a > b) for w, a, b in zip(wins, s_live, s_v0, strict=True) if w != 0.5]
-        result["rm_gold_accuracy"] = sum(agree) / len(agree) if agree else float("nan")
-    else:
-        result["gold_win_rate_bon4"] = float("nan")
-        result["rm_gold_accuracy"] = float("nan")
-    result["eval_s"] = time.time() - t0
-    result["examples"] = [{"prompt": p[-1]["content"], "live": x, "v0": y}
-                          for p, x, y in list(zip(prompts, live_answers, v0_answers, strict=True))[:EXAMPLES]]
     return result
 
 
@@ -462,6 +386,8 @@ def run(config: BenchConfig) -> dict:
     summary = _round_summary(data_dir)
     log(f"evaluating on {len(eval_prompts)} held-out prompts")
     gold = evaluate(config, model_ref, data_dir, annotator, eval_prompts, log)
+    log(f"gold win rate {gold['gold_win_rate']:.3f} ± {gold['gold_win_rate_se']:.3f} (best of 4: "
+        f"{gold['gold_win_rate_bon4']:.3f} ± {gold['gold_win_rate_bon4_se']:.3f}), KL {gold['kl_nats']:.2f} nats")
     result = {
         "annotator": config.annotator, "noise": config.noise,
         "votes": driven["votes"], "rounds": summary["rounds"], "promoted": summary["promoted"],

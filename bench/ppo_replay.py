@@ -42,14 +42,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bench.online_loop import (
-    BenchConfig,
-    _judge,
-    gold_figures,
-    load_annotator,
-    load_prompts,
-    resolve_model,
-)
+from bench.gold import gold_figures, judge_pair
+from bench.online_loop import BenchConfig, load_annotator, load_prompts, resolve_model
 from training.cli import add_dataclass_args, dataclass_from_args, help_field
 
 
@@ -139,7 +133,7 @@ def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs
         out = []
         for p, a in zip(batch, answers, strict=True):
             refs_p = references[key(p)]
-            out.append(sum(_judge(annotator, p, a, r, rng) for r in refs_p) / len(refs_p))
+            out.append(sum(judge_pair(annotator, p, a, r, rng) for r in refs_p) / len(refs_p))
         return torch.tensor(out, dtype=torch.float32)
 
     return reward_fn
@@ -225,7 +219,8 @@ def run(config: ReplayConfig) -> dict:
                             max_new_tokens=config.eval_max_new_tokens)
         per_round.append({"gold_win_rate": gold["gold_win_rate"], "kl_nats": gold["kl_nats"],
                           **{k: metrics[k] for k in keep if k in metrics}})
-        log(f"round {r + 1}: gold win rate {gold['gold_win_rate']:.3f}, KL {gold['kl_nats']:.2f} nats")
+        log(f"round {r + 1}: gold win rate {gold['gold_win_rate']:.3f} ± {gold['gold_win_rate_se']:.3f}, "
+            f"KL {gold['kl_nats']:.2f} nats")
     return {
         "reward": config.reward, "annotator": config.annotator, "pairs": len(pairs),
         "ppo_prompts": len(ppo_prompts), **{k: v for k, v in gold.items() if k != "examples"},

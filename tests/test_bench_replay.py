@@ -4,9 +4,12 @@ real SQLite)."""
 from __future__ import annotations
 
 import json
+import math
+import statistics
 
 import pytest
 
+from bench.gold import standard_error
 from bench.ppo_replay import ReplayConfig, gold_reward_fn, main
 from storage.db import open_store
 from tests.conftest import add_votes
@@ -72,6 +75,7 @@ def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_mo
     assert result == json.loads(out.read_text())
     assert result["reward"] == reward and result["eval_n"] == 4 and result["pairs"] == 12
     assert 0.0 <= result["gold_win_rate"] <= 1.0 and result["metrics"]["ppo/samples"] == 4
+    assert 0.0 <= result["gold_win_rate_se"] <= 0.5 / (4 - 1) ** 0.5  # outcomes in [0, 1]: sd ≤ ½·√(n/(n−1))
     if rounds > 1:  # figures after each round; the last round's are the result's
         assert len(result["rounds"]) == rounds and result["rounds"][-1]["gold_win_rate"] == result["gold_win_rate"]
         # the second round starts with β where the first left it (the KL stays under target: β shrinks)
@@ -80,8 +84,10 @@ def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_mo
         assert result["rounds"] is None
     if reward == "rm":
         assert 0.0 <= result["gold_win_rate_bon4"] <= 1.0 and "rm/accuracy" in result["metrics"]
-    else:
-        assert result["gold_win_rate_bon4"] != result["gold_win_rate_bon4"]  # NaN: no reward model
+        assert result["gold_win_rate_bon4_se"] >= 0.0
+    else:  # NaN: no reward model
+        assert result["gold_win_rate_bon4"] != result["gold_win_rate_bon4"]
+        assert result["gold_win_rate_bon4_se"] != result["gold_win_rate_bon4_se"]
     # nothing published, no reward model saved
     assert sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir()) == before
     assert not (data / REWARD_DIRNAME).exists()
@@ -98,3 +104,11 @@ def test_replay_rejects_bad_input_with_a_message(run_dir, tiny_model_dir, tmp_pa
     assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--data-dir is required"):
         ReplayConfig()
+
+
+def test_standard_error_of_a_win_rate():
+    outcomes = [1.0, 0.5, 0.0, 1.0, 1.0, 0.5, 0.0, 1.0]
+    assert standard_error(outcomes) == pytest.approx(statistics.stdev(outcomes) / math.sqrt(len(outcomes)))
+    assert standard_error([1.0] * 5) == 0.0  # all wins: no spread
+    assert standard_error(outcomes * 4) < standard_error(outcomes)  # more prompts, smaller error
+    assert math.isnan(standard_error([1.0])) and math.isnan(standard_error([]))
