@@ -4,7 +4,7 @@ judged by the annotator without noise (Ziegler et al. 2019; AlpacaFarm, Dubois e
 
 A win rate over n prompts is the mean of per-prompt outcomes (1 win, ½ tie, 0 loss); its standard
 error is reported beside it, so that two runs, or a run and a target, can be told apart from
-sampling noise (on 240 prompts it is about 0.025-0.03).
+sampling noise (on 240 prompts it is about 0.02).
 """
 
 from __future__ import annotations
