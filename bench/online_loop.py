@@ -64,7 +64,7 @@ class BenchConfig:
     port: int = help_field(0, help="app port (0: a free one)")
     data_dir: str = help_field("", help="app data dir (default: a new temporary dir)")
     users: int = help_field(4, help="simulated users (browser sessions), taking prompts in turn")
-    eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation (240: a win rate ± 0.03)")
+    eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation (240: a standard error of about 0.02 on the win rate)")
     eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
     min_votes: int = help_field(10, help="the app's --min-votes")
     max_new_tokens: int = help_field(48, help="the app's --max-new-tokens (reply limit)")
