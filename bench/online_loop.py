@@ -55,7 +55,7 @@ class BenchConfig:
 
     annotator: str = help_field("bench.annotators:prefers_correct", help="MODULE:FUNCTION, (messages, a, b) -> 'a'|'b'|'tie'")
     votes: int = help_field(300, help="comparisons voted through the app")
-    round_every: int = help_field(100, help="votes between training rounds (Train now, then wait for the round; a round of the starter takes about 3.5 minutes on two cores)")
+    round_every: int = help_field(100, help="votes between training rounds (Train now, then wait for the round; a round of the starter takes about 3.5-4 minutes on two cores)")
     noise: float = help_field(0.0, help="probability that a vote is flipped")
     prompts: str = help_field("", help="JSONL, one {\"messages\": [...]} a line (default: the starter's held-out prompts)")
     model: str = help_field("", help="base model dir or hub id (default: the offline starter, cached in data/starter)")

@@ -18,7 +18,7 @@ What it does:
          benchmark measures, as a per-answer score: what PPO reaches with a perfect reward model;
   3. improves a policy adapter exactly as a round does (``training.jobs.improve_policy``:
      rejection sampling if ``--rs.n`` > 1, then PPO), from a fresh adapter on the reference
-     policy (``--init-policy live``: from the data dir's live adapter), with the round settings
+     policy (``--init-policy live``, unlike a round's default: from the data dir's live adapter), with the round settings
      given in ``--round-args`` (the flags of ``python -m training.jobs``; β starts at
      ``--ppo.init-kl-coef``, it does not carry over from the data dir's rounds);
      ``--rounds N`` repeats this N times, each round continuing the last one's adapter;
@@ -93,7 +93,10 @@ class ReplayConfig:
 
         from training.jobs import parse_round_flags
 
-        config = parse_round_flags(shlex.split(self.round_args))
+        flags = shlex.split(self.round_args)
+        config = parse_round_flags(flags)
+        if not any(f.startswith("--init-policy") for f in flags):  # one round from the SFT policy unless asked
+            config = replace(config, init_policy="reference")
         return replace(config, data_dir=self.data_dir, model=self.model, seed=self.seed)
 
 

@@ -9,8 +9,8 @@ Steps, each recorded in the ``training_rounds`` table:
   2. train the reward model (warm-started from the previous round's, and one from the base
      weights: the more accurate on the held-out votes is the candidate) on all votes; it
      replaces the previous one only if at least as accurate;
-  3. from the reference policy (a fresh adapter; ``--init-policy live``: from the live
-     adapter): rejection-sampling fine-tuning on the reward model's best of ``--rs.n`` answers
+  3. from the live adapter (``--init-policy reference``: a fresh adapter on the reference
+     policy): rejection-sampling fine-tuning on the reward model's best of ``--rs.n`` answers
      per prompt (training.rejection; ``--rs.n 1``: off), then PPO against its normalised score
      (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations, the starter's SFT corpus or ``--ptx-data``);
   4. write the new adapter to a staging directory, then rename it into place as version N+1
@@ -76,8 +76,9 @@ class RoundConfig:
         True, help="also train a reward model from the base weights each round; the more accurate of "
         "it and the warm-started one (same held-out votes) is the round's candidate")
     init_policy: str = help_field(
-        "reference", choices=["reference", "live"],
-        help="where PPO starts each round: a fresh adapter on the reference (SFT) policy, or the live adapter",
+        "live", choices=["reference", "live"],
+        help="where PPO starts each round: the live adapter (rounds compound; version 0 is a fresh one), "
+        "or a fresh adapter on the reference (SFT) policy",
     )
     ptx_data: str = help_field(
         "", help="JSONL of demonstration conversations (python -m training.sft's format) for PPO-ptx "
@@ -306,12 +307,12 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         reward_fn = make_reward_fn(rm, tokenizer)
 
         # 3. rejection sampling (if on), then PPO, against the newest reward model; reference =
-        #    adapter disabled. By default the policy starts from the reference (a fresh adapter,
-        #    B = 0) every round, so the drift a less accurate earlier reward model caused is not
-        #    compounded: each candidate is one KL-bounded step from the SFT policy, scored with
-        #    everything voted so far (the votes still come from the live policy: the loop stays
-        #    online). β carries over from the last round that trained, so the KL controller keeps
-        #    adapting.
+        #    adapter disabled. By default the policy continues the live adapter, so rounds
+        #    compound and each round's votes are sampled from the policy the last round made
+        #    (bench.online_loop, correctness annotator, 300 votes: 0.77 and 0.79 against
+        #    0.72-0.76 when every round started afresh from the reference). The KL to the
+        #    reference stays bounded: β carries over from the last round that trained, so the KL
+        #    controller keeps adapting across rounds, and the gate bounds the candidate's KL.
         previous_beta = _last_kl_coef(store)
         if previous_beta is not None and config.ppo.adaptive_kl:  # the caller's config is left as it is
             config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
