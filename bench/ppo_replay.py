@@ -18,9 +18,10 @@ What it does:
          benchmark measures, as a per-answer score: what PPO reaches with a perfect reward model;
   3. improves a policy adapter exactly as a round does (``training.jobs.improve_policy``:
      rejection sampling if ``--rs.n`` > 1, then PPO), from a fresh adapter on the reference
-     policy (``--init-policy live``, unlike a round's default: from the data dir's live adapter), with the round settings
-     given in ``--round-args`` (the flags of ``python -m training.jobs``; β starts at
-     ``--ppo.init-kl-coef``, it does not carry over from the data dir's rounds);
+     policy even though a round's default continues the live adapter (``--init-policy live``: from
+     the data dir's live adapter), with the round settings given in ``--round-args`` (the flags
+     of ``python -m training.jobs``; β starts at ``--ppo.init-kl-coef``, it does not carry over
+     from the data dir's rounds);
      ``--rounds N`` repeats this N times, each round continuing the last one's adapter;
   4. scores the new adapter (after each round) against version 0 like ``bench.online_loop`` (``gold_win_rate``,
      ``kl_nats``, and with ``--reward rm`` also ``gold_win_rate_bon4`` and ``rm_gold_accuracy``)
@@ -62,8 +63,8 @@ class ReplayConfig:
     eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
     seed: int = help_field(0, help="the online benchmark's --seed (evaluation prompts and sampling) and the round's seed")
     threads: int = help_field(0, help="torch threads (0: all cores)")
-    rounds: int = help_field(1, help="rounds in a row, each continuing the last one's adapter (as --init-policy live "
-                             "does online, every round promoted); the votes, and so the reward, stay the same")
+    rounds: int = help_field(1, help="rounds in a row, each continuing the last one's adapter (as the app's rounds "
+                             "do online, every round promoted); the votes, and so the reward, stay the same")
     round_args: str = help_field("", help='round settings, the flags of python -m training.jobs, given with "=": '
                                  '--round-args="--ppo.steps 96"')
     json: str = help_field("", help="also write the result JSON here")

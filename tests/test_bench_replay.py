@@ -13,7 +13,7 @@ from bench.gold import standard_error
 from bench.ppo_replay import ReplayConfig, gold_reward_fn, main
 from storage.db import open_store
 from tests.conftest import add_votes
-from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
+from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME, RoundConfig
 from training.models import add_lora, load_model_and_tokenizer
 from training.ppo import PPOConfig
 
@@ -112,3 +112,11 @@ def test_standard_error_of_a_win_rate():
     assert standard_error([1.0] * 5) == 0.0  # all wins: no spread
     assert standard_error(outcomes * 4) < standard_error(outcomes)  # more prompts, smaller error
     assert math.isnan(standard_error([1.0])) and math.isnan(standard_error([]))
+
+
+def test_replay_starts_from_a_fresh_adapter_unless_asked():
+    # a round's own default continues the live adapter; a replay of one round starts from the SFT policy
+    assert RoundConfig().init_policy == "live"
+    assert ReplayConfig(data_dir="run").round_config().init_policy == "reference"
+    assert ReplayConfig(data_dir="run", round_args="--init-policy live").round_config().init_policy == "live"
+    assert ReplayConfig(data_dir="run", round_args="--init-policy=live").round_config().init_policy == "live"
