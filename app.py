@@ -9,16 +9,22 @@ Composition root: config → storage → model → engine → scheduler → UI. 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import shlex
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.flags import (
+    add_dataclass_args,
+    dataclass_from_args,
+    flag_names,
+    help_field,
+    nested,
+    to_argv,
+)
+from training.round import RoundConfig
 
 log = logging.getLogger("app")
 
@@ -34,20 +40,19 @@ class AppConfig:
     port: int = help_field(7860, help="port of the web UI")
     auth: str = help_field("", help="USER:PASS: admin actions (Train now, rollback, export) need this login; chat stays open (other local users can read it in ps: prefer --auth-file)")
     auth_file: str = help_field("", help="file of USER:PASS lines, one admin each (with or instead of --auth)")
-    concurrency: int = help_field(8, help="requests the server handles at once per action (Gradio queue)")
+    concurrency: int = help_field(8, help="requests served at once: the Gradio queue's concurrency per action, and the most replies decoded together in one batch")
     train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")
     min_new_votes: int = help_field(20, help="new votes needed before a scheduled round starts")
-    min_votes: int = help_field(10, help="A/B votes (ties excluded) a round needs to train at all")
-    gate: bool = help_field(True, help="promote a trained adapter only if it passes the gate (win rate, KL, collapse, length)")
     no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
     temperature: float = help_field(0.8, help="sampling temperature of plain chat replies (0: greedy)")
     compare_temperature: float = help_field(1.0, help="sampling temperature of the two answers of a comparison (1: the distribution PPO trains on)")
     distinct_redraws: int = help_field(2, help="a comparison's B answer that repeats A word for word is drawn again up to this many times (identical pairs teach the reward model nothing)")
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
-    seed: int = help_field(0, help="seed of the starter build and of training rounds")
-    round_args: str = help_field("", help='more flags for every training round, best written with "=": --round-args="--rs.n 8 --ppo.ptx-coef 0.1" (python -m training.jobs --help lists them)')
-    threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one); 1 measured best on 2 cores")
+    threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one by default)")
+    round: RoundConfig = nested(
+        RoundConfig, help="every training round (python -m training.jobs, run by the app in a child process); "
+        "e.g. --round.min-votes 20 --round.gate.enabled false --round.rs.n 8", set_by_parent=("data_dir", "model"))
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -62,61 +67,11 @@ class AppConfig:
             from chatapp.auth import parse_credential
 
             parse_credential(self.auth)  # fail early: USER:PASS
-        if self.round_args:
-            from training.jobs import parse_round_flags
 
-            try:
-                parse_round_flags(self.round_flags)  # fail early, not in every round
-            except ValueError as exc:
-                raise ValueError(f"--round-args: {exc}") from None
-
-    @property
-    def round_flags(self) -> list[str]:
-        """``round_args`` split as a shell would (quotes kept together), a relative
-        ``--ptx-data`` path made absolute (the round runs in the project directory).
-
-        Raises:
-            ValueError: unbalanced quotes.
-        """
-        flags = shlex.split(self.round_args)
-        for i, flag in enumerate(flags):
-            if flag == "--ptx-data" and i + 1 < len(flags) and flags[i + 1]:
-                flags[i + 1] = str(Path(flags[i + 1]).expanduser().resolve())
-            elif flag.startswith("--ptx-data=") and len(flag) > len("--ptx-data="):
-                flags[i] = "--ptx-data=" + str(Path(flag.split("=", 1)[1]).expanduser().resolve())
-        return flags
-
-
-def _model_identity(model: str) -> str:
-    """How a base model is recorded with its adapters: a hub id as given, a local directory as
-    its absolute path (so the working directory does not matter), the starter as "starter"."""
-    if not model:
-        return "starter"
-    return str(Path(model).resolve()) if Path(model).exists() else model
-
-
-def _check_data_dir_model(data_dir: Path, identity: str) -> None:
-    """Adapters only fit the base they were trained on: refuse a data dir made for another.
-
-    Raises:
-        SystemExit: ``data_dir`` records another base model.
-    """
-    marker = data_dir / "model.json"
-    if marker.is_file():
-        recorded = json.loads(marker.read_text()).get("model")
-        if recorded != identity:
-            raise SystemExit(
-                f"error: {data_dir} holds adapters for model {recorded!r}, not {identity!r}; "
-                "pass another --data-dir for this model (or the model it was made for)."
-            )
-
-
-def _record_data_dir_model(data_dir: Path, identity: str) -> None:
-    """Tie ``data_dir`` to the base model, once it has loaded."""
-    marker = data_dir / "model.json"
-    if not marker.is_file():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps({"model": identity}))
+    def round_argv(self, data_dir: str, model: str) -> list[str]:
+        """The flags of ``python -m training.jobs`` for the app's rounds: ``self.round`` on
+        ``data_dir`` and base ``model`` (absolute paths: the child runs in the project directory)."""
+        return to_argv(replace(self.round, data_dir=data_dir, model=model))
 
 
 def torch_threads(n: int) -> None:
@@ -140,43 +95,42 @@ def build_app(config: AppConfig):
     from chatapp.engine import ChatEngine, Sampling
     from chatapp.service import ChatService
     from chatapp.ui import UIParts, build_ui
-    from storage.db import open_store
-    from storage.registry import AdapterRegistry
-    from training.jobs import ADAPTERS_DIRNAME
+    from storage.paths import DataDir, DataDirError
+    from storage.registry import AdapterRegistry, clean_staging
+    from storage.store import open_store
     from training.models import load_model_and_tokenizer, load_tokenizer
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
-    # absolute: the training child runs in the project directory, not where the app was started
-    data_dir = Path(config.data_dir).expanduser().resolve()
+    data_dir = DataDir(config.data_dir)  # absolute: the training child runs in the project directory
     if config.model:
         model_ref = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     else:
-        from training.starter import ensure_starter
+        from training.starter.build import ensure_starter
 
-        model_ref = str(ensure_starter(data_dir, progress=True).resolve())
-    identity = _model_identity(config.model)
+        model_ref = str(ensure_starter(data_dir.starter, progress=True))
     load_tokenizer(model_ref)  # a bad --model fails here, with its own message, before anything is written
-    _check_data_dir_model(data_dir, identity)
+    try:
+        data_dir.check_model(model_ref)
+    except DataDirError as exc:
+        raise SystemExit(f"error: {exc}") from None
     model, tokenizer = load_model_and_tokenizer(model_ref, config.quantize)
-    _record_data_dir_model(data_dir, identity)
+    data_dir.record_model(model_ref)
     store = open_store(data_dir)
     store.fail_stale_rounds("the app stopped while this round was running")
-    registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
-    registry.clean_staging()
-    engine = ChatEngine(model, tokenizer, registry)
+    registry = AdapterRegistry(data_dir, store)
+    clean_staging(data_dir)
+    engine = ChatEngine(model, tokenizer, registry, max_batch=config.concurrency)
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
     service = ChatService(engine, store, sampling, compare_sampling=compare_sampling,
                           distinct_redraws=config.distinct_redraws)
     scheduler = None
     if not config.no_train:
-        round_args = ["--data-dir", str(data_dir), "--model", model_ref,
-                      "--min-votes", str(config.min_votes), "--seed", str(config.seed),
-                      "--gate-enabled", str(config.gate).lower(), *config.round_flags]  # fmt: skip
-        round_fn = subprocess_round(round_args, data_dir / "logs" / "training.log", store, registry)
-        scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes)
-    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir, admin=admin))
+        round_fn = subprocess_round(config.round_argv(str(data_dir.root), model_ref), data_dir, store)
+        scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes,
+                                      lock_path=data_dir.scheduler_lock)
+    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir.root, admin=admin))
     return demo, scheduler
 
 
@@ -206,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     add_dataclass_args(parser, AppConfig)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        training = any(u.startswith(("--rs.", "--ppo.", "--reward.", "--gate.", "--ptx-")) for u in unknown)
-        hint = '; flags of the training rounds go in --round-args="..."' if training else ""
+        known = set(flag_names(AppConfig))
+        rounds = [u for u in unknown if "--round." + u.split("=", 1)[0][2:] in known]
+        hint = f"; settings of the training rounds are --round.*: {', '.join('--round.' + u[2:] for u in rounds)}" if rounds else ""
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         config = dataclass_from_args(AppConfig, args)

@@ -52,7 +52,7 @@ def gold_figures(policy, tokenizer, annotator, prompts: list[list[dict]], adapte
     import torch
 
     from training.models import end_of_turn_ids
-    from training.reward import score
+    from training.reward_training import score
     from training.rollout import forward_response, generate_rollouts, reference_model
 
     policy.eval()

@@ -40,13 +40,13 @@ import tempfile
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from bench.gold import gold_figures
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested, to_argv
+from training.round import RoundConfig
+from training.scheduler import PROJECT_ROOT
 
 
 @dataclass
@@ -55,7 +55,7 @@ class BenchConfig:
 
     annotator: str = help_field("bench.annotators:prefers_correct", help="MODULE:FUNCTION, (messages, a, b) -> 'a'|'b'|'tie'")
     votes: int = help_field(300, help="comparisons voted through the app")
-    round_every: int = help_field(100, help="votes between training rounds (Train now, then wait for the round; a round of the starter takes about 3.5-4 minutes on two cores)")
+    round_every: int = help_field(100, help="votes between training rounds (Train now, then wait for the round)")
     noise: float = help_field(0.0, help="probability that a vote is flipped")
     prompts: str = help_field("", help="JSONL, one {\"messages\": [...]} a line (default: the starter's held-out prompts)")
     model: str = help_field("", help="base model dir or hub id (default: the offline starter, cached in data/starter)")
@@ -64,18 +64,18 @@ class BenchConfig:
     port: int = help_field(0, help="app port (0: a free one)")
     data_dir: str = help_field("", help="app data dir (default: a new temporary dir)")
     users: int = help_field(4, help="simulated users (browser sessions), taking prompts in turn")
-    eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation (240: a standard error of about 0.02 on the win rate)")
+    eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation (the win rate's standard error shrinks as 1/sqrt(n))")
     eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
-    min_votes: int = help_field(10, help="the app's --min-votes")
     max_new_tokens: int = help_field(48, help="the app's --max-new-tokens (reply limit)")
     temperature: float = help_field(1.0, help="the app's --temperature for replies and comparisons")
     round_timeout_s: float = help_field(900.0, help="longest wait for one round")
     startup_timeout_s: float = help_field(600.0, help="longest wait for the app to come up")
     threads: int = help_field(1, help="torch threads of the evaluation (0: all cores; on shared cores 1 is fastest)")
     app_threads: int = help_field(1, help="OMP_NUM_THREADS of the app process (0: torch's default, all cores)")
-    round_threads: int = help_field(0, help="torch threads of each training round (the round's --threads; 0: all cores, "
-                                    "since the simulated users wait for the round; the app's own default leaves one core to chat)")
-    round_args: str = help_field("", help='the app\'s --round-args, given with "=": --round-args="--rs.n 8" (options of the training rounds)')
+    round_threads: int = help_field(0, help="torch threads of each training round (0: all cores, since the simulated "
+                                    "users wait for the round; the app's own default leaves one core to chat; --round.threads wins)")
+    round: RoundConfig = nested(RoundConfig, help="the app's --round.* settings of every training round (its seed is --seed)",
+                                set_by_parent=("data_dir", "model", "seed"))
 
     def __post_init__(self):
         if ":" not in self.annotator:
@@ -87,10 +87,6 @@ class BenchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.noise <= 1.0:
             raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
-        if self.round_args:
-            from app import AppConfig
-
-            AppConfig(round_args=self.round_args)  # the app's own check, before anything starts
 
 
 def load_annotator(spec: str):
@@ -134,16 +130,18 @@ class App:
 
     def __init__(self, config: BenchConfig, model_ref: str, data_dir: Path, port: int):
         self.url = f"http://127.0.0.1:{port}/"
-        self.log_path = data_dir / "bench-app.log"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        from storage.paths import DataDir
+
+        self.log_path = DataDir(data_dir).app_log
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        # the users wait for each round, so it may use every core (a --round.threads given wins)
+        round_config = replace(config.round, seed=config.seed,
+                               threads=config.round.threads or config.round_threads or os.cpu_count() or 1)
         cmd = [sys.executable, "app.py", "--data-dir", str(data_dir), "--model", model_ref,
                "--host", "127.0.0.1", "--port", str(port), "--train-every", "100000",
-               "--min-new-votes", "1000000", "--min-votes", str(config.min_votes), "--gate", "true",
-               "--max-new-tokens", str(config.max_new_tokens), "--temperature", str(config.temperature),
-               "--seed", str(config.seed)]  # fmt: skip
-        # the users wait for each round, so it may use every core (a later --threads in --round-args wins)
-        round_threads = config.round_threads or os.cpu_count() or 1
-        cmd.append(f"--round-args=--threads {round_threads} {config.round_args}".rstrip())
+               "--min-new-votes", "1000000", "--max-new-tokens", str(config.max_new_tokens),
+               "--temperature", str(config.temperature),
+               *to_argv(round_config, "round.", ("data_dir", "model"))]  # fmt: skip
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
                "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost"}
@@ -280,7 +278,7 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
                 state["attempts"] += n
                 list(pool.map(task, range(first, first + n)))
             since = state["votes"] - sum(r.get("new_votes", 0) for r in rounds)
-            if state["votes"] < target or since < config.min_votes:
+            if state["votes"] < target or since < config.round.min_votes:
                 continue
             rec = train_round(clients[0], config.round_timeout_s)
             rec.update({"votes": state["votes"], "new_votes": since})
@@ -310,21 +308,21 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
     """Gold figures of the live version against version 0 (see the module docstring)."""
     import torch
 
-    from storage.db import open_store
-    from storage.registry import AdapterRegistry
-    from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME
+    from storage.paths import DataDir
+    from storage.registry import AdapterRegistry, RewardModelRegistry
+    from storage.store import open_store
     from training.models import load_lora, load_model_and_tokenizer
-    from training.reward import RewardModel
+    from training.reward_model import RewardModel
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     store = open_store(data_dir)
-    registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
+    registry = AdapterRegistry(DataDir(data_dir), store)
     live = store.live_version()
     model, tokenizer = load_model_and_tokenizer(model_ref)
     policy = load_lora(model, registry.path(live), adapter_name="live")
     load_lora(policy, registry.path(0), adapter_name="v0")
-    rm_dir = data_dir / REWARD_DIRNAME / "latest"
-    rm = RewardModel.load(model_ref, rm_dir) if (rm_dir / "reward_head.safetensors").is_file() else None
+    rm_dir = RewardModelRegistry(DataDir(data_dir)).latest()
+    rm = RewardModel.load(model_ref, rm_dir) if rm_dir is not None else None
     result = gold_figures(policy, tokenizer, annotator, prompts, "live", "v0", rm=rm, seed=config.seed,
                           max_new_tokens=config.eval_max_new_tokens)
     result["live_version"] = live
@@ -332,11 +330,12 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
 
 
 def _round_summary(data_dir: Path) -> dict:
-    from storage.db import open_store
+    from storage.rounds import TRAINED_STATUSES
+    from storage.store import open_store
 
     store = open_store(data_dir)
     rounds = store.rounds(limit=1000)
-    trained = [r for r in rounds if r["status"] in ("succeeded", "rejected")]
+    trained = [r for r in rounds if r["status"] in TRAINED_STATUSES]
     last_acc = next(((r.get("metrics") or {}).get("rm/accuracy") for r in trained), None)
     promoted = [v for v in store.versions() if v["version"] > 0 and v.get("status") != "rejected"]
     return {"rounds": len(trained), "rounds_all": len(rounds), "promoted": len(promoted),
@@ -348,9 +347,10 @@ def resolve_model(config, log) -> str:
     """``config.model``, or else the offline starter (built once into data/starter)."""
     if config.model:
         return config.model
-    from training.starter import ensure_starter
+    from storage.paths import DataDir
+    from training.starter.build import ensure_starter
 
-    path = ensure_starter(PROJECT_ROOT / "data", progress=True)
+    path = ensure_starter(DataDir(PROJECT_ROOT / "data").starter, progress=True)
     log(f"starter model: {path}")
     return str(Path(path).resolve())
 

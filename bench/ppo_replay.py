@@ -4,24 +4,24 @@ loop (which prompts users sent, which answers they saw, which votes were flipped
 
     python -m bench.online_loop --data-dir runs/corr ...      # keeps the run's data dir
     python -m bench.ppo_replay --data-dir runs/corr --annotator bench.annotators:prefers_correct
-    python -m bench.ppo_replay --data-dir runs/corr --annotator ... --reward gold --round-args="--ppo.lr 1e-3"
+    python -m bench.ppo_replay --data-dir runs/corr --annotator ... --reward gold --round.ppo.lr 1e-3
 
 What it does:
-  1. reads the data dir like a round (``training.jobs``): all votes; PPO prompts from the stored
-     conversations, split by conversation with the round's seed;
+  1. reads the data dir with the round's own steps (``training.round.load_inputs`` and
+     ``load_model``): all votes; PPO prompts from the stored conversations, split by conversation;
   2. builds the reward (``--reward``):
        * ``rm`` — a reward model trained from the base weights on all votes (the round's fresh
-         candidate, ``training.reward.train_reward_model``);
+         candidate, ``training.reward_training.train_reward_model``);
        * ``gold`` — the annotator's own verdict, without noise: each answer is judged against
          ``--gold-refs`` answers of the reference policy to the same prompt (drawn once, before
          PPO), 1 for a win, ½ for a tie, 0 for a loss, averaged. This is the win rate the online
          benchmark measures, as a per-answer score: what PPO reaches with a perfect reward model;
-  3. improves a policy adapter exactly as a round does (``training.jobs.improve_policy``:
-     rejection sampling if ``--rs.n`` > 1, then PPO), from a fresh adapter on the reference
-     policy even though a round's default continues the live adapter (``--init-policy live``: from
-     the data dir's live adapter), with the round settings given in ``--round-args`` (the flags
-     of ``python -m training.jobs``; β starts at ``--ppo.init-kl-coef``, it does not carry over
-     from the data dir's rounds);
+  3. improves a policy adapter exactly as a round does (``training.round.starting_policy`` and
+     ``improve_policy``: rejection sampling if ``--round.rs.n`` > 1, then PPO), from a fresh
+     adapter on the reference policy even though a round's default continues the live adapter
+     (``--init-policy live``: from the data dir's live adapter), with the round settings
+     ``--round.*`` (the flags of ``python -m training.jobs``; β starts at
+     ``--round.ppo.init-kl-coef``, it does not carry over from the data dir's rounds);
      ``--rounds N`` repeats this N times, each round continuing the last one's adapter;
   4. scores the new adapter (after each round) against version 0 like ``bench.online_loop`` (``gold_win_rate``,
      ``kl_nats``, and with ``--reward rm`` also ``gold_win_rate_bon4`` and ``rm_gold_accuracy``)
@@ -45,7 +45,9 @@ from pathlib import Path
 
 from bench.gold import gold_figures, judge_pair
 from bench.online_loop import BenchConfig, load_annotator, load_prompts, resolve_model
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested
+from training.round import RoundConfig
+from training.seeds import derive_seed
 
 
 @dataclass
@@ -65,8 +67,11 @@ class ReplayConfig:
     threads: int = help_field(0, help="torch threads (0: all cores)")
     rounds: int = help_field(1, help="rounds in a row, each continuing the last one's adapter (as the app's rounds "
                              "do online, every round promoted); the votes, and so the reward, stay the same")
-    round_args: str = help_field("", help='round settings, the flags of python -m training.jobs, given with "=": '
-                                 '--round-args="--ppo.steps 96"')
+    init_policy: str = help_field("reference", choices=["reference", "live"],
+                                  help="where the replayed round starts: a fresh adapter on the reference (SFT) "
+                                  "policy, or the data dir's live adapter (a round's default)")
+    round: RoundConfig = nested(RoundConfig, help="the replayed round's settings (the flags of python -m training.jobs)",
+                                set_by_parent=("data_dir", "model", "seed", "init_policy"))
     json: str = help_field("", help="also write the result JSON here")
 
     def __post_init__(self):
@@ -81,24 +86,8 @@ class ReplayConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0, got {self.threads}")
-        self.round_config()  # a bad --round-args fails here, before anything loads
-
-    def round_config(self):
-        """The round's :class:`training.jobs.RoundConfig`: ``--round-args`` with this data dir,
-        model and seed.
-
-        Raises:
-            ValueError: an unknown or bad training flag, or one this benchmark sets itself.
-        """
-        import shlex
-
-        from training.jobs import parse_round_flags
-
-        flags = shlex.split(self.round_args)
-        config = parse_round_flags(flags)
-        if not any(f.startswith("--init-policy") for f in flags):  # one round from the SFT policy unless asked
-            config = replace(config, init_policy="reference")
-        return replace(config, data_dir=self.data_dir, model=self.model, seed=self.seed)
+        self.round = replace(self.round, data_dir=self.data_dir, model=self.model, seed=self.seed,
+                             init_policy=self.init_policy)
 
 
 def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs: int,
@@ -128,7 +117,7 @@ def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs
             chunk = distinct[s:s + 32]
             with torch.no_grad(), reference_model(policy):
                 answers = generate_rollouts(policy, tokenizer, chunk, max_new_tokens, eos,
-                                            seed=seed + 1_000_000 * k + s).answers
+                                            seed=derive_seed(seed, "bench/gold-ref", k, s)).answers
             for p, a in zip(chunk, answers, strict=True):
                 references[key(p)].append(a)
     rng = random.Random(seed)
@@ -152,18 +141,12 @@ def run(config: ReplayConfig) -> dict:
     """
     import torch
 
-    from storage import DB_FILENAME
-    from storage.db import open_store
+    from storage.paths import DataDir, DataDirError
     from storage.registry import AdapterRegistry
-    from training.jobs import (
-        ADAPTERS_DIRNAME,
-        improve_policy,
-        preference_pairs,
-        split_prompts,
-        starting_policy,
-    )
-    from training.models import context_window, fit_prompts, load_lora, load_model_and_tokenizer
-    from training.reward import make_reward_fn, train_reward_model
+    from storage.store import open_store
+    from training.models import load_lora
+    from training.reward_training import make_reward_fn, train_reward_model
+    from training.round import SkipRound, improve_policy, load_inputs, load_model, starting_policy
 
     t_start = time.time()
 
@@ -172,37 +155,36 @@ def run(config: ReplayConfig) -> dict:
 
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     annotator = load_annotator(config.annotator)
-    round_config = config.round_config()
-    data_dir = Path(config.data_dir)
-    if not (data_dir / DB_FILENAME).is_file():
-        raise ValueError(f"{data_dir}: no {DB_FILENAME}; pass the data dir of an app or of bench.online_loop --data-dir")
+    round_config = config.round
+    try:
+        data_dir = DataDir(config.data_dir).require()
+    except DataDirError as exc:
+        raise ValueError(f"{exc} (the data dir of an app or of bench.online_loop --data-dir)") from None
     store = open_store(data_dir)
-    registry = AdapterRegistry(data_dir / ADAPTERS_DIRNAME, store)
+    registry = AdapterRegistry(data_dir, store)
     if store.live_version() is None:
-        raise ValueError(f"{data_dir}: no published version 0 (start the app on it once)")
-    stored = store.prompts(limit=round_config.max_prompts)
-    if not stored:
-        raise ValueError(f"{data_dir}: no stored conversations to take prompts from")
+        raise ValueError(f"{data_dir.root}: no published version 0 (start the app on it once)")
+    try:
+        inputs = load_inputs(round_config, store)
+    except SkipRound as skip:
+        raise ValueError(f"{data_dir.root}: {skip}") from None
     model_ref = resolve_model(config, log)  # after the checks: it may build the starter first
     round_config = replace(round_config, model=model_ref)
-    ppo_prompts, _ = split_prompts(stored, round_config.reward.heldout_fraction, round_config.seed)
     _, eval_prompts = load_prompts(BenchConfig(prompts=config.prompts, eval_prompts=config.eval_prompts,
                                                seed=config.seed))
-    torch.manual_seed(round_config.seed)
-    model, tokenizer = load_model_and_tokenizer(model_ref)
-    window = context_window(model)
-    ppo_prompts = fit_prompts(tokenizer, ppo_prompts, window, round_config.ppo.max_new_tokens)
+    model, tokenizer, window, inputs = load_model(round_config, inputs)
+    ppo_prompts, pairs = inputs.ppo_prompts, inputs.pairs
     log(f"{len(ppo_prompts)} PPO prompts, {len(eval_prompts)} evaluation prompts, reward: {config.reward}")
 
-    rm, metrics, pairs = None, {}, preference_pairs(store)
-    if config.reward == "rm":
+    rm, metrics = None, {}
+    if config.reward == "rm":  # the round's fresh reward-model candidate
         rm, metrics = train_reward_model(model_ref, tokenizer, pairs, round_config.reward)
         reward_fn = make_reward_fn(rm, tokenizer)
         log(f"reward model: held-out accuracy {metrics['rm/accuracy']:.3f} on {metrics['rm/heldout_decisive']:.0f} pairs")
-    policy = starting_policy(model, round_config, registry, store.live_version())
+    policy = starting_policy(model, round_config, registry, inputs.live)
     if config.reward == "gold":
         reward_fn = gold_reward_fn(annotator, policy, tokenizer, ppo_prompts, config.gold_refs,
-                                   round_config.ppo.max_new_tokens, round_config.seed + 5_000_000)
+                                   round_config.ppo.max_new_tokens, derive_seed(config.seed, "bench/gold-refs"))
         log(f"gold reward: {config.gold_refs} reference answers for each PPO prompt")
     load_lora(policy, registry.path(0), adapter_name="v0")  # the evaluation's baseline, never trained
     keep = ("rm/accuracy", "rm/heldout_decisive", "rm/train_pairs", "objective/kl", "objective/kl_last",

@@ -23,7 +23,7 @@ exactly ``--new-tokens`` tokens: end of turn suppressed on both sides), measured
 * ``stop_latency_s``: worst time from setting a reply's stop event to its stream ending.
 * ``peak_rss_mb``: the mode's peak resident memory (``ru_maxrss``).
 
-Model: ``--model``, else the offline starter (``training.starter.ensure_starter(Path("data"))``);
+Model: ``--model``, else the offline starter (``training.starter.build.ensure_starter(DataDir("data").starter)``);
 if that cannot be had, a random stand-in Llama (4 layers, hidden 256), named as such in the
 output. Prints progress lines and one JSON object (also written to ``--json``). Asserts nothing.
 """
@@ -44,7 +44,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.flags import add_dataclass_args, dataclass_from_args, help_field
 
 PROMPTS = [
     "hello there, how are you today?",
@@ -93,12 +93,13 @@ def resolve_model(model: str) -> tuple[str, str]:
     if model:
         return model, model
     try:
-        from training.starter import ensure_starter
+        from storage.paths import DataDir
+        from training.starter.build import ensure_starter
 
-        path = ensure_starter(Path("data"), progress=False).resolve()
+        path = ensure_starter(DataDir("data").starter, progress=False)
         return str(path), f"starter ({path})"
     except Exception as exc:  # noqa: BLE001 - fall back to a stand-in of similar size, and say so
-        from tests.conftest import build_tiny_model
+        from training.starter.tiny import build_tiny_model
 
         out = Path(tempfile.mkdtemp(prefix="bench-standin-"))
         build_tiny_model(out, hidden=256, layers=4, vocab_size=1024)
@@ -250,8 +251,9 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     import torch
 
     from chatapp.engine import ChatEngine, Sampling
-    from storage.db import open_store
+    from storage.paths import DataDir
     from storage.registry import AdapterRegistry
+    from storage.store import open_store
     from training.models import load_model_and_tokenizer
 
     torch.set_num_threads(config.chat_threads)
@@ -259,7 +261,7 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     store = open_store(data)
     base, tok = load_model_and_tokenizer(model, mode)
     quantized = type(base.model.layers[0].self_attn.q_proj).__name__ if hasattr(base, "model") else "?"
-    engine = ChatEngine(base, tok, AdapterRegistry(data / "adapters", store), max_batch=max(8, config.concurrency))
+    engine = ChatEngine(base, tok, AdapterRegistry(DataDir(data), store), max_batch=max(8, config.concurrency))
     n = config.new_tokens
     sampling = Sampling(temperature=0.0, max_new_tokens=n, min_new_tokens=n)
     _timed_stream(engine, _msgs(0), sampling)  # warm-up of both paths

@@ -49,7 +49,7 @@ def time_reply(model_dir: Path, tokens: int = 30, repeats: int = 5) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     from training.models import load_model_and_tokenizer
-    from training.starter import StarterConfig, build_starter
+    from training.starter.build import StarterConfig, build_starter
     from training.starter.eval import evaluate
 
     parser = argparse.ArgumentParser(prog="python -m bench.starter", description=__doc__.split("\n")[0])

@@ -110,7 +110,7 @@ class ChatEngine:
     ``engine.batcher.on_busy`` may be set to a quick ``hook(busy: bool)`` called when decoding
     starts after an idle spell and when it ends (e.g. to pause a training child meanwhile).
     Torch threads are process-wide: set them (``torch.set_num_threads``) before building the
-    engine; on 2 cores, 1 for chat and 1 for the training child measured best (bench.serving).
+    engine (``bench.serving`` compares thread counts).
     """
 
     def __init__(

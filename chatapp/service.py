@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from chatapp.engine import ChatEngine, Reply, Sampling
-from storage.db import Store
+from storage.store import Store
 
 CHOICES = ("a", "b", "tie", "both_bad")
 MAX_MESSAGE_CHARS = 200_000  # longer messages are refused before they are tokenized
@@ -217,7 +217,7 @@ class ChatService:
 
         Raises:
             UserInputError: no comparison is pending, or ``choice`` is not one of CHOICES.
-            storage.db.AlreadyVoted: this comparison already has a vote (the first is kept).
+            storage.store.AlreadyVoted: this comparison already has a vote (the first is kept).
         """
         if choice not in CHOICES:
             raise UserInputError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")

@@ -20,8 +20,8 @@ import gradio as gr
 
 from chatapp.auth import AdminAuth, AdminRequired
 from chatapp.service import ChatService, ChatSession, UserInputError
-from storage.db import AlreadyVoted
 from storage.registry import AdapterRegistry
+from storage.store import AlreadyVoted
 from training.models import ContextTooLongError
 from training.scheduler import TrainingScheduler
 

@@ -14,26 +14,25 @@ import json
 import sys
 from pathlib import Path
 
-from storage.db import DB_FILENAME, Store, open_store
+from storage.paths import DataDir, DataDirError
+from storage.store import Store, open_store
 
 
 def _existing_store(data_dir: Path) -> Store:
-    db_path = data_dir / DB_FILENAME
-    if not db_path.is_file():
-        raise SystemExit(
-            f"error: no database at {db_path}; pass --data-dir pointing at the app's data folder"
-        )
-    return open_store(data_dir)
+    try:
+        return open_store(DataDir(data_dir).require())
+    except DataDirError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """Write preference pairs as JSONL to ``--out`` (``-`` for stdout)."""
+    """Write the vote pairs (what a round trains on) as JSONL to ``--out`` (``-`` for stdout)."""
     with _existing_store(args.data_dir) as store:
         if args.out == "-":
             count = store.export_jsonl(sys.stdout)
         else:
             count = store.export_jsonl(args.out)
-    print(f"exported {count} preference pairs to {args.out}", file=sys.stderr)
+    print(f"exported {count} preference pairs (ties marked \"tie\": true) to {args.out}", file=sys.stderr)
     return 0
 
 
@@ -46,7 +45,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
             + " ".join(f"{k}={counts[k]}" for k in ("a", "b", "tie", "both_bad", "total", "pending"))
         )
         print(f"new votes since last trained round: {store.new_votes_since_last_round()}")
-        print(f"preference pairs: {len(store.preference_pairs())}")
+        pairs = store.vote_pairs()
+        ties = sum(p["tie"] for p in pairs)
+        print(f"training pairs: {len(pairs)} ({len(pairs) - ties} A/B, {ties} ties; what a round trains on and export writes)")
         print(f"live version: {store.live_version()}  (registered: {len(store.versions())})")
         rounds = store.rounds(limit=args.rounds)
         print(f"rounds (latest {len(rounds)}):")
@@ -65,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``python -m storage`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    export = sub.add_parser("export", help="write preference pairs (TRL format) as JSONL")
+    export = sub.add_parser("export", help="write the training pairs (TRL format, ties marked) as JSONL")
     export.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with chat.db")
     export.add_argument("--out", default="votes.jsonl", help="output file, '-' for stdout")
     export.set_defaults(func=cmd_export)

@@ -1,27 +1,30 @@
-"""Adapter directories on disk, published atomically and recorded in the store.
+"""Published directories under the data dir: policy adapters and reward models.
 
-Layout under ``root``::
+Both are published the same way (:class:`StagedDirs`): a round writes into a fresh directory
+under ``ROOT/.staging/`` (same filesystem as ROOT); publishing fsyncs it and renames it to
+``ROOT/<name>`` (the rename is the commit point), so a directory appears complete or not at all,
+and whatever a killed round left in staging is deleted (:func:`clean_staging`).
 
-    root/.staging/round-xxxx/   a round writes its adapter here (same filesystem as root)
-    root/v0/, root/v1/, ...     published versions; each appears complete or not at all
+    DATA/adapters/v0, v1, ...   policy versions, registered in the store (AdapterRegistry)
+    DATA/reward/r1, r2, ...     reward models, the newest is the one in use (RewardModelRegistry)
 
-``publish`` fsyncs the staging directory, renames it to ``root/v{N}`` (the rename is the
-commit point) and registers version ``N`` in the store. Knows nothing of torch: an adapter is
-complete when it holds ``adapter_config.json`` and a ``*.safetensors`` file.
+Knows nothing of torch: a directory is complete when it holds ``adapter_config.json`` and a
+``*.safetensors`` file (a reward model is an adapter plus its head).
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
-from storage.db import Store
-
-STAGING_DIRNAME = ".staging"
+from storage.paths import STAGING_DIRNAME, DataDir
+from storage.store import Store
 
 
 def _fsync_tree(path: Path) -> None:
@@ -44,64 +47,62 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class AdapterRegistry:
-    """Versioned adapter directories under ``root`` backed by ``store``'s policy registry.
+def is_complete(path: str | Path) -> bool:
+    """True if ``path`` is a directory with ``adapter_config.json`` and a ``*.safetensors``."""
+    path = Path(path)
+    return (path / "adapter_config.json").is_file() and any(p.is_file() for p in path.glob("*.safetensors"))
 
-    ``root`` is created if missing. Thread-safe within one process.
+
+class StagedDirs:
+    """Directories under ``root`` that are written in ``root/.staging/`` and renamed into place.
+
+    ``root`` is created if missing. Thread-safe within one process; across processes the
+    rename never overwrites (a taken name moves on to the next number).
     """
 
-    def __init__(self, root: str | Path, store: Store):
-        self.root = Path(root).resolve()  # versions are registered by absolute path
-        self.store = store
+    def __init__(self, root: str | Path, prefix: str):
+        self.root = Path(root).resolve()
+        self.prefix = prefix  # published names are f"{prefix}{number}"
         self.root.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
+        self.lock = threading.RLock()  # re-entrant: a caller may hold it around publish()
 
     @property
     def staging_root(self) -> Path:
         """``root/.staging``: where rounds write before publishing."""
         return self.root / STAGING_DIRNAME
 
-    @staticmethod
-    def is_complete(path: str | Path) -> bool:
-        """True if ``path`` is a directory with ``adapter_config.json`` and a ``*.safetensors``."""
-        path = Path(path)
-        return (path / "adapter_config.json").is_file() and any(
-            p.is_file() for p in path.glob("*.safetensors")
-        )
-
     def staging_dir(self) -> Path:
         """A fresh, empty directory under ``root/.staging/`` for one round's output."""
         self.staging_root.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix="round-", dir=self.staging_root))
 
-    def publish(
-        self,
-        staging: str | Path,
-        parent: int | None = None,
-        round_id: int | None = None,
-        metrics: dict | None = None,
-        live: bool = True,
-    ) -> int:
-        """Move a complete staging dir to ``root/v{N}``, register it, and return ``N``.
+    def numbers(self) -> list[int]:
+        """Numbers of the published directories, ascending."""
+        pattern = re.compile(rf"{re.escape(self.prefix)}(\d+)")
+        found = [pattern.fullmatch(p.name) for p in self.root.iterdir() if p.is_dir()]
+        return sorted(int(m.group(1)) for m in found if m)
 
-        ``N`` is ``store.next_version()``, or the next number whose directory is free (a
-        ``v{N}`` left by a crash between rename and register is skipped, never overwritten).
-        With ``live=True`` the new version is served and the previous live one retired, in
-        one transaction; otherwise it is registered as ``'candidate'``.
-        Raises ``ValueError`` if ``staging`` is not a directory under ``root/.staging`` or is
-        incomplete. If registering fails the directory is moved back to ``staging``.
+    def publish(self, staging: str | Path, first: int, commit: Callable[[int, Path], None] | None = None) -> tuple[int, Path]:
+        """Rename a complete staging dir to ``root/{prefix}{N}``; returns ``(N, path)``.
+
+        ``N`` is ``first``, or the next number whose directory is free (never overwritten).
+        ``commit(N, path)`` runs after the rename, under the lock; if it raises, the directory
+        is moved back to ``staging`` and the error propagates.
+
+        Raises:
+            ValueError: ``staging`` is not a directory under ``root/.staging`` or is incomplete.
         """
-        staging = self._check_staging(Path(staging))
-        if not self.is_complete(staging):
+        staging = self.check_staging(Path(staging))
+        if not is_complete(staging):
             raise ValueError(
-                f"{staging} is not a complete adapter (needs adapter_config.json and a "
-                "*.safetensors file); save the model with save_pretrained() before publishing"
+                f"{staging} is not complete (needs adapter_config.json and a *.safetensors file); "
+                "save the model with save_pretrained() before publishing"
             )
         _fsync_tree(staging)
-        with self._lock:
-            number = self.store.next_version()
+        with self.lock:
+            number = first
             while True:
-                target = self.root / f"v{number}"
+                target = self.root / f"{self.prefix}{number}"
                 if target.exists():
                     number += 1
                     continue
@@ -114,55 +115,22 @@ class AdapterRegistry:
                     raise
                 break
             _fsync_dir(self.root)
-            try:
-                self.store.register_version(
-                    number,
-                    str(target),
-                    parent=parent,
-                    round_id=round_id,
-                    metrics=metrics,
-                    status="live" if live else "candidate",
-                )
-            except BaseException:
-                os.rename(target, staging)
-                raise
-        return number
-
-    def path(self, version: int) -> Path:
-        """Directory of a registered version.
-
-        The registered absolute path, or ``root/<its name>`` if the data folder was moved.
-        Raises ``UnknownVersion`` (a ``KeyError``) if not registered, ``FileNotFoundError``
-        if its directory has gone missing.
-        """
-        path = Path(self.store.version(version)["path"])
-        if path.is_dir():
-            return path
-        moved = self.root / path.name  # the data folder was moved or mounted elsewhere
-        if moved.is_dir():
-            return moved
-        raise FileNotFoundError(
-            f"policy version {version} is registered at {path}, which does not exist (nor "
-            f"{moved}); restore the directory or set_live() another version"
-        )
-
-    def live_path(self) -> Path | None:
-        """Directory of the live version, or ``None`` when no version is live yet."""
-        live = self.store.live_version()
-        return None if live is None else self.path(live)
+            if commit is not None:
+                try:
+                    commit(number, target)
+                except BaseException:
+                    os.rename(target, staging)
+                    raise
+        return number, target
 
     def discard(self, staging: str | Path) -> None:
         """Delete a staging directory (e.g. after a skipped or failed round); no-op if gone."""
         staging = Path(staging)
-        if not staging.exists():
-            return
-        shutil.rmtree(self._check_staging(staging))
+        if staging.exists():
+            shutil.rmtree(self.check_staging(staging))
 
     def clean_staging(self) -> int:
-        """Delete everything under ``root/.staging`` left by crashed rounds; returns the count.
-
-        Call at startup, when no round is running.
-        """
+        """Delete everything under ``root/.staging``; returns the count. Only when no round runs."""
         if not self.staging_root.is_dir():
             return 0
         removed = 0
@@ -174,12 +142,137 @@ class AdapterRegistry:
             removed += 1
         return removed
 
-    def _check_staging(self, staging: Path) -> Path:
-        """Resolve ``staging`` and insist it is a directory directly under the staging root."""
+    def check_staging(self, staging: Path) -> Path:
+        """Resolve ``staging`` and insist it is a directory directly under the staging root.
+
+        Raises:
+            ValueError: it is not.
+        """
         resolved = staging.resolve()
         if resolved.parent != self.staging_root.resolve() or not resolved.is_dir():
             raise ValueError(
-                f"{staging} is not a staging directory of this registry; get one from "
-                f"staging_dir() (under {self.staging_root})"
+                f"{staging} is not a staging directory here; get one from staging_dir() (under "
+                f"{self.staging_root})"
             )
         return resolved
+
+
+def clean_staging(data_dir: DataDir) -> int:
+    """Delete what killed rounds left in the staging areas of adapters and reward models;
+    returns how many entries were removed. Call only when no round is running."""
+    return sum(
+        StagedDirs(root, "").clean_staging()
+        for root in (data_dir.adapters, data_dir.reward_models)
+        if root.is_dir()
+    )
+
+
+class RewardModelRegistry:
+    """Reward models under ``DATA/reward/``: ``r{N}/``, the newest in use; older ones beyond
+    ``keep`` are deleted after each publish."""
+
+    def __init__(self, data_dir: DataDir, keep: int = 2):
+        self.dirs = StagedDirs(data_dir.reward_models, "r")
+        self.keep = keep
+
+    def staging_dir(self) -> Path:
+        """A fresh staging directory for one round's reward model."""
+        return self.dirs.staging_dir()
+
+    def discard(self, staging: str | Path) -> None:
+        """Delete an unpublished staging directory."""
+        self.dirs.discard(staging)
+
+    def latest(self) -> Path | None:
+        """Directory of the newest complete reward model, or ``None`` before the first."""
+        for number in reversed(self.dirs.numbers()):
+            path = self.dirs.root / f"r{number}"
+            if is_complete(path):
+                return path
+        return None
+
+    def publish(self, staging: str | Path) -> Path:
+        """Make a complete staging dir the reward model in use; returns its directory.
+
+        Raises:
+            ValueError: see :meth:`StagedDirs.publish`.
+        """
+        numbers = self.dirs.numbers()
+        _, target = self.dirs.publish(staging, (numbers[-1] + 1) if numbers else 1)
+        for number in self.dirs.numbers()[: -self.keep]:
+            shutil.rmtree(self.dirs.root / f"r{number}", ignore_errors=True)
+        return target
+
+
+class AdapterRegistry:
+    """Policy versions: adapter directories ``DATA/adapters/v{N}`` registered in ``store``.
+
+    The store keeps each version's path relative to the data dir, so a copied or moved data
+    dir serves its own adapters. Thread-safe within one process.
+    """
+
+    def __init__(self, data_dir: DataDir, store: Store):
+        self.data_dir = data_dir
+        self.store = store
+        self.dirs = StagedDirs(data_dir.adapters, "v")
+
+    @property
+    def root(self) -> Path:
+        """``DATA/adapters``."""
+        return self.dirs.root
+
+    def staging_dir(self) -> Path:
+        """A fresh, empty directory under ``DATA/adapters/.staging/`` for one round's output."""
+        return self.dirs.staging_dir()
+
+    def discard(self, staging: str | Path) -> None:
+        """Delete an unpublished staging directory; no-op if gone."""
+        self.dirs.discard(staging)
+
+    def publish(
+        self,
+        staging: str | Path,
+        parent: int | None = None,
+        round_id: int | None = None,
+        metrics: dict | None = None,
+        live: bool = True,
+    ) -> int:
+        """Move a complete staging dir to ``DATA/adapters/v{N}``, register it, and return ``N``.
+
+        ``N`` is ``store.next_version()``, or the next number whose directory is free (a
+        ``v{N}`` left by a crash between rename and register is skipped, never overwritten).
+        With ``live=True`` the new version is served and the previous live one retired, in
+        one transaction; otherwise it is registered as ``'candidate'``.
+        Raises ``ValueError`` if ``staging`` is not a directory under the staging root or is
+        incomplete. If registering fails the directory is moved back to ``staging``.
+        """
+
+        def register(number: int, target: Path) -> None:
+            self.store.register_version(
+                number, self.data_dir.relative(target), parent=parent, round_id=round_id,
+                metrics=metrics, status="live" if live else "candidate",
+            )  # fmt: skip
+
+        with self.dirs.lock:  # next_version() and the rename are one step
+            number, _ = self.dirs.publish(staging, self.store.next_version(), commit=register)
+        return number
+
+    def path(self, version: int) -> Path:
+        """Directory of a registered version, under this data dir.
+
+        Raises ``UnknownVersion`` (a ``KeyError``) if not registered, ``FileNotFoundError``
+        if its directory has gone missing.
+        """
+        stored = self.store.version(version)["path"]
+        path = self.data_dir.resolve(stored)
+        if path.is_dir():
+            return path
+        raise FileNotFoundError(
+            f"policy version {version} is registered at {stored}, which is not in {self.data_dir.root}; "
+            "restore the directory or set_live() another version"
+        )
+
+    def live_path(self) -> Path | None:
+        """Directory of the live version, or ``None`` when no version is live yet."""
+        live = self.store.live_version()
+        return None if live is None else self.path(live)

@@ -2,7 +2,7 @@
 
 A round is started as ``'running'`` and finished exactly once as ``'succeeded'``,
 ``'skipped'``, ``'failed'`` or ``'rejected'`` (trained, but the candidate lost its gate).
-Mixed into ``storage.db.Store``; uses its ``db`` (per-thread handle) and ``_now()``.
+Mixed into ``storage.store.Store``; uses its ``db`` (per-thread handle) and ``_now()``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Each version is one row in ``policy_versions`` with status ``'live' | 'candidate' |
 'rejected' | 'retired'``. Exactly one version is live once any has been made live: a partial
 unique index forbids two, and ``set_live`` retires the previous one in the same transaction.
-Mixed into ``storage.db.Store``; uses its ``db`` (per-thread handle) and ``_now()``.
+Mixed into ``storage.store.Store``; uses its ``db`` (per-thread handle) and ``_now()``.
 """
 
 from __future__ import annotations

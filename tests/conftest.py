@@ -16,47 +16,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-TINY_TEXTS = [
-    "hello there, how are you today?",
-    "what is 12 plus 30? it is 42.",
-    "the capital of France is Paris.",
-    "the capital of Japan is Tokyo.",
-    "spell cat backwards: tac.",
-    "my name is Ada. nice to meet you, Ada!",
-    "I don't know, sorry.",
-] * 20
-
-
-def build_tiny_model(out_dir, seed: int = 0, vocab_size: int = 320, hidden: int = 32, layers: int = 2):
-    """Train a tokenizer on ``TINY_TEXTS`` and save a random-init tiny Llama to ``out_dir``.
-
-    Returns ``out_dir`` (a directory ``AutoModelForCausalLM.from_pretrained`` loads).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from training.starter.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(TINY_TEXTS, vocab_size=vocab_size)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=hidden * 2,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    return out_dir
+from training.starter.tiny import TINY_TEXTS, build_tiny_model  # noqa: E402,F401 - fixtures' model
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +32,9 @@ def single_thread():
 @pytest.fixture
 def store(tmp_path):
     """A real SQLite store in a fresh data folder, closed afterwards."""
-    from storage import DB_FILENAME, Store
+    from storage.store import open_store
 
-    s = Store(tmp_path / "data" / DB_FILENAME)
+    s = open_store(tmp_path / "data")
     yield s
     s.close()
 
@@ -89,14 +49,14 @@ def tiny_model_dir(tmp_path_factory):
 def world(tiny_model_dir, tmp_path):
     """``(store, registry, data dir)`` with version 0 published by a real engine, as the app does."""
     from chatapp.engine import ChatEngine
-    from storage.db import open_store
+    from storage.paths import DataDir
     from storage.registry import AdapterRegistry
-    from training.jobs import ADAPTERS_DIRNAME
+    from storage.store import open_store
     from training.models import load_model_and_tokenizer
 
     data = tmp_path / "data"
     store = open_store(data)
-    registry = AdapterRegistry(data / ADAPTERS_DIRNAME, store)
+    registry = AdapterRegistry(DataDir(data), store)
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     ChatEngine(model, tok, registry)  # publishes v0
     return store, registry, data

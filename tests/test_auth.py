@@ -101,7 +101,7 @@ def test_admin_actions_refuse_without_login_chat_stays_open(app_with_auth):
 
 
 def open_rounds(config) -> list:
-    from storage.db import open_store
+    from storage.store import open_store
 
     return open_store(config.data_dir).rounds()
 

@@ -11,11 +11,12 @@ import pytest
 
 from bench.gold import standard_error
 from bench.ppo_replay import ReplayConfig, gold_reward_fn, main
-from storage.db import open_store
+from storage.paths import DataDir
+from storage.store import open_store
 from tests.conftest import add_votes
-from training.jobs import ADAPTERS_DIRNAME, REWARD_DIRNAME, RoundConfig
 from training.models import add_lora, load_model_and_tokenizer
 from training.ppo import PPOConfig
+from training.round import RoundConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -32,8 +33,9 @@ def prefers_short(messages, answer_a, answer_b):
     return "tie" if len(answer_a) == len(answer_b) else ("a" if len(answer_a) < len(answer_b) else "b")
 
 
-TINY_ROUND = ("--reward.epochs 1 --reward.batch-size 4 --ppo.steps 1 --ppo.rollout-batch-size 4 "
-              "--ppo.mini-batch-size 4 --ppo.ppo-epochs 1 --ppo.max-new-tokens 6 --ppo.normalize-samples 4")
+TINY_ROUND = ("--round.reward.epochs 1 --round.reward.batch-size 4 --round.ppo.steps 1 --round.ppo.rollout-batch-size 4 "
+              "--round.ppo.mini-batch-size 4 --round.ppo.ppo-epochs 1 --round.ppo.max-new-tokens 6 "
+              "--round.ppo.normalize-samples 4").split()
 
 
 @pytest.fixture
@@ -64,12 +66,12 @@ def test_gold_reward_scores_each_answer_against_reference_answers(tiny_model_dir
 @pytest.mark.parametrize(("reward", "rounds"), [("rm", 1), ("gold", 2)])
 def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_model_dir, tmp_path, capsys, reward, rounds):
     data, prompts = run_dir
-    before = sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir())
+    before = sorted(p.name for p in DataDir(data).adapters.iterdir())
     out = tmp_path / "replay.json"
     code = main(["--data-dir", str(data), "--model", str(tiny_model_dir), "--reward", reward,
                  "--annotator", "tests.test_bench_replay:prefers_short", "--prompts", str(prompts),
                  "--eval-prompts", "4", "--eval-max-new-tokens", "6", "--threads", "1",
-                 "--rounds", str(rounds), "--json", str(out), f"--round-args={TINY_ROUND}"])
+                 "--rounds", str(rounds), "--json", str(out), *TINY_ROUND])
     assert code == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result == json.loads(out.read_text())
@@ -89,8 +91,8 @@ def test_replay_trains_and_scores_without_touching_the_data_dir(run_dir, tiny_mo
         assert result["gold_win_rate_bon4"] != result["gold_win_rate_bon4"]
         assert result["gold_win_rate_bon4_se"] != result["gold_win_rate_bon4_se"]
     # nothing published, no reward model saved
-    assert sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir()) == before
-    assert not (data / REWARD_DIRNAME).exists()
+    assert sorted(p.name for p in DataDir(data).adapters.iterdir()) == before
+    assert not DataDir(data).reward_models.exists()
     assert open_store(data).live_version() == 0
 
 
@@ -98,10 +100,10 @@ def test_replay_rejects_bad_input_with_a_message(run_dir, tiny_model_dir, tmp_pa
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["--data-dir", str(empty), "--model", str(tiny_model_dir), "--threads", "1"]) == 2
-    assert "chat.db" in capsys.readouterr().err
+    assert "no database" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # the replay sets the seed itself
-        main(["--data-dir", str(run_dir[0]), "--round-args=--seed 3"])
-    assert exc.value.code == 2 and "--seed" in capsys.readouterr().err
+        main(["--data-dir", str(run_dir[0]), "--round.seed", "3"])
+    assert exc.value.code == 2 and "--round.seed" in capsys.readouterr().err
     with pytest.raises(ValueError, match="--data-dir is required"):
         ReplayConfig()
 
@@ -117,6 +119,5 @@ def test_standard_error_of_a_win_rate():
 def test_replay_starts_from_a_fresh_adapter_unless_asked():
     # a round's own default continues the live adapter; a replay of one round starts from the SFT policy
     assert RoundConfig().init_policy == "live"
-    assert ReplayConfig(data_dir="run").round_config().init_policy == "reference"
-    assert ReplayConfig(data_dir="run", round_args="--init-policy live").round_config().init_policy == "live"
-    assert ReplayConfig(data_dir="run", round_args="--init-policy=live").round_config().init_policy == "live"
+    assert ReplayConfig(data_dir="run").round.init_policy == "reference"
+    assert ReplayConfig(data_dir="run", init_policy="live").round.init_policy == "live"

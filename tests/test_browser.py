@@ -26,7 +26,7 @@ import pytest
 from app import AppConfig
 from chatapp.engine import ChatEngine
 from chatapp.service import MAX_MESSAGE_CHARS, ChatService, UserInputError
-from storage.db import open_store
+from storage.store import open_store
 from tests.conftest import free_port, served_app
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,9 @@ import torch
 
 from chatapp.engine import ChatEngine, Sampling
 from chatapp.service import ChatService, ChatSession, UserInputError
-from storage.db import AlreadyVoted, open_store
+from storage.paths import DataDir
 from storage.registry import AdapterRegistry
+from storage.store import AlreadyVoted, open_store
 from training.models import (
     ContextTooLongError,
     fit_messages,
@@ -27,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def service(tiny_model_dir, tmp_path):
     store = open_store(tmp_path / "data")
-    registry = AdapterRegistry(tmp_path / "data" / "adapters", store)
+    registry = AdapterRegistry(DataDir(tmp_path / "data"), store)
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     engine = ChatEngine(model, tok, registry)
     return ChatService(engine, store, Sampling(max_new_tokens=8), seed=0)

@@ -1,13 +1,15 @@
-"""CLI flags generated from config dataclasses (training.cli)."""
+"""CLI flags generated from config dataclasses (training.flags)."""
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.flags import add_dataclass_args, dataclass_from_args, help_field, to_argv
+from training.rejection_sampling import RejectionConfig
+from training.round import RoundConfig
 
 
 @dataclass
@@ -53,34 +55,55 @@ def test_validation_and_bad_values():
         _parse(["--steps", "three"])
 
 
-def test_app_round_args_are_checked_at_startup_and_reach_the_round(tmp_path, monkeypatch):
+def test_to_argv_rebuilds_the_config():
+    cfg = Outer(name="-dash", steps=7, off=True, inner=Inner(lr=0.5, adaptive=False))
+    argv = to_argv(cfg)
+    assert argv == ["--name=-dash", "--steps=7", "--off=true", "--inner.lr=0.5", "--inner.adaptive=false"]
+    assert _parse(argv) == cfg
+    assert to_argv(Outer()) == []  # defaults are left to the child's own
+
+
+def test_app_round_settings_are_a_nested_config_and_reach_the_round(tmp_path, monkeypatch):
     from app import AppConfig
-    from training.jobs import parse_round_flags
+    from training.jobs import build_parser
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my demos.jsonl").write_text("")
-    config = AppConfig(round_args="--rs.n 8 --ppo.ptx-coef 0.1 --ptx-data 'my demos.jsonl'")
-    flags = config.round_flags
-    assert flags[-2:] == ["--ptx-data", str(tmp_path / "my demos.jsonl")]  # the round runs elsewhere
-    round_config = parse_round_flags(flags)
-    assert round_config.rs.n == 8 and round_config.ppo.ptx_coef == 0.1
-    assert round_config.ptx_data == str(tmp_path / "my demos.jsonl")
-    for bad, message in (("--ppo.lr fast", "--ppo.lr"), ("--no-such-flag 1", "--no-such-flag"),
-                         ("--rs.n 0", "RejectionConfig.n"), ("--min-votes 3", "app sets this"),
-                         ("--model=x", "app sets this"), ("--rs.n '8", "quotation"),
-                         ("--data /elsewhere", "unknown training flag"),  # no abbreviations of app flags
-                         ("--reward.min-votes 3", "app sets this"), ("--help", "training.jobs --help"),
-                         ("--rs.lr inf", "--rs.lr"), ("--ptx-data missing.jsonl", "no such file")):
-        with pytest.raises(ValueError, match=message) as caught:
-            AppConfig(round_args=bad)
-        assert str(caught.value).startswith("--round-args")
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert AppConfig(round_args="--ptx-data ~/'my demos.jsonl'").round_flags[-1] == str(tmp_path / "my demos.jsonl")
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, AppConfig)
+    config = dataclass_from_args(AppConfig, parser.parse_args(
+        ["--round.rs.n", "8", "--round.ppo.ptx-coef", "0.1", "--round.ptx-data", "my demos.jsonl",
+         "--round.gate.enabled", "false", "--round.seed", "3", "--concurrency", "3"]))
+    assert config.round.ptx_data == str(tmp_path / "my demos.jsonl")  # absolute: the round runs elsewhere
+    argv = config.round_argv("/data", "/models/base")
+    child = dataclass_from_args(RoundConfig, build_parser().parse_args(argv))
+    assert child == replace(config.round, data_dir="/data", model="/models/base")
+    assert (child.rs.n, child.ppo.ptx_coef, child.gate.enabled, child.seed) == (8, 0.1, False, 3)
+    for flag in ("--round.data-dir", "--round.model", "--round.reward.min-votes", "--round.ppo.seed"):
+        with pytest.raises(SystemExit):  # the app sets these itself
+            parser.parse_args([flag, "1"])
+    for bad, message in ((["--round.rs.n", "0"], "RejectionConfig.n"), (["--round.ptx-data", "missing.jsonl"], "no such file"),
+                         (["--round.rs.lr", "inf"], "--rs.lr")):
+        with pytest.raises(ValueError, match=message):
+            dataclass_from_args(AppConfig, parser.parse_args(bad))
 
 
-def test_benchmark_checks_round_args_before_starting():
+def test_app_points_round_flags_to_round(capsys):
+    from app import main
+
+    with pytest.raises(SystemExit):
+        main(["--ppo.lr", "1e-3"])
+    assert "--round.ppo.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--round.ppo.lr", "fast"])
+    assert "--round.ppo.lr" in capsys.readouterr().err
+
+
+def test_benchmarks_take_the_round_settings_nested():
     from bench.online_loop import BenchConfig
+    from bench.ppo_replay import ReplayConfig
 
-    assert BenchConfig(round_args="--rs.n 8").round_args == "--rs.n 8"
-    with pytest.raises(ValueError, match="--rs.n"):
-        BenchConfig(round_args="--rs.n eight")
+    assert BenchConfig(round=RoundConfig(rs=RejectionConfig(n=8))).round.rs.n == 8
+    replay = ReplayConfig(data_dir="run", seed=4)
+    assert (replay.round.init_policy, replay.round.seed, replay.round.data_dir) == ("reference", 4, "run")
+    assert ReplayConfig(data_dir="run", init_policy="live").round.init_policy == "live"

@@ -13,8 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from app import AppConfig
-from storage.db import open_store
+from storage.paths import DataDir
+from storage.store import open_store
 from tests.conftest import free_port, served_app
+from training.gate import GateConfig
+from training.ppo import PPOConfig
+from training.round import RoundConfig
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +37,11 @@ def running_app(tiny_model_dir, tmp_path):
         model=str(tiny_model_dir),
         data_dir=str(tmp_path / "data"),
         port=port,
-        min_votes=10,
         min_new_votes=10,
         max_new_tokens=12,
         temperature=1.0,
-        gate=False,  # issue-2 path: publish every trained round; the gate has its own tests
-        round_args="--ppo.steps 6 --ppo.rollout-batch-size 16",  # a short round, passed to the child
+        # every trained round is published (the gate has its own tests); a short round, passed to the child
+        round=RoundConfig(min_votes=10, gate=GateConfig(enabled=False), ppo=PPOConfig(steps=6, rollout_batch_size=16)),
     )
     with served_app(config) as (demo, scheduler):
         yield config, demo, scheduler
@@ -74,7 +77,7 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
 
     # one round, through the same path the scheduler takes (a child process)
     result = scheduler.run_now("manual")
-    log = (data_dir / "logs" / "training.log").read_text(errors="replace")
+    log = DataDir(data_dir).training_log.read_text(errors="replace")
     assert result["status"] == "succeeded", f"{result}\n{log[-3000:]}"
     assert result["version"] == 1
     assert store.live_version() == 1
@@ -82,7 +85,7 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
     metrics = result["metrics"]
     for key in ("rm/accuracy", "objective/kl", "objective/reward", "ppo/clipfrac"):
         assert key in metrics, key
-    # the child ran with the app's --round-args, and the round's row says so
+    # the child ran with the app's --round.* settings, and the round's row says so
     ppo_settings = store.round(result["id"])["settings"]["ppo"]
     assert (ppo_settings["steps"], ppo_settings["rollout_batch_size"]) == (6, 16)
     assert metrics["ppo/samples"] == 6 * 16
@@ -95,21 +98,22 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
     assert conversations[0] == 1
 
     # LoRA weights changed, base weights did not
-    v0 = load_file(str(data_dir / "adapters" / "v0" / "adapter_model.safetensors"))
-    v1 = load_file(str(data_dir / "adapters" / "v1" / "adapter_model.safetensors"))
+    v0 = load_file(str(DataDir(data_dir).adapters / "v0" / "adapter_model.safetensors"))
+    v1 = load_file(str(DataDir(data_dir).adapters / "v1" / "adapter_model.safetensors"))
     assert v0.keys() == v1.keys() and len(v0) > 0
     assert any(not torch.equal(v0[k], v1[k]) for k in v0)
     assert all("lora_" in k for k in v1), "the adapter must hold LoRA weights only, no base weights"
     assert _digest(Path(tiny_model_dir)) == base_digest
-    adapter_config = json.loads((data_dir / "adapters" / "v1" / "adapter_config.json").read_text())
+    adapter_config = json.loads((DataDir(data_dir).adapters / "v1" / "adapter_config.json").read_text())
     assert Path(adapter_config["base_model_name_or_path"]).resolve() == Path(tiny_model_dir).resolve()
 
-    # the Training tab reports the round; the export holds the A/B votes
+    # the Training tab reports the round; the export holds the votes it trained on
     status, rounds, _ = client.predict(api_name="/training_status")
     assert "Live policy version:** 1" in status
     assert any(row[2] == "succeeded" for row in rounds["data"])
     exported = client.predict(api_name="/export_votes")
     lines = Path(exported).read_text().splitlines()
-    distinct = [c for c in store.voted_comparisons() if c["answer_a"] != c["answer_b"]]
+    distinct = [c for c in store.voted_comparisons() if c["answer_a"].strip() != c["answer_b"].strip()]
     assert len(lines) == len(distinct) >= 15  # a pair of identical answers says nothing: left out
-    assert set(json.loads(lines[0])) == {"prompt", "chosen", "rejected"}
+    assert set(json.loads(lines[0])) == {"prompt", "chosen", "rejected", "tie", "conversation_id"}
+    assert len(lines) == result["votes_used"]  # exactly the pairs the round trained on

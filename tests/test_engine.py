@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from chatapp.engine import ChatEngine, Sampling
-from storage.db import open_store
+from storage.paths import DataDir
 from storage.registry import AdapterRegistry
+from storage.store import open_store
 from training.models import load_model_and_tokenizer
 
 PROMPTS = ["hello there", "what is 12 plus 30?", "spell cat backwards", "the capital of France?", "my name is Ada"]
@@ -20,7 +21,7 @@ PROMPTS = ["hello there", "what is 12 plus 30?", "spell cat backwards", "the cap
 def make_engine(model_dir, data_dir, quantize="none", **kwargs) -> ChatEngine:
     """A ChatEngine over a fresh store/registry in ``data_dir`` (version 0 published)."""
     store = open_store(data_dir)
-    registry = AdapterRegistry(data_dir / "adapters", store)
+    registry = AdapterRegistry(DataDir(data_dir), store)
     model, tok = load_model_and_tokenizer(model_dir, quantize)
     return ChatEngine(model, tok, registry, **kwargs)
 

@@ -88,15 +88,16 @@ def test_pad_and_other_special_tokens_are_dropped_not_stopped(engine):
 def test_every_generation_config_end_of_turn_id_stops(tiny_model_dir, tmp_path):
     """A model whose generation config names two end-of-turn ids stops on the second as well."""
     from chatapp.engine import ChatEngine
-    from storage.db import open_store
+    from storage.paths import DataDir
     from storage.registry import AdapterRegistry
+    from storage.store import open_store
     from training.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     dot = ids_of(tok, ".")[0]
     model.generation_config.eos_token_id = [tok.eos_token_id, dot]
     store = open_store(tmp_path / "d")
-    engine = ChatEngine(model, tok, AdapterRegistry(tmp_path / "d" / "adapters", store))
+    engine = ChatEngine(model, tok, AdapterRegistry(DataDir(tmp_path / "d"), store))
     assert dot in engine.stop_ids
     hello = ids_of(tok, "hello")
     _, reply = run(engine, hello + [dot] + hello, Sampling(temperature=0, max_new_tokens=30))

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 
 from app import AppConfig, build_app, launch
-from storage.db import open_store
-from storage.registry import AdapterRegistry
+from storage.paths import DataDir
+from storage.registry import AdapterRegistry, is_complete
+from storage.store import open_store
 from tests.conftest import add_votes, free_port, served_app
+from training.gate import GateConfig
+from training.round import RoundConfig
 
 pytestmark = pytest.mark.slow
 WAIT_S = 300  # a deadline against hangs only
@@ -28,8 +31,9 @@ HALF_WRITE_THEN_HANG = r"""
 import sys, time
 from pathlib import Path
 import training.jobs as jobs
+import training.round as round_steps
 marker = Path(sys.argv[1])
-save = jobs.save_adapter
+save = round_steps.save_adapter
 def half_save(policy, name, directory):
     save(policy, name, directory)
     for f in Path(directory).glob("*.safetensors"):
@@ -37,7 +41,7 @@ def half_save(policy, name, directory):
         f.write_bytes(data[: len(data) // 2])
     marker.write_text(str(directory))
     time.sleep(600)
-jobs.save_adapter = half_save
+round_steps.save_adapter = half_save
 sys.exit(jobs.main(sys.argv[2:]))
 """
 
@@ -52,7 +56,7 @@ def _last_reply_version(store) -> int:
 def app_config(tiny_model_dir, tmp_path):
     return AppConfig(
         model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
-        min_votes=6, max_new_tokens=4, gate=False,
+        max_new_tokens=4, round=RoundConfig(min_votes=6, gate=GateConfig(enabled=False)),
     )  # fmt: skip
 
 
@@ -77,7 +81,7 @@ def test_kill_9_mid_publish_chat_lives_round_failed_nothing_half_written_served(
         assert marker.exists(), log.read_text(errors="replace")[-3000:]
         staging = Path(marker.read_text())
         # the child is frozen mid-publish: a half-written adapter sits in staging
-        assert AdapterRegistry.is_complete(staging), "the staging dir looks complete to a naive check"
+        assert is_complete(staging), "the staging dir looks complete to a naive check"
         assert store.running_round() is not None
         # chat answers meanwhile, on the live version
         chat, *_ = client.predict("hello during the round", False, api_name="/send")
@@ -114,7 +118,7 @@ def test_restart_after_a_crash_cleans_staging_and_fails_the_stale_round(app_conf
     scheduler.shutdown()
     store = open_store(data)
     stale = store.start_round("schedule")
-    registry = AdapterRegistry(data / "adapters", store)
+    registry = AdapterRegistry(DataDir(data), store)
     staging = registry.staging_dir()
     (staging / "adapter_config.json").write_text("{}")
     (staging / "adapter_model.safetensors").write_bytes(b"\0" * 8)  # garbage weights

@@ -1,4 +1,5 @@
-"""Training rounds (training.jobs.run_round) and their scheduling, on a tiny model and real SQLite."""
+"""Training rounds (training.round.run_round, python -m training.jobs) and their scheduling, on a tiny
+model and real SQLite."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from chatapp.engine import ChatEngine
+from storage.paths import DataDir
+from storage.registry import RewardModelRegistry
 from tests.conftest import add_votes
 from training.gate import GateConfig
-from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
 from training.models import load_model_and_tokenizer
 from training.ppo import PPOConfig
-from training.rejection import RejectionConfig
-from training.reward import RewardConfig
+from training.rejection_sampling import RejectionConfig
+from training.reward_training import RewardConfig
+from training.round import RoundConfig, run_round
 from training.scheduler import TrainingScheduler
 
 
@@ -33,20 +37,7 @@ def _config(data: Path, model_dir, **overrides) -> RoundConfig:
 
 
 def _version_dirs(data: Path) -> list[str]:
-    return sorted(p.name for p in (data / ADAPTERS_DIRNAME).iterdir() if p.name.startswith("v"))
-
-
-def test_preference_pairs_keep_ties_and_drop_both_bad(world):
-    store, _, _ = world
-    add_votes(store, 8, choices=("a", "b", "tie", "both_bad"))
-    pairs = preference_pairs(store)
-    assert len(pairs) == 6
-    assert sum(p["tie"] for p in pairs) == 2
-    for p in pairs:
-        if not p["tie"]:
-            assert p["chosen"] != p["rejected"]
-    b_votes = [c for c in store.voted_comparisons() if c["choice"] == "b"]
-    assert any(p["chosen"] == b_votes[0]["answer_b"] for p in pairs)
+    return sorted(p.name for p in DataDir(data).adapters.iterdir() if p.name.startswith("v"))
 
 
 def test_too_few_votes_skips_with_reason(world, tiny_model_dir):
@@ -61,24 +52,25 @@ def test_too_few_votes_skips_with_reason(world, tiny_model_dir):
 def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir, caplog):
     store, registry, data = world
     add_votes(store, 12)
-    with caplog.at_level("INFO", logger="training.jobs"):
-        result = run_round(_config(data, tiny_model_dir, gate_enabled=False), store, registry)
+    with caplog.at_level("INFO", logger="training.round"):
+        result = run_round(_config(data, tiny_model_dir, gate=GateConfig(enabled=False)), store, registry)
     assert '"rs": {' in caplog.text and '"n": 2' in caplog.text  # the round's settings are in its log
     assert result["status"] == "succeeded", result
     # ... and in its row: the configuration as run, nested sections included
-    config = _config(data, tiny_model_dir, gate_enabled=False)
+    config = _config(data, tiny_model_dir, gate=GateConfig(enabled=False))
     assert result["settings"]["rs"]["n"] == config.rs.n and result["settings"]["model"] == config.model
     assert result["settings"]["ppo"]["steps"] == config.ppo.steps
     assert result["version"] == 1 and store.live_version() == 1
     assert store.version(1)["parent"] == 0
     assert _version_dirs(data) == ["v0", "v1"]
-    assert (data / "reward" / "latest" / "reward_model.json").is_file()
+    assert (RewardModelRegistry(DataDir(data)).latest() / "reward_model.json").is_file()
+    assert not any((DataDir(data).reward_models / ".staging").iterdir())
     assert "rm/accuracy" in result["metrics"] and "objective/kl" in result["metrics"]
     assert result["metrics"]["rs/examples"] > 0  # rejection sampling ran before PPO ...
     # ... and PPO's KL target counts from where it left the policy
     assert result["metrics"]["rs/ppo_kl_target"] == PPOConfig().kl_target + max(0.0, result["metrics"]["rs/kl"])
     # a second round warm-starts the reward model from the first
-    second = _config(data, tiny_model_dir, gate_enabled=False)
+    second = _config(data, tiny_model_dir, gate=GateConfig(enabled=False))
     again = run_round(second, store, registry)
     assert again["status"] == "succeeded", again
     # β starts where the first round left it; the caller's config is not changed
@@ -94,7 +86,7 @@ def test_round_publishes_new_live_version_without_gate(world, tiny_model_dir, ca
         assert m["rm/from_scratch"] == 1.0 and m["rm/accuracy"] == fresh
     else:
         assert m["rm/from_scratch"] == 0.0 and (m["rm/accuracy"] == warm or warm is None)
-    only_warm = run_round(_config(data, tiny_model_dir, gate_enabled=False, rm_fresh_candidate=False), store, registry)
+    only_warm = run_round(_config(data, tiny_model_dir, gate=GateConfig(enabled=False), rm_fresh_candidate=False), store, registry)
     assert only_warm["status"] == "succeeded" and "rm/from_scratch" not in only_warm["metrics"]
 
 
@@ -119,7 +111,7 @@ def test_failed_round_is_recorded_and_publishes_nothing(world, tmp_path):
     result = run_round(_config(data, broken), store, registry)
     assert result["status"] == "failed" and result["reason"]
     assert store.live_version() == 0 and _version_dirs(data) == ["v0"]
-    staging = data / ADAPTERS_DIRNAME / ".staging"
+    staging = DataDir(data).adapters / ".staging"
     assert not staging.exists() or not any(staging.iterdir())
     # the next round runs
     assert store.running_round() is None
@@ -186,7 +178,7 @@ def test_ppo_starts_from_reference_or_live_adapter(world, tiny_model_dir, init_p
     add_votes(store, 12)
     frozen = PPOConfig(steps=1, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6,
                        normalize_samples=4, lr=1e-12)
-    result = run_round(_config(data, tiny_model_dir, gate_enabled=False, ppo=frozen, init_policy=init_policy),
+    result = run_round(_config(data, tiny_model_dir, gate=GateConfig(enabled=False), ppo=frozen, init_policy=init_policy),
                        store, registry)
     assert result["status"] == "succeeded", result
     weights = load_file(str(registry.path(result["version"]) / "adapter_model.safetensors"))
@@ -200,3 +192,96 @@ def test_ppo_starts_from_reference_or_live_adapter(world, tiny_model_dir, init_p
 def test_init_policy_is_checked():
     with pytest.raises(ValueError, match="init_policy"):
         RoundConfig(init_policy="somewhere")
+
+
+def _jobs_argv(data: Path, model_dir, *extra: str) -> list[str]:
+    fast = ["--min-votes", "6", "--reward.epochs", "1", "--ppo.steps", "1", "--ppo.rollout-batch-size", "4",
+            "--ppo.mini-batch-size", "4", "--ppo.ppo-epochs", "1", "--ppo.max-new-tokens", "6",
+            "--ppo.normalize-samples", "4", "--gate.enabled", "false"]
+    return ["--data-dir", str(data), "--model", str(model_dir), *fast, *extra]
+
+
+def test_jobs_refuses_another_base_model_and_a_missing_data_dir(world, tiny_model_dir, tmp_path, capsys):
+    from training.jobs import main
+
+    store, _, data = world
+    add_votes(store, 12)
+    DataDir(data).record_model("org/another-model")
+    assert main(_jobs_argv(data, tiny_model_dir)) == 2
+    assert "org/another-model" in capsys.readouterr().err
+    assert store.rounds() == [] and store.live_version() == 0  # nothing trained, nothing published
+    missing = tmp_path / "no-such-dir"
+    assert main(_jobs_argv(missing, tiny_model_dir)) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()
+    DataDir(data).model_marker.unlink()
+    DataDir(data).record_model(str(tiny_model_dir))  # the data dir's own base trains
+    assert main(_jobs_argv(data, tiny_model_dir)) == 0
+    assert store.rounds()[0]["status"] == "succeeded" and store.live_version() == 1
+
+
+def test_the_export_holds_exactly_the_pairs_a_round_trains_on(world, tiny_model_dir, tmp_path):
+    import json
+
+    store, registry, data = world
+    add_votes(store, 12, choices=("a", "b", "tie", "both_bad"))
+    conv = store.new_conversation("same")
+    same = store.add_comparison(conv, "same", [{"role": "user", "content": "hi"}], "ok", " ok ", 0, 0, {}, {})
+    store.vote(same, "a")  # the same answer twice teaches nothing
+    out = tmp_path / "votes.jsonl"
+    exported = store.export_jsonl(out)
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert exported == len(lines) == 9 and sum(line["tie"] for line in lines) == 3
+    result = run_round(_config(data, tiny_model_dir, min_votes=3, gate=GateConfig(enabled=False)), store, registry)
+    assert result["status"] == "succeeded", result
+    m = result["metrics"]
+    assert result["votes_used"] == exported
+    assert m["rm/train_pairs"] + m["rm/heldout_pairs"] == exported and m["rm/ties"] == 3 and m["rm/dropped_pairs"] == 0
+
+
+def test_a_round_that_fails_after_its_reward_model_leaves_no_staging(world, tiny_model_dir, tmp_path):
+    store, registry, data = world
+    add_votes(store, 12)
+    bad_demos = tmp_path / "demos.jsonl"
+    bad_demos.write_text('{"not": "a conversation"}\n')  # PPO-ptx fails to read it, after step 3
+    ppo = PPOConfig(steps=1, rollout_batch_size=4, mini_batch_size=4, ppo_epochs=1, max_new_tokens=6,
+                    normalize_samples=4, ptx_coef=0.1)
+    result = run_round(_config(data, tiny_model_dir, ppo=ppo, ptx_data=str(bad_demos)), store, registry)
+    assert result["status"] == "failed" and "SftDataError" in result["reason"]
+    rm_staging = DataDir(data).reward_models / ".staging"
+    assert rm_staging.is_dir() and not any(rm_staging.iterdir())  # it was written, then removed
+    assert RewardModelRegistry(DataDir(data)).latest() is None and _version_dirs(data) == ["v0"]
+
+
+def test_the_round_seed_reaches_every_seeded_part():
+    from training.flags import dataclass_from_args
+    from training.jobs import build_parser
+
+    parse = build_parser().parse_args
+    zero, one = (dataclass_from_args(RoundConfig, parse(["--seed", s])) for s in ("0", "1"))
+    for part in ("reward", "rs", "ppo", "gate"):
+        assert getattr(zero, part).seed != getattr(one, part).seed, part
+    assert len({zero.reward.seed, zero.rs.seed, zero.ppo.seed, zero.gate.seed}) == 4  # each part its own
+    assert dataclass_from_args(RoundConfig, parse(["--seed", "1"])).ppo.seed == one.ppo.seed  # reproducible
+    with pytest.raises(SystemExit):
+        parse(["--ppo.seed", "3"])  # one knob: the round's
+
+
+def test_the_round_seed_changes_the_answers_ppo_samples(world, tiny_model_dir):
+    from training.round import improve_policy, starting_policy
+
+    store, registry, data = world
+    prompts = [[{"role": "user", "content": f"question number {i}"}] for i in range(4)]
+    sampled: dict[int, list[str]] = {}
+    for seed in (0, 1, 0):
+        config = _config(data, tiny_model_dir, seed=seed, rs=RejectionConfig())
+        model, tok = load_model_and_tokenizer(tiny_model_dir)
+        policy = starting_policy(model, config, registry, 0)
+        answers: list[str] = []
+
+        def reward_fn(batch, batch_answers, answers=answers):
+            answers.extend(batch_answers)
+            return torch.tensor([float(len(a)) for a in batch_answers])
+
+        improve_policy(policy, tok, reward_fn, prompts, config)
+        assert sampled.setdefault(seed, answers) == answers  # the same seed, the same samples
+    assert sampled[0] != sampled[1]

@@ -18,10 +18,11 @@ import httpx
 import pytest
 
 from app import AppConfig
-from storage.db import open_store
+from storage.paths import DataDir
 from storage.registry import AdapterRegistry
+from storage.store import open_store
 from tests.conftest import free_port, served_app
-from training.jobs import ADAPTERS_DIRNAME, RoundConfig, preference_pairs, run_round
+from training.round import RoundConfig, run_round
 
 pytestmark = pytest.mark.slow
 
@@ -73,10 +74,10 @@ def _read_votes_like_a_round(config: AppConfig, stop: threading.Event, seen: lis
     """A training round's reads, in a loop: all votes as pairs, counts, and a real
     ``run_round`` (it reads every vote, then skips: too few for its threshold)."""
     store = open_store(config.data_dir)  # its own connections, as the round's process has
-    registry = AdapterRegistry(f"{config.data_dir}/{ADAPTERS_DIRNAME}", store)
+    registry = AdapterRegistry(DataDir(config.data_dir), store)
     round_config = RoundConfig(data_dir=config.data_dir, model=config.model, min_votes=10**9)
     while not stop.is_set():
-        pairs = preference_pairs(store)
+        pairs = store.vote_pairs()
         store.vote_counts()
         result = run_round(round_config, store, registry, trigger="load-test")
         assert result["status"] == "skipped", result
@@ -118,21 +119,21 @@ def test_1000_votes_from_50_concurrent_clients_while_a_round_reads(tiny_model_di
     assert reader_errors == [], reader_errors[0]
     assert seen, "the round never read the votes"
     store = open_store(config.data_dir)
-    rows = list(store.db.execute("SELECT id, choice, context FROM comparisons"))
+    rows = list(store.db.execute("SELECT id, choice, context, answer_a, answer_b FROM comparisons"))
     assert len(rows) == CLIENTS * VOTES
     assert len({r[0] for r in rows}) == len(rows), "comparison ids are not unique"
     assert all(r[1] is not None for r in rows), "a comparison was left without its vote"
     # each vote is the one its client cast, on the comparison of its own message
     got = {}
-    for _, choice, context in rows:
+    for _, choice, context, _, _ in rows:
         last_user = json.loads(context)[-1]["content"]
         assert last_user not in got, f"two comparisons for {last_user!r}"
         got[last_user] = choice
     expected = {f"client {c} vote {i}": _expected_choice(c, i) for c in range(CLIENTS) for i in range(VOTES)}
     assert got == expected
     assert store.vote_counts()["total"] == CLIENTS * VOTES
-    assert Counter(len(p["prompt"]) > 0 for p in preference_pairs(store))[True] == len(
-        [r for r in rows if r[1] != "both_bad"]
+    assert Counter(len(p["prompt"]) > 0 for p in store.vote_pairs())[True] == len(
+        [r for r in rows if r[1] != "both_bad" and r[3].strip() != r[4].strip()]
     )
     sessions = store.db.execute("SELECT COUNT(DISTINCT session_id) FROM comparisons").fetchone()[0]
     assert sessions == CLIENTS

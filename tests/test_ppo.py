@@ -9,15 +9,14 @@ import pytest
 import torch
 
 from training.models import LoraSettings, add_lora, end_of_turn_ids, load_model_and_tokenizer
-from training.ppo import (
-    PPOConfig,
-    ValueHead,
+from training.ppo import PPOConfig, ValueHead, ppo_train
+from training.ppo_math import per_token_kl
+from training.rollout import (
+    forward_response,
     generate_rollouts,
-    per_token_kl,
-    ppo_train,
+    position_ids_from_mask,
     reference_model,
 )
-from training.rollout import forward_response, position_ids_from_mask
 
 PROMPTS = [[{"role": "user", "content": t}] for t in (
     "hello there", "what is 12 plus 30?", "the capital of France?", "spell cat backwards",
@@ -221,7 +220,7 @@ def test_rollout_batches_hold_each_prompt_k_times(tiny_model_dir):
 
 
 def _demo_nll(policy, examples) -> float:
-    from training.rejection import DemonstrationBatches
+    from training.sft import DemonstrationBatches
 
     with torch.no_grad():
         return float(DemonstrationBatches(examples, len(examples), 0, 0, "cpu").loss(policy))
@@ -230,7 +229,7 @@ def _demo_nll(policy, examples) -> float:
 def test_ppo_ptx_holds_the_demonstrations(tiny_model_dir):
     # PPO-ptx: the same PPO run, with and without γ × the demonstrations' NLL; with it, the
     # policy ends up assigning them more likelihood (and logs the term).
-    from training.starter.loop import encode_conversation
+    from training.sft import encode_conversation
 
     tok = load_model_and_tokenizer(tiny_model_dir)[1]
     demos = [encode_conversation(tok, [{"role": "user", "content": p[0]["content"]},
@@ -250,7 +249,7 @@ def test_ppo_ptx_holds_the_demonstrations(tiny_model_dir):
 def test_ptx_demonstrations_sources(tiny_model_dir, tmp_path):
     import json
 
-    from training.jobs import RoundConfig, ptx_demonstrations
+    from training.round import RoundConfig, ptx_demonstrations
 
     def config(**kw):
         return RoundConfig(ppo=PPOConfig(ptx_coef=0.1), **kw)

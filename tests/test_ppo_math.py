@@ -7,17 +7,17 @@ import math
 import pytest
 import torch
 
-from training.ppo import (
+from training.ppo import PPOConfig
+from training.ppo_math import (
     AdaptiveKLController,
-    PPOConfig,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
     leave_one_out_baseline,
-    logprobs_from_logits,
     per_token_kl,
     whiten,
 )
+from training.rollout import logprobs_from_logits
 
 
 def test_gae_hand_computed_three_steps():

@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import TINY_TEXTS, build_tiny_model
 from tests.test_engine import PROMPTS, greedy, make_engine, msgs, publish_changed
 from training.models import load_model_and_tokenizer
+from training.starter.tiny import TINY_TEXTS, build_tiny_model
 
 TOLERANCE = {"8bit": (0.97, 0.2), "4bit": (0.90, 1.0)}  # (top-1 agreement, max|Δ| / std)
 

@@ -4,11 +4,15 @@ adapter folders on disk (atomic publish, numbering, crash leftovers)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from storage import AdapterRegistry, RejectedVersion, UnknownRound, UnknownVersion
+from storage.errors import RejectedVersion, UnknownRound, UnknownVersion
+from storage.paths import DataDir
+from storage.registry import AdapterRegistry, RewardModelRegistry, clean_staging, is_complete
+from storage.store import open_store
 
 
 def write_adapter(directory: Path, marker: str = "w") -> Path:
@@ -43,13 +47,14 @@ def test_version_registry_live_rollback_and_errors(store):
 
 
 def test_registry_publish_numbering_and_rollback(store, tmp_path):
-    root = tmp_path / "adapters"
-    reg = AdapterRegistry(root, store)
+    data = DataDir(tmp_path / "data")
+    root = data.adapters
+    reg = AdapterRegistry(data, store)
     staging = write_adapter(reg.staging_dir())
     assert staging.parent == root / ".staging"
     assert not list(root.glob("v*"))  # a staging dir is never visible as a version
     v0 = reg.publish(staging, parent=None, round_id=None, metrics=None)
-    assert v0 == 0 and not staging.exists() and reg.is_complete(root / "v0")
+    assert v0 == 0 and not staging.exists() and is_complete(root / "v0")
     r = store.start_round("manual")
     v1 = reg.publish(write_adapter(reg.staging_dir(), "1"), parent=0, round_id=r,
                      metrics={"objective/reward": 1.5})
@@ -57,23 +62,42 @@ def test_registry_publish_numbering_and_rollback(store, tmp_path):
                      metrics=None, live=False)
     assert (v1, v2) == (1, 2)
     assert store.live_version() == 1 and store.version(2)["status"] == "candidate"
-    assert reg.path(1) == (root / "v1").resolve()
+    assert reg.path(1) == root / "v1"
     assert (reg.path(1) / "adapter_model.safetensors").read_bytes() == b"1" * 64
     store.set_live(0)
-    assert reg.live_path() == (root / "v0").resolve()
+    assert reg.live_path() == root / "v0"
     assert sorted(p.name for p in root.iterdir()) == [".staging", "v0", "v1", "v2"]
-    assert Path(store.version(2)["path"]).is_absolute()
+    assert store.version(2)["path"] == "adapters/v2"  # relative to the data dir
     assert list((root / ".staging").iterdir()) == []
-    moved = tmp_path / "moved"
-    root.rename(moved)  # data folder relocated: paths resolve under the new root
-    assert AdapterRegistry(moved, store).path(2) == moved.resolve() / "v2"
+
+
+def test_a_copied_data_dir_serves_its_own_adapters(tmp_path):
+    original = DataDir(tmp_path / "data")
+    store = open_store(original)
+    reg = AdapterRegistry(original, store)
+    reg.publish(write_adapter(reg.staging_dir(), "o"))
+    store.close()
+    copy = DataDir(tmp_path / "copy")
+    shutil.copytree(original.root, copy.root)
+    write_adapter(copy.adapters / "v0", "c")  # the copy's own adapter differs
+    with open_store(copy) as copied:
+        path = AdapterRegistry(copy, copied).path(0)
+    assert path == copy.adapters / "v0"
+    assert (path / "adapter_model.safetensors").read_bytes() == b"c" * 64
+    # rows written with absolute paths (older versions) resolve under the copy too
+    with open_store(copy) as copied:
+        copied.db.execute("UPDATE policy_versions SET path = ?", [str(original.adapters / "v0")])
+        assert AdapterRegistry(copy, copied).path(0) == copy.adapters / "v0"
+        shutil.rmtree(copy.adapters / "v0")
+        with pytest.raises(FileNotFoundError, match="restore"):
+            AdapterRegistry(copy, copied).path(0)  # never the original's directory
 
 
 def test_registry_refuses_incomplete_and_foreign_dirs(store, tmp_path):
-    reg = AdapterRegistry(tmp_path / "adapters", store)
+    reg = AdapterRegistry(DataDir(tmp_path), store)
     half = reg.staging_dir()
     (half / "adapter_config.json").write_text("{}")  # weights not written yet
-    with pytest.raises(ValueError, match="not a complete adapter"):
+    with pytest.raises(ValueError, match="not complete"):
         reg.publish(half, None, None, None)
     outside = write_adapter(tmp_path)
     with pytest.raises(ValueError, match="staging_dir"):
@@ -84,8 +108,9 @@ def test_registry_refuses_incomplete_and_foreign_dirs(store, tmp_path):
 
 
 def test_registry_crash_leftovers(store, tmp_path):
-    root = tmp_path / "adapters"
-    reg = AdapterRegistry(root, store)
+    data = DataDir(tmp_path)
+    root = data.adapters
+    reg = AdapterRegistry(data, store)
     (root / "v0").mkdir()
     write_adapter(root / "v0")  # a crash after the rename, before registering
     assert reg.publish(write_adapter(reg.staging_dir()), None, None, None) == 1
@@ -94,9 +119,31 @@ def test_registry_crash_leftovers(store, tmp_path):
     staging = write_adapter(reg.staging_dir())
     with pytest.raises(UnknownRound):
         reg.publish(staging, 1, 999, None)
-    assert reg.is_complete(staging) and not (root / "v2").exists()
+    assert is_complete(staging) and not (root / "v2").exists()
     reg.discard(staging)
     assert not staging.exists()
     reg.staging_dir()
     write_adapter(reg.staging_dir())
-    assert reg.clean_staging() == 2 and list(reg.staging_root.iterdir()) == []
+    rm_staging = write_adapter(RewardModelRegistry(data).staging_dir())
+    assert clean_staging(data) == 3 and list((root / ".staging").iterdir()) == []
+    assert not rm_staging.exists()
+
+
+def test_reward_models_are_published_like_adapters(tmp_path):
+    data = DataDir(tmp_path)
+    rms = RewardModelRegistry(data, keep=2)
+    assert rms.latest() is None
+    half = rms.staging_dir()
+    (half / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="not complete"):
+        rms.publish(half)
+    assert rms.latest() is None and not list(data.reward_models.glob("r*"))
+    rms.discard(half)
+    first = rms.publish(write_adapter(rms.staging_dir(), "1"))
+    assert first == data.reward_models / "r1" and rms.latest() == first
+    second = rms.publish(write_adapter(rms.staging_dir(), "2"))
+    third = rms.publish(write_adapter(rms.staging_dir(), "3"))
+    assert rms.latest() == third == data.reward_models / "r3"
+    assert (third / "adapter_model.safetensors").read_bytes() == b"3" * 64
+    assert sorted(p.name for p in data.reward_models.glob("r*")) == ["r2", "r3"]  # older ones pruned
+    assert second.is_dir() and not first.exists()

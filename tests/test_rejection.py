@@ -10,14 +10,15 @@ import torch
 from tests.test_ppo import PROMPTS as PPO_PROMPTS
 from tests.test_ppo import e_reward, make_policy  # the tiny base + a fresh adapter; the toy reward
 from training.models import LoraSettings, end_of_turn_ids, load_model_and_tokenizer
-from training.rejection import (
-    IGNORE,
+from training.rejection_sampling import (
     RejectionConfig,
     best_of_n,
     measure_kl,
     rejection_sampling_finetune,
 )
 from training.rollout import generate_rollouts, reference_model
+from training.seeds import derive_seed
+from training.sft import IGNORE
 
 PROMPTS = PPO_PROMPTS[:6]  # six single-turn prompts
 
@@ -35,7 +36,8 @@ def test_best_of_n_keeps_each_prompts_best_sampled_tokens(tiny_model_dir):
     for p, k in enumerate(picked.chosen):
         assert picked.scores[k, p] == picked.scores[:, p].max()
         # the same answer again, sampled on its own with the seed best_of_n gave it
-        seed = config.seed * 1_000_003 + k * 100_003 + p  # row p of the batch: base seed + p
+        start = p - p % config.rollout_batch_size  # the chunk of prompts p was sampled in
+        seed = derive_seed(config.seed, "rs/sample", k, start) + p - start  # its row: the chunk's seed + row
         ro = generate_rollouts(policy, tok, [PROMPTS[p]], config.max_new_tokens, eos, seed=seed)
         assert ro.answers[0] == picked.answers[k][p]
         ids, labels = picked.examples[p]
@@ -74,7 +76,7 @@ def test_finetune_moves_only_the_active_adapter_towards_the_reward(tiny_model_di
         return e_reward(None, ro.answers).mean().item()
 
     start = mean_reward()
-    config = RejectionConfig(n=8, steps=30, batch_size=6, lr=3e-2, max_new_tokens=12, only_ended=False, seed=0,
+    config = RejectionConfig(n=8, steps=30, batch_size=6, lr=3e-2, max_new_tokens=12, only_ended=False, seed=3,
                              kl_prompts=12)
     assert measure_kl(policy, tok, PROMPTS, config) == 0.0  # fresh adapter (B = 0): the reference itself
     metrics = rejection_sampling_finetune(policy, tok, e_reward, PROMPTS, config)

@@ -9,17 +9,14 @@ import pytest
 import torch
 
 from training.models import LoraSettings, load_tokenizer
-from training.reward import (
+from training.preferences import answer_ids, answer_span, encode_pairs, split_by_conversation
+from training.reward_model import RewardModel
+from training.reward_training import (
     NotEnoughVotesError,
     RewardConfig,
-    RewardModel,
     RewardNormalizer,
-    answer_ids,
-    answer_span,
-    encode_pairs,
     pairwise_loss,
     score,
-    split_by_conversation,
     train_reward_model,
 )
 
@@ -287,7 +284,8 @@ def test_cli_trains_and_saves_from_exported_pairs(tiny_model_dir, tmp_path, caps
     import json
 
     from training.ppo import main as ppo_main
-    from training.reward import load_pairs_jsonl, main
+    from training.preferences import load_pairs_jsonl
+    from training.reward_training import main
 
     path = tmp_path / "votes.jsonl"
     rows = [{"prompt": p["prompt"], "chosen": [{"role": "assistant", "content": p["chosen"]}],

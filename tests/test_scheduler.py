@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.db import open_store
-from storage.registry import AdapterRegistry
+from storage.paths import DataDir
+from storage.store import open_store
 from training.scheduler import JOB_ID, SubprocessRound, TrainingScheduler
 
 WAIT_S = 120  # only a deadline against hangs; nothing asserts on durations
@@ -68,32 +68,34 @@ def test_a_raising_job_does_not_touch_a_round_that_another_process_runs(tmp_path
     assert [r["id"] for r in store.rounds()] == [theirs]
 
 
-# A stand-in for `python -m training.jobs`: records its round as running, writes half an
-# adapter into staging (as a killed save would), says where, then hangs until killed.
+# A stand-in for `python -m training.jobs`: records its round as running, writes a reward model
+# and half an adapter into staging (as a killed save would), says where, then hangs until killed.
 FAKE_ROUND = r"""
 import sys, time
 from pathlib import Path
-from storage.db import open_store
-from storage.registry import AdapterRegistry
-data, marker = Path(sys.argv[1]), Path(sys.argv[2])
+from storage.paths import DataDir
+from storage.registry import AdapterRegistry, RewardModelRegistry
+from storage.store import open_store
+data, marker = DataDir(sys.argv[1]), Path(sys.argv[2])
 store = open_store(data)
 store.start_round(sys.argv[-1])
-staging = AdapterRegistry(data / "adapters", store).staging_dir()
+rm_staging = RewardModelRegistry(data).staging_dir()
+(rm_staging / "adapter_config.json").write_text("{}")
+(rm_staging / "adapter_model.safetensors").write_bytes(b"\0" * 10)
+staging = AdapterRegistry(data, store).staging_dir()
 (staging / "adapter_config.json").write_text("{}")
 (staging / "adapter_model.safetensors").write_bytes(b"\0" * 10)
-marker.write_text(str(staging))
+marker.write_text(str(staging) + "\n" + str(rm_staging))
 time.sleep(600)
 """
 
 
 def test_kill_9_of_the_round_child_fails_its_round_and_removes_its_staging(tmp_path):
-    data = tmp_path / "data"
+    data = DataDir(tmp_path / "data")
     store = open_store(data)
-    registry = AdapterRegistry(data / "adapters", store)
     marker = tmp_path / "staging-written"
     round_fn = SubprocessRound(
-        [str(data), str(marker)], tmp_path / "training.log", store, registry,
-        command=[sys.executable, "-c", FAKE_ROUND],
+        [str(data.root), str(marker)], data, store, command=[sys.executable, "-c", FAKE_ROUND],
     )  # fmt: skip
     scheduler = TrainingScheduler(round_fn, store, 60, 0)
     runner = threading.Thread(target=scheduler.run_now, args=("manual",))
@@ -104,9 +106,9 @@ def test_kill_9_of_the_round_child_fails_its_round_and_removes_its_staging(tmp_p
             proc = round_fn.pid
             break
         threading.Event().wait(0.05)
-    assert proc is not None, (tmp_path / "training.log").read_text()
-    staging = Path(marker.read_text())
-    assert staging.is_dir() and store.running_round() is not None
+    assert proc is not None, data.training_log.read_text()
+    staging, rm_staging = map(Path, marker.read_text().splitlines())
+    assert staging.is_dir() and rm_staging.is_dir() and store.running_round() is not None
     os.kill(proc, signal.SIGKILL)
     runner.join(WAIT_S)
     assert not runner.is_alive()
@@ -114,6 +116,7 @@ def test_kill_9_of_the_round_child_fails_its_round_and_removes_its_staging(tmp_p
     assert result["status"] == "failed" and "code -9" in result["reason"]
     assert store.running_round() is None
     assert not staging.exists(), "the half-written staging directory was left behind"
+    assert not rm_staging.exists(), "the reward model's staging directory was left behind"
     assert store.versions() == []  # nothing was published
     assert not scheduler.busy
 

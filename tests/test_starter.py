@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
-from training.starter import StarterConfig, build_starter, corpus, ensure_starter
-from training.starter.loop import (
+from training.flags import parse_config
+from training.sft import (
     IGNORE,
-    add_config_args,
-    config_from_args,
     encode_conversation,
     pack,
 )
+from training.starter import corpus
+from training.starter.build import StarterConfig, build_starter, ensure_starter
 from training.starter.tokenizer import train_tokenizer
 
 # A build that takes seconds: one tiny layer, ~150 steps (enough to learn to end its turns).
@@ -148,9 +147,7 @@ def test_starter_config_rejects_bad_values(bad):
 
 
 def test_cli_flags_are_generated_from_the_config():
-    parser = argparse.ArgumentParser()
-    add_config_args(parser, StarterConfig)
-    cfg = config_from_args(StarterConfig, parser.parse_args(["--hidden-size", "64", "--sft-lr", "0.01"]))
+    cfg = parse_config(StarterConfig, ["--hidden-size", "64", "--sft-lr", "0.01"])
     assert (cfg.hidden_size, cfg.sft_lr, cfg.num_layers) == (64, 0.01, StarterConfig().num_layers)
 
 
@@ -193,23 +190,23 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
 
 def test_ensure_starter_reuses_a_good_cache_and_rebuilds_a_corrupt_one(tmp_path, capsys):
     cfg = StarterConfig(**CHEAP)
-    out = ensure_starter(tmp_path, cfg, progress=False)
+    out = ensure_starter(tmp_path / "starter", cfg, progress=False)
     assert out == tmp_path / "starter" and "missing" in capsys.readouterr().out
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    assert ensure_starter(tmp_path, cfg, progress=False) == out
+    assert ensure_starter(tmp_path / "starter", cfg, progress=False) == out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
     # built with an older recipe: kept as it is (adapters were trained on it), with a note
-    assert ensure_starter(tmp_path, StarterConfig(**(CHEAP | {"sft_steps": 7, "num_threads": 1})), progress=False) == out
+    assert ensure_starter(tmp_path / "starter", StarterConfig(**(CHEAP | {"sft_steps": 7, "num_threads": 1})), progress=False) == out
     note = capsys.readouterr().out
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp
     assert "sft_steps=5" in note and "sft_steps=7" in note and "num_threads" not in note
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
-    ensure_starter(tmp_path, cfg, progress=False)
+    ensure_starter(tmp_path / "starter", cfg, progress=False)
     message = capsys.readouterr().out
     assert "corrupt" in message and len(message.strip().splitlines()) == 1
     from training.models import load_model_and_tokenizer
 
     load_model_and_tokenizer(out)  # loads again
     (out / "starter.json").unlink()
-    ensure_starter(tmp_path, cfg, progress=False)
+    ensure_starter(tmp_path / "starter", cfg, progress=False)
     assert "incomplete" in capsys.readouterr().out and (out / "starter.json").is_file()

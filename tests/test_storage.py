@@ -14,16 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from storage import (
+from storage.errors import (
     AlreadyVoted,
     RoundAlreadyRunning,
-    Store,
     UnknownComparison,
     UnknownConversation,
     UnknownRound,
-    open_store,
 )
 from storage.migrations import MIGRATIONS
+from storage.store import Store, open_store, to_trl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -268,34 +267,44 @@ def test_vote_counts_and_voted_comparisons_after(store):
 # -- training data ---------------------------------------------------------------------------
 
 
-def test_preference_pairs_format_and_exclusions(store):
+def test_vote_pairs_format_and_exclusions(store):
     ctx = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
-    store.vote(comparison(store, "4", "5", ctx), "a")
+    first = comparison(store, "4", "5", ctx)
+    store.vote(first, "a")
     store.vote(comparison(store, "five", "four", ctx), "b")
-    store.vote(comparison(store, "x", "y", ctx), "tie")
+    tie = comparison(store, "x", "y", ctx)
+    store.vote(tie, "tie")
     store.vote(comparison(store, "x", "y", ctx), "both_bad")
-    store.vote(comparison(store, "same", "same", ctx), "a")
+    store.vote(comparison(store, "same", " same\n", ctx), "a")  # the same text: nothing to learn
     comparison(store, "unvoted", "other", ctx)
-    assert store.preference_pairs() == [
-        {"prompt": ctx, "chosen": [{"role": "assistant", "content": "4"}],
-         "rejected": [{"role": "assistant", "content": "5"}]},
-        {"prompt": ctx, "chosen": [{"role": "assistant", "content": "four"}],
-         "rejected": [{"role": "assistant", "content": "five"}]},
-    ]
+    pairs = store.vote_pairs()
+    assert [(p["chosen"], p["rejected"], p["tie"]) for p in pairs] == [("4", "5", False), ("four", "five", False),
+                                                                      ("x", "y", True)]
+    assert all(p["prompt"] == ctx for p in pairs)
+    assert (pairs[0]["chosen_version"], pairs[0]["rejected_version"]) == (0, 1)  # A came from v0, B from v1
+    assert (pairs[1]["chosen_version"], pairs[1]["rejected_version"]) == (1, 0)  # B won
+    assert pairs[0]["comparison_id"] == first and pairs[2]["comparison_id"] == tie
+    assert pairs[0]["conversation_id"] == store.comparison(first)["conversation_id"]
+    assert to_trl(pairs[1]) == {
+        "prompt": ctx, "chosen": [{"role": "assistant", "content": "four"}],
+        "rejected": [{"role": "assistant", "content": "five"}], "tie": False,
+        "conversation_id": pairs[1]["conversation_id"]}
 
 
 def test_export_jsonl_to_path_and_fileobj(store, tmp_path):
     for i in range(3):
         store.vote(comparison(store, f"ünï {i} 🙂", f"other {i}"), "ab"[i % 2])
     store.vote(comparison(store), "tie")
+    store.vote(comparison(store), "both_bad")
     out = tmp_path / "exports" / "votes.jsonl"
-    assert store.export_jsonl(out) == 3
+    assert store.export_jsonl(out) == 4
     text = out.read_text(encoding="utf-8")
     lines = text.splitlines()
-    assert len(lines) == 3 and "🙂" in text and "\\u" not in text
-    assert [json.loads(line) for line in lines] == store.preference_pairs()
+    assert len(lines) == 4 and "🙂" in text and "\\u" not in text
+    assert [json.loads(line) for line in lines] == [to_trl(p) for p in store.vote_pairs()]
+    assert [json.loads(line)["tie"] for line in lines] == [False, False, False, True]
     buf = io.StringIO()
-    assert store.export_jsonl(buf) == 3 and buf.getvalue() == text
+    assert store.export_jsonl(buf) == 4 and buf.getvalue() == text
     assert [p.name for p in out.parent.iterdir()] == ["votes.jsonl"]  # no temp file left
 
 
@@ -399,15 +408,17 @@ def test_cli_export_and_stats(tmp_path):
     result = run_cli("export", "--data-dir", str(data), "--out", str(out))
     assert result.returncode == 0, result.stderr
     lines = out.read_text(encoding="utf-8").splitlines()
-    assert len(lines) == 2 and json.loads(lines[0])["chosen"][0]["content"] == "oui 🇫🇷"
+    assert len(lines) == 3 and json.loads(lines[0])["chosen"][0]["content"] == "oui 🇫🇷"
+    assert "3 preference pairs" in result.stderr
     stats = run_cli("stats", "--data-dir", str(data))
     assert stats.returncode == 0, stats.stderr
     assert "a=1 b=1 tie=1 both_bad=0 total=3 pending=0" in stats.stdout
+    assert "training pairs: 3 (2 A/B, 1 ties" in stats.stdout  # the count the export and a round use
     assert "skipped" in stats.stdout and "too few votes" in stats.stdout
     assert "settings" not in stats.stdout
     with_settings = run_cli("stats", "--data-dir", str(data), "--settings")
     assert with_settings.returncode == 0, with_settings.stderr
     assert 'settings: {"ppo": {"steps": 7}}' in with_settings.stdout
     missing = run_cli("export", "--data-dir", str(tmp_path / "nowhere"))
-    assert missing.returncode != 0 and "no database" in missing.stderr
+    assert missing.returncode != 0 and "does not exist" in missing.stderr
     assert not (tmp_path / "nowhere").exists()

@@ -14,11 +14,11 @@ On held-out prompts, the candidate must
    lower bound ``acc − z·sqrt(acc·(1 − acc)/n)`` over the ``n`` held-out A/B votes (normal
    approximation, ``z = rm_accuracy_z``), so a handful of held-out votes neither passes a
    reward model by luck nor fails a good one by noise (:func:`rm_accuracy_check`, called by
-   ``training.jobs``, which knows the RM's figures). PPO against a reward model at chance only
+   ``training.round``, which knows the RM's figures). PPO against a reward model at chance only
    drifts, and the same model would judge check 1.
 
 :func:`gate_decision` is the pure rule on precomputed figures; :func:`run_gate` samples both
-adapters of one ``PeftModel`` and applies it. Library only; ``training.jobs`` records the
+adapters of one ``PeftModel`` and applies it. Library only; ``training.round`` records the
 result's ``reason`` when a candidate is rejected.
 """
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from training.cli import help_field
+from training.flags import help_field
 from training.models import requires_grad_flags, restore_requires_grad
 from training.rollout import answer_kl, generate_rollouts, reference_model
 
@@ -39,11 +39,10 @@ from training.rollout import answer_kl, generate_rollouts, reference_model
 class GateConfig:
     """Thresholds of the promotion gate."""
 
+    enabled: bool = help_field(True, help="promote only candidates that pass the gate; false: publish every trained adapter live")
     min_win_rate: float = help_field(
         0.5, help="RM-judged win rate vs live (ties count ½) needed. ½: a candidate that the newest reward "
-        "model (trained on more votes than live's) judges no worse than live is promoted. Measured in "
-        "bench.online_loop: of nine candidates judged 0.46-0.51, the five at 0.50 or more were better "
-        "than live by the gold judgement (+0.01 to +0.10), the four below 0.50 worse (-0.003 to -0.03)")
+        "model (trained on more votes than live's) judges no worse than live is promoted")
     max_kl: float = help_field(5.0, help="largest mean KL per answer to the reference, nats")
     min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
     max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
@@ -52,7 +51,7 @@ class GateConfig:
     rm_accuracy_z: float = help_field(1.0, help="z of that lower bound (1 ≈ 84 %% one-sided; 0: the plain accuracy)")
     n_prompts: int = help_field(128, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
-    seed: int = help_field(0, help="sampling seed (the same for both versions)")
+    seed: int = help_field(0, help="sampling seed (the same for both versions; row i uses seed + i)")
 
     def __post_init__(self):
         if not 0.0 <= self.min_win_rate <= 1.0:
@@ -178,7 +177,7 @@ def run_gate(
             break
     if not chosen:
         raise ValueError("run_gate needs at least one held-out prompt")
-    # few held-out prompts: sample each again (row i has seed config.seed + i) for a steadier win rate
+    # few held-out prompts: sample each again (a row seed of its own) for a steadier win rate
     prompt_ids = [i % len(chosen) for i in range(config.n_prompts)]
     chosen = [chosen[i] for i in prompt_ids]
     names = set(getattr(policy, "peft_config", {}))

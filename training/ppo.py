@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.flags import add_dataclass_args, dataclass_from_args, help_field
 from training.models import (
     active_lora_params,
     end_of_turn_ids,
@@ -57,49 +57,30 @@ from training.ppo_math import (
     clipped_value_loss,
     compute_gae,
     leave_one_out_baseline,
-    masked_mean,
     per_token_kl,
     whiten,
 )
-from training.rejection import DemonstrationBatches
-from training.reward import RewardNormalizer
+from training.reward_training import RewardNormalizer
 from training.rollout import (
-    Rollouts,
     forward_response,
     generate_rollouts,
-    logprobs_from_logits,
     reference_model,
 )
+from training.seeds import derive_seed
+from training.sft import DemonstrationBatches
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "PPOConfig", "AdaptiveKLController", "ValueHead", "Rollouts", "generate_rollouts",
-    "reference_model", "logprobs_from_logits", "per_token_kl", "compute_gae", "whiten",
-    "masked_mean", "clipped_policy_loss", "clipped_value_loss", "leave_one_out_baseline", "ppo_train",
-]
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 
 
 @dataclass
 class PPOConfig:
-    """PPO hyper-parameters. Defaults are tuned on the starter model with ``python -m
-    bench.online_loop`` (2 CPU cores, about 3.5 minutes a round): 6144 answers a round (96
-    iterations of 64: 16 prompts × 4 answers each, two epochs of minibatches of 16, lr 5e-4).
-    The number of answers mattered more than anything else tried. On the first starter (600 SFT
-    steps), replaying the last round of two benchmark runs of the correctness annotator (same
-    reward model, same prompts) gave gold win rates of 0.60 and 0.63 with 3072 answers, against
-    0.49 and 0.55 with the earlier 384 (12 × 32, four epochs, lr 1e-3), at a similar KL (1.3-1.9
-    nats). On the current starter (1200 SFT steps), one replay (``python -m bench.ppo_replay``)
-    gave 0.78 with 6144 answers against 0.73 with 3072 (KL 1.3 and 1.5 nats), and lr 1e-3 gave
-    0.67; for the brevity annotator, 0.80 and 0.84 (± 0.03 either way). Four answers a prompt
-    with a leave-one-out baseline (``samples_per_prompt``) is the other setting that helped: with
-    the correctness annotator's own verdict as the reward (noise-free, so the optimiser alone is
-    measured), one round of 3072 answers on the first starter reached gold win rates of
-    0.67-0.69 (four variants), against 0.61 with one answer a prompt; lr 1e-3 or 2e-3
-    (0.49-0.66) and four epochs (0.57) were worse. β must adapt within a round (short horizon)
-    so that the KL to the reference stays a few nats."""
+    """PPO hyper-parameters. The defaults are tuned on the starter model with ``python -m
+    bench.online_loop`` and ``bench.ppo_replay`` (figures in docs/benchmarks.md): many fresh
+    answers a round (``steps`` × ``rollout_batch_size``), several answers per prompt with a
+    leave-one-out baseline, and β adapting within a round so the KL to the reference stays a
+    few nats."""
 
     init_kl_coef: float = help_field(0.2, help="β, the per-token KL penalty coefficient at the start")
     adaptive_kl: bool = help_field(True, help="adjust β towards kl_target (Ziegler et al. 2019, §2.2)")
@@ -123,9 +104,8 @@ class PPOConfig:
     ptx_coef: float = help_field(
         0.0, help="γ of PPO-ptx (Ouyang et al. 2022, §3.5): each minibatch loss adds γ × the mean "
         "token NLL of demonstration conversations (assistant tokens), which keeps the policy's "
-        "skills from eroding; needs ptx examples (0 = off). bench.online_loop, one run each: 0.1 raised "
-        "the correctness annotator's gold win rate from 0.41-0.46 to 0.59 but cut the brevity "
-        "annotator's from 0.82 to 0.67, so it is off unless asked for")
+        "skills from eroding; needs ptx examples (0 = off: it also holds back a policy learning a new "
+        "style; docs/benchmarks.md)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     no_eos_penalty: float = help_field(1.0, help="subtracted from the (normalised) score of answers cut at the limit")
     normalize_reward: bool = help_field(True, help="normalise scores by the reference policy's answers (mean 0, std 1)")
@@ -198,16 +178,16 @@ def fit_reference_normalizer(
     eos_ids: list[int] | None = None,
 ) -> RewardNormalizer:
     """Score ``config.normalize_samples`` answers of the reference policy (adapter disabled)
-    and fit a :class:`~training.reward.RewardNormalizer` on them (InstructGPT; Ziegler et al.)."""
+    and fit a :class:`~training.reward_training.RewardNormalizer` on them (InstructGPT; Ziegler et al.)."""
     eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
-    (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, config.seed + 7919)
+    (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, derive_seed(config.seed, "ppo/normalizer"))
     batch = [prompts[i] for i in idx]
     answers: list[str] = []
     with reference_model(policy):
         for start in range(0, len(batch), config.rollout_batch_size):
             chunk = batch[start:start + config.rollout_batch_size]
             ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
-                                   seed=config.seed * 1_000_003 + 500_000 + start)
+                                   seed=derive_seed(config.seed, "ppo/normalizer", start))
             answers += ro.answers
     scores = torch.as_tensor(reward_fn(batch, answers), dtype=torch.float32).flatten()
     return RewardNormalizer.fit(scores, clip=config.score_clip)
@@ -225,14 +205,14 @@ def ppo_train(
         policy: a peft ``PeftModel`` (base + LoRA adapter). Trained in place: only its active
             adapter's LoRA weights change; every ``requires_grad`` flag is restored at the end.
         reward_fn: ``(prompts (B lists of messages), answers (B str)) -> (B,)`` scores, e.g.
-            :func:`training.reward.make_reward_fn`. Higher is better; any scale.
+            :func:`training.reward_training.make_reward_fn`. Higher is better; any scale.
         prompts: conversations ending with a user turn; batches cycle through them.
         value_head: trained in place if given (keep it across rounds); a fresh zero-initialised
             one otherwise.
         normalizer: score normalisation to use; if None and ``config.normalize_reward``, one is
             fitted on the reference policy's answers first.
         ptx_examples: demonstrations as ``(ids, labels)`` token lists (labels ``-100`` where no
-            loss, e.g. :func:`training.starter.loop.encode_conversation`); with
+            loss, e.g. :func:`training.sft.encode_conversation`); with
             ``config.ptx_coef`` > 0 every minibatch step adds γ × their mean token NLL under the
             policy (PPO-ptx), cycling through them ``mini_batch_size`` at a time.
 
@@ -271,11 +251,13 @@ def ppo_train(
     params = [p for _, p in trainable] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, eps=1e-5, weight_decay=0.0)
     history: list[dict] = []
-    ptx = DemonstrationBatches(ptx_examples, config.mini_batch_size, tokenizer.pad_token_id, config.seed, device) \
+    ptx = DemonstrationBatches(ptx_examples, config.mini_batch_size, tokenizer.pad_token_id,
+                               derive_seed(config.seed, "ppo/ptx"), device) \
         if ptx_examples and config.ptx_coef > 0 else None
     k = config.samples_per_prompt
     batches = [[i for i in idx for _ in range(k)]  # each prompt k times, adjacent
-               for idx in _prompt_batches(len(prompts), config.rollout_batch_size // k, config.steps, config.seed)]
+               for idx in _prompt_batches(len(prompts), config.rollout_batch_size // k, config.steps,
+                                          derive_seed(config.seed, "ppo/prompts"))]
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -287,7 +269,7 @@ def ppo_train(
             B = len(batch)
             # 1 rollout: pure sampling from the current policy.
             ro = generate_rollouts(policy, tokenizer, batch, config.max_new_tokens, eos_ids,
-                                   seed=config.seed * 1_000_003 + step * B)
+                                   seed=derive_seed(config.seed, "ppo/rollout", step))
             ids, attn = ro.input_ids, ro.attention_mask  # (B, Tq + Tr)
             mask = ro.response_mask.float()  # (B, Tr)
             Tr = mask.shape[1]
@@ -322,7 +304,7 @@ def ppo_train(
             stats: dict[str, list[float]] = {k: [] for k in (
                 "ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/val/clipfrac", "ppo/grad_norm")}
-            gen = torch.Generator().manual_seed(config.seed * 7 + step)
+            gen = torch.Generator().manual_seed(derive_seed(config.seed, "ppo/minibatch", step))
             for _epoch in range(config.ppo_epochs):
                 perm = torch.randperm(B, generator=gen)
                 for start in range(0, B, config.mini_batch_size):
@@ -391,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: one PPO round against a saved reward model; saves the adapter."""
     parser = argparse.ArgumentParser(description="PPO on a LoRA adapter against a saved reward model.")
     parser.add_argument("--model", required=True, help="base model: hub id or local directory")
-    parser.add_argument("--rm", required=True, help="reward model directory (python -m training.reward)")
+    parser.add_argument("--rm", required=True, help="reward model directory (python -m training.reward_training)")
     parser.add_argument("--prompts", required=True, help='JSONL, one {"messages": [...]} a line')
     parser.add_argument("--out", required=True, help="directory to save the trained adapter to")
     parser.add_argument("--adapter", default=None, help="adapter to start from (default: a fresh one)")
@@ -404,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as exc:
         parser.error(f"{exc.__class__.__name__}: {exc}")
     from training.models import add_lora, load_lora, load_model_and_tokenizer
-    from training.reward import RewardModel, make_reward_fn
+    from training.reward_model import RewardModel
+    from training.reward_training import make_reward_fn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     model, tokenizer = load_model_and_tokenizer(args.model)

@@ -1,6 +1,6 @@
 """The reward model: the policy's base weights + its own LoRA adapter + a scalar head, plus
 learned weights on how likely the reference policy finds the answer. Trained and used by
-:mod:`training.reward`.
+:mod:`training.reward_training`.
 
 The score is read from the last real token of prompt ⧺ answer (the answer's end-of-turn
 token), found from the attention mask, with position ids counted over real tokens: a sequence
@@ -113,8 +113,7 @@ class RewardModel(torch.nn.Module):
                   reference_features: bool = True):
         """A fresh reward model on a new copy of the base: LoRA with B = 0; with
         ``reference_features``, feature weights ``FEATURE_INIT`` each and a zero head, so the
-        first score is the features alone rather than noise the votes must first undo (measured:
-        on 300 noisy votes a random head cost 5–15 points of pairwise accuracy); without, a head
+        first score is the features alone rather than noise the votes must first undo; without, a head
         ~ N(0, 1/(H+1)) (Stiennon et al. 2020: initial scores of unit-ish scale)."""
         model = _load_base(base_model_dir_or_id)
         backbone = add_lora(model, lora_settings or LoraSettings())

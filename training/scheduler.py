@@ -33,13 +33,13 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from storage.db import Store
-from storage.registry import AdapterRegistry
+from storage.paths import DataDir
+from storage.registry import clean_staging
+from storage.store import Store
 
 log = logging.getLogger(__name__)
 
 JOB_ID = "rlhf-round"
-LOCK_FILENAME = "scheduler.lock"
 TRAINING_NICE = 10  # niceness of the training child process
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m training.jobs` resolves
 
@@ -51,32 +51,30 @@ def _lower_priority() -> None:
 
 class SubprocessRound:
     """A round function that runs ``COMMAND ARGS --trigger T`` in a child process (by default
-    ``python -m training.jobs``), its output appended to ``log_path``.
+    ``python -m training.jobs``), its output appended to the data dir's training log.
 
     If the child dies without finishing the round it started (killed, out of memory), that
-    round — and only that one, never another process's — is marked failed, and staging
-    directories it left are deleted (never published, never served).
+    round — and only that one, never another process's — is marked failed, and the staging
+    directories it left (adapter and reward model) are deleted: never published, never served.
 
     Args:
         args: flags for ``training.jobs`` (``--data-dir``, ``--model``, …).
-        log_path: file that receives the child's stdout and stderr.
+        data_dir: the data dir the child trains in (its log, its staging areas).
         store: the store the child records its round in.
-        registry: if given, its staging area is cleaned after a child that failed.
         command: the program to run instead of ``python -m training.jobs`` (tests).
     """
 
     def __init__(
         self,
         args: list[str],
-        log_path: Path,
+        data_dir: DataDir,
         store: Store,
-        registry: AdapterRegistry | None = None,
         command: list[str] | None = None,
     ):
         self.args = list(args)
-        self.log_path = Path(log_path)
+        self.data_dir = data_dir
+        self.log_path = data_dir.training_log
         self.store = store
-        self.registry = registry
         self.command = command or [sys.executable, "-m", "training.jobs"]
         self.proc: subprocess.Popen | None = None  # the running child, if any
 
@@ -99,8 +97,7 @@ class SubprocessRound:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=PROJECT_ROOT,
-                # training yields the CPU to chat: lower priority (bench.serving measured nice 10
-                # as the best of the settings it tried for chat latency during a round)
+                # training yields the CPU to chat (bench.serving compares the priorities)
                 preexec_fn=_lower_priority if hasattr(os, "nice") else None,
             )
             try:
@@ -113,8 +110,8 @@ class SubprocessRound:
             if r["status"] == "running":
                 log.error("round %s: %s", r["id"], reason)
                 self.store.finish_round(r["id"], "failed", reason=reason)
-        if code != 0 and self.registry is not None and self.store.running_round() is None:
-            removed = self.registry.clean_staging()
+        if code != 0 and self.store.running_round() is None:
+            removed = clean_staging(self.data_dir)
             if removed:
                 log.warning("removed %d staging directories left by the failed round", removed)
         if mine:
@@ -128,9 +125,9 @@ class SubprocessRound:
             proc.terminate()
 
 
-def subprocess_round(args: list[str], log_path: Path, store: Store, registry: AdapterRegistry | None = None) -> SubprocessRound:
+def subprocess_round(args: list[str], data_dir: DataDir, store: Store) -> SubprocessRound:
     """A :class:`SubprocessRound` running ``python -m training.jobs ARGS``."""
-    return SubprocessRound(args, log_path, store, registry)
+    return SubprocessRound(args, data_dir, store)
 
 
 class TrainingScheduler:
@@ -144,7 +141,7 @@ class TrainingScheduler:
         train_every_min: minutes between checks (> 0).
         min_new_votes: votes since the last round that trained needed to start a scheduled one.
         lock_path: the file whose ``flock`` makes this the one scheduler of its data
-            directory (default: ``scheduler.lock`` next to the store's database file).
+            directory (default: the lock of the data dir that holds the store's database).
     """
 
     def __init__(
@@ -161,7 +158,7 @@ class TrainingScheduler:
         self.store = store
         self.train_every_min = train_every_min
         self.min_new_votes = min_new_votes
-        self.lock_path = Path(lock_path) if lock_path else Path(store.path).with_name(LOCK_FILENAME)
+        self.lock_path = Path(lock_path) if lock_path else DataDir(Path(store.path).parent).scheduler_lock
         self._round_lock = threading.Lock()
         self._scheduler = BackgroundScheduler(daemon=True)
         self._lock_file = None

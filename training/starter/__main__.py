@@ -1,6 +1,6 @@
 """Build the starter model: ``python -m training.starter --out data/starter --seed 0``.
 
-Every field of :class:`training.starter.StarterConfig` is a flag (``--hidden-size``,
+Every field of :class:`training.starter.build.StarterConfig` is a flag (``--hidden-size``,
 ``--sft-steps``, …). Prints progress bars and one summary line.
 """
 
@@ -9,20 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from training.flags import parse_config
 from training.starter.build import StarterConfig, build_starter
-from training.starter.loop import add_config_args, config_from_args
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m training.starter", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/starter"), help="output directory (default: data/starter)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
-    add_config_args(parser, StarterConfig)
-    args = parser.parse_args(argv)
-    try:
-        config = config_from_args(StarterConfig, args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    args, rest = parser.parse_known_args(argv)
+    config = parse_config(StarterConfig, rest, parser)
     return build_starter(args.out, config, progress=not args.quiet)
 
 

@@ -21,10 +21,12 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from training.flags import help_field
 
 STARTER_JSON = "starter.json"
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -33,33 +35,30 @@ REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", 
 
 @dataclass
 class StarterConfig:
-    """Sizes and budgets of the starter build. The defaults build in about 6 minutes on 2 cores.
+    """Sizes and budgets of the starter build (build time and accuracy: docs/benchmarks.md).
 
-    ``sft_steps`` is 1200 (about two passes over the SFT conversations): with 600 the model was
-    right on only 62 % of the held-out prompts when sampled at temperature 1 (88 % at 0.5, greedy
-    exact-match 93 %), so most of what a comparison showed was sampling noise in the digits;
-    with 1200 it is right on 91 % at temperature 1 (greedy 100 %), in the same four answer
-    styles in the same proportions (about a quarter each of terse and explain)."""
+    ``sft_steps`` is about two passes over the SFT conversations: a model that is often wrong
+    when sampled at temperature 1 makes comparisons mostly show sampling noise."""
 
-    seed: int = field(default=0, metadata={"help": "seed of the corpus, initialisation and batch order"})
-    vocab_size: int = field(default=1024, metadata={"help": "BPE vocabulary size, special tokens included"})
-    hidden_size: int = field(default=128, metadata={"help": "model width"})
-    num_layers: int = field(default=4, metadata={"help": "transformer blocks"})
-    num_heads: int = field(default=4, metadata={"help": "attention heads (hidden_size must divide evenly)"})
-    intermediate_size: int = field(default=384, metadata={"help": "SwiGLU MLP width"})
-    max_position_embeddings: int = field(default=512, metadata={"help": "context window in tokens"})
-    n_documents: int = field(default=20000, metadata={"help": "pre-training documents to generate"})
-    n_conversations: int = field(default=40000, metadata={"help": "SFT conversations to generate"})
-    seq_len: int = field(default=256, metadata={"help": "packed row length in tokens"})
-    batch_size: int = field(default=16, metadata={"help": "packed rows per optimizer step"})
-    pretrain_steps: int = field(default=300, metadata={"help": "pre-training optimizer steps (0 skips)"})
-    pretrain_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of pre-training"})
-    sft_steps: int = field(default=1200, metadata={"help": "SFT optimizer steps"})
-    sft_lr: float = field(default=3e-3, metadata={"help": "peak learning rate of SFT"})
-    warmup_frac: float = field(default=0.05, metadata={"help": "fraction of each stage's steps spent warming up"})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay on matrices"})
-    eval_per_skill: int = field(default=10, metadata={"help": "greedy eval prompts per skill for starter.json (0: none)"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores, at most 8)"})
+    seed: int = help_field(0, help="seed of the corpus, initialisation and batch order")
+    vocab_size: int = help_field(1024, help="BPE vocabulary size, special tokens included")
+    hidden_size: int = help_field(128, help="model width")
+    num_layers: int = help_field(4, help="transformer blocks")
+    num_heads: int = help_field(4, help="attention heads (hidden_size must divide evenly)")
+    intermediate_size: int = help_field(384, help="SwiGLU MLP width")
+    max_position_embeddings: int = help_field(512, help="context window in tokens")
+    n_documents: int = help_field(20000, help="pre-training documents to generate")
+    n_conversations: int = help_field(40000, help="SFT conversations to generate")
+    seq_len: int = help_field(256, help="packed row length in tokens")
+    batch_size: int = help_field(16, help="packed rows per optimizer step")
+    pretrain_steps: int = help_field(300, help="pre-training optimizer steps (0 skips)")
+    pretrain_lr: float = help_field(3e-3, help="peak learning rate of pre-training")
+    sft_steps: int = help_field(1200, help="SFT optimizer steps")
+    sft_lr: float = help_field(3e-3, help="peak learning rate of SFT")
+    warmup_frac: float = help_field(0.05, help="fraction of each stage's steps spent warming up")
+    weight_decay: float = help_field(0.01, help="AdamW weight decay on matrices")
+    eval_per_skill: int = help_field(10, help="greedy eval prompts per skill for starter.json (0: none)")
+    num_threads: int = help_field(0, help="torch CPU threads (0: all cores, at most 8)")
 
     def __post_init__(self):
         positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -92,14 +91,14 @@ def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
     """Stages 1–4 of the module docstring; saves model + tokenizer into ``tmp``; returns metrics."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from training.starter import corpus
-    from training.starter.loop import (
+    from training.sft import (
         LoopSettings,
         encode_conversation,
         encode_document,
         pack,
         train,
     )
+    from training.starter import corpus
     from training.starter.tokenizer import train_tokenizer
 
     t0, cpu0 = time.perf_counter(), time.process_time()
@@ -230,14 +229,15 @@ def recipe_changes(model_dir: Path, config: StarterConfig) -> dict[str, tuple]:
     return {k: (built[k], v) for k, v in now.items() if k not in _NOT_RECIPE and k in built and built[k] != v}
 
 
-def ensure_starter(data_dir: Path, config: StarterConfig | None = None, progress: bool = True) -> Path:
-    """Return ``data_dir/starter`` if it is a complete, loadable starter; else (re)build it.
+def ensure_starter(out: Path, config: StarterConfig | None = None, progress: bool = True) -> Path:
+    """Return ``out`` (a data dir's ``DataDir.starter``) if it is a complete, loadable starter;
+    else (re)build it there.
 
     A missing or corrupt directory is rebuilt after a one-line message; it is never half-loaded.
     One built with other settings than ``config`` (an older recipe) is kept, since the adapters
     and reward models of the data dir were trained on it, with a one-line note on how to rebuild.
     """
-    out = Path(data_dir) / "starter"
+    out = Path(out)
     problem = starter_problem(out)
     if problem is None:
         changes = recipe_changes(out, config or StarterConfig())

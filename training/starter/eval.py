@@ -25,26 +25,28 @@ import argparse
 import json
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from training.flags import help_field
 
 
 @dataclass
 class EvalConfig:
     """What to evaluate and how much."""
 
-    model: str = field(default="", metadata={"help": "model directory or hub id (required)"})
-    json: str = field(default="", metadata={"help": "write the figures to this JSON file"})
-    seed: int = field(default=12345, metadata={"help": "seed of the fresh prompts"})
-    n_per_skill: int = field(default=50, metadata={"help": "greedy prompts per skill"})
-    n_heldout: int = field(default=120, metadata={"help": "held-out-phrasing prompts (all skills)"})
-    n_style_prompts: int = field(default=60, metadata={"help": "prompts sampled for the style rate"})
-    n_samples: int = field(default=4, metadata={"help": "samples per prompt at temperature 1"})
-    max_new_tokens: int = field(default=64, metadata={"help": "reply budget in tokens"})
-    batch_size: int = field(default=32, metadata={"help": "prompts per generate() call"})
-    num_threads: int = field(default=0, metadata={"help": "torch CPU threads (0: leave as is)"})
+    model: str = help_field("", help="model directory or hub id (required)")
+    json: str = help_field("", help="write the figures to this JSON file")
+    seed: int = help_field(12345, help="seed of the fresh prompts")
+    n_per_skill: int = help_field(50, help="greedy prompts per skill")
+    n_heldout: int = help_field(120, help="held-out-phrasing prompts (all skills)")
+    n_style_prompts: int = help_field(60, help="prompts sampled for the style rate")
+    n_samples: int = help_field(4, help="samples per prompt at temperature 1")
+    max_new_tokens: int = help_field(64, help="reply budget in tokens")
+    batch_size: int = help_field(32, help="prompts per generate() call")
+    num_threads: int = help_field(0, help="torch CPU threads (0: leave as is)")
 
     def __post_init__(self):
         for name in ["n_per_skill", "n_heldout", "n_style_prompts", "n_samples", "num_threads"]:
@@ -146,12 +148,11 @@ def evaluate(model, tokenizer, seed: int = 12345, n_per_skill: int = 50, n_heldo
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from training.flags import parse_config
     from training.models import load_model_and_tokenizer
-    from training.starter.loop import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(prog="python -m training.starter.eval", description=__doc__.split("\n")[0])
-    add_config_args(parser, EvalConfig)
-    cfg = config_from_args(EvalConfig, parser.parse_args(argv))
+    cfg = parse_config(EvalConfig, argv, parser)
     if not cfg.model:
         parser.error("--model is required (a directory written by `python -m training.starter`)")
     if cfg.num_threads:

@@ -17,49 +17,36 @@ Steps of :func:`rejection_sampling_finetune`:
                adapter's LoRA weights, ``steps`` minibatches
     5 measure  the tuned policy's KL to the reference on fresh samples    nats per answer
 
-Measured on the starter model with ``bench.online_loop --votes 300 --noise 0.1`` (n = 8, 100
-steps). One round replayed on a finished run's votes, against PPO alone:
+It is off by default (``n`` = 1): in the online benchmark no setting beat PPO alone for both
+simulated annotators (docs/benchmarks.md).
 
-* brevity annotator: gold win rate 0.86 at 2.96 nats (PPO alone: 0.76 at 1.84);
-* correctness annotator: 0.575 (PPO alone: 0.41-0.46).
-
-In the whole online loop (PPO alone: brevity 0.80-0.84, correctness 0.41-0.46, two seeds each):
-
-* with PPO's KL target left as it was, the KL controller read the drift of this stage as PPO
-  overshooting and β climbed round after round (0.26 → 0.9, against 0.10-0.14 without it):
-  correctness 0.55-0.60 (two seeds), but brevity 0.72;
-* with the target raised by ``rs/kl`` (what :mod:`training.jobs` does): brevity 0.80 at 3.2 nats,
-  correctness 0.49 at 4.8 nats (one run each) — the freer policy lost accuracy.
-
-No setting beat PPO alone on both, so it is off by default (``n`` = 1).
-
-Not a script; :mod:`training.jobs` runs it in each round when ``--rs.n`` > 1 (``--rs.steps``, …).
+Not a script; a round (:mod:`training.round`) runs it in each round when ``--rs.n`` > 1 (``--rs.steps``, …).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from training.cli import help_field
+from training.flags import help_field
 from training.models import (
     active_lora_params,
     end_of_turn_ids,
     requires_grad_flags,
     restore_requires_grad,
 )
-from training.rollout import answer_kl, generate_rollouts, right_pad
+from training.rollout import answer_kl, generate_rollouts
+from training.seeds import derive_seed
+from training.sft import IGNORE, DemonstrationBatches
 
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
-IGNORE = -100  # label of tokens without loss (PyTorch's cross-entropy ignore_index)
 
 
 @dataclass
@@ -67,9 +54,8 @@ class RejectionConfig:
     """Rejection-sampling fine-tuning settings (flags ``--rs.*`` of ``python -m training.jobs``)."""
 
     n: int = help_field(
-        1, help="answers sampled per prompt; the reward model's best is kept (1 = off, the default). "
-        "bench.online_loop with 8 (see the module docstring): brevity annotator 0.80, correctness "
-        "annotator 0.49, against 0.80-0.84 and 0.41-0.46 with PPO alone")
+        1, help="answers sampled per prompt; the reward model's best is kept (1 = off, the default; Llama 2 used "
+        "rejection sampling before PPO)")
     steps: int = help_field(100, help="fine-tuning minibatches on the kept answers")
     batch_size: int = help_field(16, help="kept answers per fine-tuning step")
     lr: float = help_field(5e-4, help="AdamW learning rate for the policy adapter's LoRA weights")
@@ -81,7 +67,7 @@ class RejectionConfig:
         "all hit the length limit is left out), so the policy is not taught to ramble")
     kl_prompts: int = help_field(
         64, help="answers sampled after fine-tuning to measure the policy's KL to the reference "
-        "(rs/kl, nats per answer); training.jobs raises PPO's KL target by it")
+        "(rs/kl, nats per answer); a round raises PPO's KL target by it")
     seed: int = help_field(0, help="sampling seeds and minibatch order")
 
     def __post_init__(self):
@@ -96,34 +82,6 @@ class RejectionConfig:
     def enabled(self) -> bool:
         """True when more than one answer per prompt is sampled (best of one is no selection)."""
         return self.n > 1
-
-
-class DemonstrationBatches:
-    """Right-padded minibatches of ``(ids, labels)`` token lists (labels ``-100`` where no loss),
-    drawn in a shuffled cycle; :meth:`loss` is their mean token NLL under a model."""
-
-    def __init__(self, examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int,
-                 seed: int, device):
-        if not examples:
-            raise ValueError("DemonstrationBatches needs at least one example")
-        self.examples, self.batch_size, self.pad_id, self.device = examples, batch_size, pad_id, device
-        self.rng = random.Random(seed + 31)
-        self.order: list[int] = []
-
-    def loss(self, model) -> torch.Tensor:
-        """Mean NLL (nats per labelled token) of the next ``batch_size`` examples; scalar with grad."""
-        while len(self.order) < self.batch_size:
-            idx = list(range(len(self.examples)))
-            self.rng.shuffle(idx)
-            self.order += idx
-        take, self.order = self.order[:self.batch_size], self.order[self.batch_size:]
-        rows = [self.examples[i] for i in take]
-        ids, mask = right_pad([row_ids for row_ids, _ in rows], self.pad_id)  # (b, T)
-        labels, _ = right_pad([row_labels for _, row_labels in rows], IGNORE)  # (b, T)
-        logits = model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits  # (b, T, V)
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels[:, 1:].to(self.device).reshape(-1),
-            ignore_index=IGNORE)
 
 
 @dataclass
@@ -160,7 +118,7 @@ def best_of_n(policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]],
         for start in range(0, P, config.rollout_batch_size):
             chunk = prompts[start:start + config.rollout_batch_size]
             ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
-                                   seed=config.seed * 1_000_003 + k * 100_003 + start)
+                                   seed=derive_seed(config.seed, "rs/sample", k, start))
             for q_ids, q_mask, r_ids, r_mask in zip(ro.query_ids, ro.query_mask, ro.response_ids,
                                                     ro.response_mask, strict=True):
                 tokens[k].append((q_ids[q_mask.bool()].tolist(), r_ids[r_mask.bool()].tolist()))
@@ -204,7 +162,7 @@ def measure_kl(policy, tokenizer, prompts: list[list[dict]], config: RejectionCo
     for start in range(0, len(batch), config.rollout_batch_size):
         chunk = batch[start:start + config.rollout_batch_size]
         ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
-                               seed=config.seed * 1_000_003 + 900_000_011 + start)
+                               seed=derive_seed(config.seed, "rs/kl", start))
         total += float(answer_kl(policy, ro).sum())  # (b,) nats per answer, summed
     return total / len(batch)
 
@@ -216,7 +174,7 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
     Args:
         policy: a peft ``PeftModel``; only its active adapter's LoRA weights change, and every
             ``requires_grad`` flag and the train/eval mode are restored at the end.
-        reward_fn: ``(prompts, answers) -> (B,)`` raw scores (:func:`training.reward.make_reward_fn`).
+        reward_fn: ``(prompts, answers) -> (B,)`` raw scores (:func:`training.reward_training.make_reward_fn`).
         prompts: conversations ending with a user turn.
 
     Returns:
@@ -253,7 +211,8 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
             p.requires_grad_(True)
         params = [p for _, p in trainable]
         optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-        batches = DemonstrationBatches(picked.examples, config.batch_size, tokenizer.pad_token_id, config.seed, device)
+        batches = DemonstrationBatches(picked.examples, config.batch_size, tokenizer.pad_token_id,
+                                       derive_seed(config.seed, "rs/batches"), device)
         nll = []
         for _step in range(config.steps):
             loss = batches.loss(policy)

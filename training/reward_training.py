@@ -1,4 +1,4 @@
-"""Reward model: the policy's base weights + its own LoRA adapter + a scalar head, trained on votes.
+"""Reward-model training: the pairwise loss, training on votes, scoring answers, normalising scores.
 
 Loss: Bradley-Terry (Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT eq. 1)
 ``-log σ(r_chosen − r_rejected)``; a tie is a pair with target ½, i.e. the cross-entropy
@@ -16,10 +16,12 @@ compared on the same held-out pairs (:func:`split_by_conversation`, :func:`evalu
 Scores are normalised before PPO to mean 0, std 1 over the reference policy's answers and
 clipped (:class:`RewardNormalizer`; Ziegler et al. 2019, InstructGPT).
 
-The scheduled round in ``training.jobs`` calls :func:`train_reward_model`. From the command line,
-on pairs exported with ``python -m storage export`` (TRL's conversational preference format)::
+A round (:mod:`training.round`) calls :func:`train_reward_model`. From the command line, on a
+data dir's votes (the pairs a round trains on) or on pairs exported with ``python -m storage
+export`` (TRL's conversational preference format)::
 
-    python -m training.reward --model DIR_OR_HUB_ID --pairs votes.jsonl --out rm/ [--epochs 3 ...]
+    python -m training.reward_training --model DIR_OR_HUB_ID --data-dir data --out rm/ [--epochs 3 ...]
+    python -m training.reward_training --model DIR_OR_HUB_ID --pairs votes.jsonl --out rm/
 """
 
 from __future__ import annotations
@@ -34,21 +36,10 @@ from dataclasses import dataclass
 
 import torch
 
-from training.cli import add_dataclass_args, dataclass_from_args, help_field
+from training.flags import add_dataclass_args, dataclass_from_args, help_field
 from training.models import LoraSettings
-from training.preferences import (  # noqa: F401 - re-exported: part of this module's API
-    answer_ids,
-    answer_span,
-    encode_pairs,
-    load_pairs_jsonl,
-    split_by_conversation,
-)
-from training.reward_model import (  # noqa: F401 - re-exported: part of this module's API
-    FEATURES,
-    HEAD_FILE,
-    META_FILE,
-    RewardModel,
-)
+from training.preferences import answer_span, encode_pairs, load_pairs_jsonl, split_by_conversation
+from training.reward_model import RewardModel
 from training.rollout import right_pad
 
 log = logging.getLogger(__name__)
@@ -284,17 +275,27 @@ class RewardNormalizer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command line: train a reward model on a JSONL file of pairs and save it."""
-    parser = argparse.ArgumentParser(description="Train a reward model on preference pairs (JSONL).")
+    """Command line: train a reward model on a data dir's votes or a JSONL file of pairs and save it."""
+    parser = argparse.ArgumentParser(prog="python -m training.reward_training",
+                                     description="Train a reward model on preference pairs.")
     parser.add_argument("--model", required=True, help="base model: hub id or local directory")
-    parser.add_argument("--pairs", required=True, help="JSONL preference pairs (python -m storage export)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data-dir", help="an app's data dir: its votes, as a round reads them")
+    source.add_argument("--pairs", help="JSONL preference pairs (python -m storage export)")
     parser.add_argument("--out", required=True, help="directory to save the reward model to")
     parser.add_argument("--init-dir", default=None, help="a saved reward model to warm-start from")
     add_dataclass_args(parser, RewardConfig)
     args = parser.parse_args(argv)
     try:
         config = dataclass_from_args(RewardConfig, args)
-        pairs = load_pairs_jsonl(args.pairs)
+        if args.pairs:
+            pairs = load_pairs_jsonl(args.pairs)
+        else:
+            from storage.paths import DataDir
+            from storage.store import open_store
+
+            with open_store(DataDir(args.data_dir).require()) as store:
+                pairs = store.vote_pairs()
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
     from training.models import load_tokenizer

@@ -30,17 +30,18 @@ from storage.connection import (
 )
 from storage.errors import AlreadyVoted, UnknownComparison, UnknownConversation
 from storage.migrations import migrate, schema_version
+from storage.paths import DataDir
 from storage.rounds import RoundsMixin
 from storage.versions import VersionsMixin
 
-DB_FILENAME = "chat.db"
 ROLES = ("system", "user", "assistant")
 CHOICES = ("a", "b", "tie", "both_bad")
 
 
-def open_store(data_dir: str | Path = "data") -> Store:
-    """Open (creating if needed) the store at ``data_dir / DB_FILENAME``."""
-    return Store(Path(data_dir) / DB_FILENAME)
+def open_store(data_dir: DataDir | str | Path = "data") -> Store:
+    """Open (creating if needed) the store of a data dir (its ``chat.db``)."""
+    data_dir = data_dir if isinstance(data_dir, DataDir) else DataDir(data_dir)
+    return Store(data_dir.db)
 
 
 def _check_messages(messages: list[dict], what: str) -> list[dict]:
@@ -57,6 +58,21 @@ def _check_messages(messages: list[dict], what: str) -> list[dict]:
             )
         clean.append({"role": m["role"], "content": m["content"]})
     return clean
+
+
+def to_trl(pair: dict) -> dict:
+    """One :meth:`Store.vote_pairs` record in TRL's conversational preference format:
+    ``{"prompt": [messages], "chosen": [assistant message], "rejected": [assistant message]}``,
+    plus ``"tie"`` (true: the voter saw no difference; drop these lines for a trainer without
+    ties, such as DPO) and ``"conversation_id"`` (keeps a conversation on one side of a
+    held-out split)."""
+    return {
+        "prompt": pair["prompt"],
+        "chosen": [{"role": "assistant", "content": pair["chosen"]}],
+        "rejected": [{"role": "assistant", "content": pair["rejected"]}],
+        "tie": pair["tie"],
+        "conversation_id": pair["conversation_id"],
+    }
 
 
 def _decode_comparison(row: dict) -> dict:
@@ -306,39 +322,48 @@ class Store(RoundsMixin, VersionsMixin):
 
     # -- training data --------------------------------------------------------------------
 
-    def preference_pairs(self) -> list[dict]:
-        """Decided votes in TRL's conversational preference format, oldest vote first.
+    def vote_pairs(self) -> list[dict]:
+        """The votes as training pairs: exactly what a round's reward model trains on, the
+        export writes and ``storage stats`` counts. Oldest vote first.
 
-        One ``{"prompt": context, "chosen": [assistant winner], "rejected": [assistant
-        loser]}`` per vote for ``'a'`` or ``'b'``; ties, both_bad and pairs whose two answers
-        are identical are left out.
+        One ``{"comparison_id", "conversation_id", "prompt", "chosen", "rejected", "tie",
+        "chosen_version", "rejected_version"}`` per usable vote: ``prompt`` is the context
+        (``{role, content}`` messages), ``chosen``/``rejected`` the two answers (str) and their
+        policy versions. A vote for A or B makes that answer chosen; a tie keeps A as chosen
+        with ``tie`` True (the order then carries no preference). "Both bad" votes and pairs
+        whose two answers are the same text (surrounding whitespace aside) teach nothing and
+        are left out.
         """
         pairs = []
         for row in self.db.table("comparisons").rows_where(
-            "choice IN ('a', 'b') AND answer_a != answer_b",
-            select="context, answer_a, answer_b, choice",
+            "choice IN ('a', 'b', 'tie')",
+            select="id, conversation_id, context, answer_a, answer_b, version_a, version_b, choice",
             order_by="voted_at, id",
         ):
-            winner, loser = row["answer_a"], row["answer_b"]
-            if row["choice"] == "b":
-                winner, loser = loser, winner
-            pairs.append(
-                {
-                    "prompt": loads(row["context"]),
-                    "chosen": [{"role": "assistant", "content": winner}],
-                    "rejected": [{"role": "assistant", "content": loser}],
-                }
-            )
+            if row["answer_a"].strip() == row["answer_b"].strip():
+                continue
+            flip = row["choice"] == "b"
+            pairs.append({
+                "comparison_id": row["id"],
+                "conversation_id": row["conversation_id"],
+                "prompt": loads(row["context"]),
+                "chosen": row["answer_b"] if flip else row["answer_a"],
+                "rejected": row["answer_a"] if flip else row["answer_b"],
+                "tie": row["choice"] == "tie",
+                "chosen_version": row["version_b"] if flip else row["version_a"],
+                "rejected_version": row["version_a"] if flip else row["version_b"],
+            })
         return pairs
 
     def export_jsonl(self, path_or_fileobj: str | Path | IO[str]) -> int:
-        """Write ``preference_pairs()`` as JSON lines (UTF-8, non-ASCII kept); returns the count.
+        """Write :meth:`vote_pairs` as JSON lines (UTF-8, non-ASCII kept) in TRL's conversational
+        preference format (:func:`to_trl`); returns the count.
 
         A path is written atomically (temp file, then rename); a text file object is written
         to as is and left open.
         """
-        pairs = self.preference_pairs()
-        lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+        pairs = self.vote_pairs()
+        lines = "".join(json.dumps(to_trl(p), ensure_ascii=False) + "\n" for p in pairs)
         if hasattr(path_or_fileobj, "write"):
             path_or_fileobj.write(lines)
             return len(pairs)

@@ -1,0 +1,409 @@
+"""One training round: votes → reward model → policy → gate → publish.
+
+:func:`run_round` is these steps in order, each a function below with its own docstring:
+
+  1. :func:`load_inputs`        the votes as training pairs (``Store.vote_pairs``) and PPO / gate
+                                prompts from stored conversations, split by conversation; too
+                                few A/B votes or no prompts → the round is skipped, reason recorded;
+  2. :func:`load_model`         the base model; prompts cut to its context window;
+  3. :func:`reward_model_step`  the reward model on all votes, warm-started from the one in use
+                                and (``--rm-fresh-candidate``) one from the base weights: the
+                                more accurate on the held-out votes is the candidate; it replaces
+                                the one in use only if at least as accurate;
+  4. :func:`policy_step`        the starting adapter (the live one, or ``--init-policy reference``:
+                                a fresh one), β carried over from the last round, then rejection
+                                sampling (``--rs.n`` > 1) and PPO against the reward model
+                                (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations);
+  5. :func:`gate_step`          the candidate against live on held-out prompts, and the reward
+                                model's held-out accuracy (:mod:`training.gate`);
+  6. :func:`publish_step`       the adapter renamed into place as version N+1 (live, or rejected),
+                                the new reward model as the one in use (``storage.registry``).
+
+A round that raises is recorded as failed with the reason; nothing half-written is published.
+Run one with ``python -m training.jobs`` (:mod:`training.jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from storage.registry import AdapterRegistry, RewardModelRegistry
+from storage.rounds import TRAINED_STATUSES
+from storage.store import Store
+from training.flags import help_field, nested
+from training.gate import GateConfig, rm_accuracy_check, run_gate
+from training.models import (
+    add_lora,
+    context_window,
+    fit_prompts,
+    load_lora,
+    load_model_and_tokenizer,
+    save_adapter,
+)
+from training.ppo import PPOConfig, ppo_train
+from training.preferences import split_by_conversation
+from training.rejection_sampling import RejectionConfig, rejection_sampling_finetune
+from training.reward_model import RewardModel
+from training.reward_training import (
+    NotEnoughVotesError,
+    RewardConfig,
+    make_reward_fn,
+    train_reward_model,
+)
+from training.seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundConfig:
+    """Settings of one training round (the flags of ``python -m training.jobs``; the app's ``--round.*``)."""
+
+    data_dir: str = help_field("data", help="the app's data dir (chat.db, adapters/, reward/)")
+    model: str = help_field("", help="base model: hub id or local directory (the data dir's base model)")
+    min_votes: int = help_field(10, help="fewest A/B votes (ties excluded) needed to train")
+    max_prompts: int = help_field(256, help="most prompts from stored conversations used for PPO")
+    threads: int = help_field(0, help="torch CPU threads for training (0: all but one core)")
+    seed: int = help_field(0, help="the round's seed; every seeded part (split, reward model, sampling, gate) derives its own")
+    rm_fresh_candidate: bool = help_field(
+        True, help="also train a reward model from the base weights each round; the more accurate of "
+        "it and the warm-started one (same held-out votes) is the round's candidate")
+    init_policy: str = help_field(
+        "live", choices=["reference", "live"],
+        help="where PPO starts each round: the live adapter (rounds compound; version 0 is a fresh one), "
+        "or a fresh adapter on the reference (SFT) policy",
+    )
+    ptx_data: str = help_field(
+        "", help="JSONL of demonstration conversations (python -m training.sft's format) for PPO-ptx "
+        "(--ppo.ptx-coef); empty: the starter's own SFT corpus when the model is the starter, else none")
+    ptx_examples: int = help_field(2000, help="most demonstration conversations used for PPO-ptx")
+    reward: RewardConfig = nested(RewardConfig, set_by_parent=("min_votes", "seed"))
+    rs: RejectionConfig = nested(RejectionConfig, set_by_parent=("seed",))
+    ppo: PPOConfig = nested(PPOConfig, set_by_parent=("seed",))
+    gate: GateConfig = nested(GateConfig, set_by_parent=("seed",))
+
+    def __post_init__(self):
+        if self.min_votes < 1:
+            raise ValueError(f"min_votes must be >= 1, got {self.min_votes}")
+        if self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0, got {self.threads}")
+        if self.ptx_examples < 1:
+            raise ValueError(f"ptx_examples must be >= 1, got {self.ptx_examples}")
+        if self.init_policy not in ("reference", "live"):
+            raise ValueError(f"init_policy must be 'reference' or 'live', got {self.init_policy!r}")
+        if self.ptx_data:
+            self.ptx_data = str(Path(self.ptx_data).expanduser().resolve())  # the child runs elsewhere
+            if not Path(self.ptx_data).is_file():
+                raise ValueError(f"--ptx-data {self.ptx_data}: no such file")
+        # one knob each: --min-votes, and --seed for every seeded part of the round
+        self.reward = replace(self.reward, min_votes=self.min_votes, seed=derive_seed(self.seed, "reward"))
+        self.rs = replace(self.rs, seed=derive_seed(self.seed, "rs"))
+        self.ppo = replace(self.ppo, seed=derive_seed(self.seed, "ppo"))
+        self.gate = replace(self.gate, seed=derive_seed(self.seed, "gate"))
+
+
+class SkipRound(Exception):
+    """The round cannot train (too few votes, no prompts); recorded as skipped with the message."""
+
+    def __init__(self, reason: str, votes: int = 0):
+        super().__init__(reason)
+        self.votes = votes
+
+
+@dataclass
+class RoundInputs:
+    """What a round trains on: vote pairs (``Store.vote_pairs``), PPO and held-out gate prompts
+    (lists of messages ending with a user turn) and the live version it starts from."""
+
+    pairs: list[dict]
+    ppo_prompts: list[list[dict]]
+    gate_prompts: list[list[dict]]
+    live: int
+
+
+@dataclass
+class RewardStep:
+    """The reward model a round uses, and what became of it."""
+
+    rm: RewardModel
+    reward_fn: object  # (prompts, answers) -> (B,) raw scores
+    metrics: dict  # rm/* figures
+    accuracy: float | None  # held-out accuracy of the model in use (NaN: no held-out votes)
+    decisive: int  # held-out A/B votes that accuracy is over
+    staging: Path | None = field(default=None)  # a new model to publish with the round; None: keep the one in use
+
+
+def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trigger: str = "manual") -> dict:
+    """Run one training round and record it; never raises for a failed round.
+
+    Returns:
+        the round's row as recorded: ``{"id", "status", "reason", "metrics", "settings",
+        "version", …}`` (``settings``: this ``config`` as a dict) with status ``succeeded``,
+        ``rejected`` (the gate said no), ``skipped`` or ``failed``.
+
+    Raises:
+        storage.errors.RoundAlreadyRunning: another round is recorded as running.
+    """
+    round_id = store.start_round(trigger, settings=asdict(config))
+    log.info("round %s settings: %s", round_id, json.dumps(asdict(config), sort_keys=True))
+    reward_models = RewardModelRegistry(registry.data_dir)
+    reward = None
+    try:
+        inputs = load_inputs(config, store)
+        model, tokenizer, window, inputs = load_model(config, inputs)
+        reward = reward_model_step(config, tokenizer, inputs.pairs, reward_models)
+        policy, metrics = policy_step(config, store, registry, model, tokenizer, reward, inputs, window)
+        passed, reason, gate_metrics = gate_step(config, registry, policy, tokenizer, reward, inputs)
+        metrics = {**reward.metrics, **metrics, **gate_metrics}
+        version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed)
+        store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
+                           version=version, votes_used=len(inputs.pairs))
+    except SkipRound as skip:
+        store.finish_round(round_id, "skipped", reason=str(skip), votes_used=skip.votes)
+    except Exception as exc:  # noqa: BLE001 - recorded; the scheduler keeps running
+        log.error("training round %s failed:\n%s", round_id, traceback.format_exc())
+        if reward is not None and reward.staging is not None:
+            reward_models.discard(reward.staging)
+        store.finish_round(round_id, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+    return store.round(round_id)
+
+
+# ------------------------------------------------------------------ 1-2 inputs and model -------
+def load_inputs(config: RoundConfig, store: Store) -> RoundInputs:
+    """Step 1: the votes as pairs and the prompts, split by conversation with the reward
+    model's held-out fraction and seed (so prompts and votes of a conversation stay together).
+
+    Raises:
+        SkipRound: fewer A/B votes than ``config.min_votes``, or no stored conversation.
+        RuntimeError: no live version to train from.
+    """
+    pairs = store.vote_pairs()
+    n_ab = sum(1 for p in pairs if not p["tie"])
+    if n_ab < config.min_votes:
+        raise SkipRound(f"too few votes: {n_ab} A/B votes, need at least {config.min_votes} (--min-votes)", len(pairs))
+    stored = store.prompts(limit=config.max_prompts)
+    if not stored:
+        raise SkipRound("no stored conversations to take prompts from")
+    ppo_prompts, gate_prompts = split_prompts(stored, config.reward.heldout_fraction, config.reward.seed)
+    live = store.live_version()
+    if live is None:
+        raise RuntimeError("no live policy version to train from")
+    return RoundInputs(pairs, ppo_prompts, gate_prompts, live)
+
+
+def split_prompts(prompts: list[dict], heldout_fraction: float, seed: int) -> tuple[list, list]:
+    """Split ``{"conversation_id", "messages"}`` prompts by conversation (never by row) into
+    PPO prompts and held-out gate prompts; both are lists of message lists. When a side would
+    be empty, both use all prompts."""
+    train, heldout = split_by_conversation(prompts, heldout_fraction, seed)
+    train_msgs = [p["messages"] for p in train]
+    heldout_msgs = [p["messages"] for p in heldout]
+    if not train_msgs or not heldout_msgs:
+        everything = [p["messages"] for p in prompts]
+        return everything, everything
+    return train_msgs, heldout_msgs
+
+
+def load_model(config: RoundConfig, inputs: RoundInputs):
+    """Step 2: the base model (seeded: a fresh adapter's initialisation follows ``--seed``) and
+    the prompts cut to its context window as serving cuts long conversations (oldest whole turns
+    dropped). Returns ``(model, tokenizer, window in tokens, inputs)``.
+
+    Raises:
+        SkipRound: no prompt fits the window.
+        training.models.ModelLoadError: the model cannot be loaded.
+    """
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config.model)
+    window = context_window(model)
+    ppo_prompts = fit_prompts(tokenizer, inputs.ppo_prompts, window, config.ppo.max_new_tokens)
+    gate_prompts = fit_prompts(tokenizer, inputs.gate_prompts, window, config.gate.max_new_tokens)
+    if not ppo_prompts or not gate_prompts:
+        raise SkipRound("no stored prompt fits the context window", len(inputs.pairs))
+    return model, tokenizer, window, replace(inputs, ppo_prompts=ppo_prompts, gate_prompts=gate_prompts)
+
+
+# ------------------------------------------------------------------ 3 reward model -------------
+def reward_model_step(config: RoundConfig, tokenizer, pairs: list[dict], reward_models: RewardModelRegistry) -> RewardStep:
+    """Step 3: train the reward model on all votes and decide which one the round uses.
+
+    Warm-started from the reward model in use (a fresh one when there is none). With
+    ``config.rm_fresh_candidate``, one trained from the base weights competes with it on the
+    same held-out votes, since a warm start keeps fitting the earliest votes round after round;
+    the more accurate is the candidate. The candidate replaces the model in use only if at least
+    as accurate on those votes (``rm/replaced``); it is then saved to staging, published with the
+    round's adapter.
+
+    Raises:
+        SkipRound: fewer usable pairs than ``config.reward.min_votes``.
+    """
+    init_dir = reward_models.latest()
+    try:
+        rm, metrics = train_reward_model(config.model, tokenizer, pairs, config.reward, init_dir=init_dir)
+        if init_dir is not None and config.rm_fresh_candidate:
+            rm, metrics = _more_accurate(rm, metrics, *train_reward_model(config.model, tokenizer, pairs, config.reward))
+    except NotEnoughVotesError as exc:
+        raise SkipRound(f"too few votes: {exc}", len(pairs)) from None
+    prev, new = metrics.get("rm/prev_accuracy"), metrics.get("rm/accuracy")
+    keep_new = init_dir is None or not (new is not None and prev is not None and new < prev)
+    metrics["rm/replaced"] = float(keep_new)
+    staging = None
+    if keep_new:
+        staging = reward_models.staging_dir()
+        try:
+            rm.save(staging)
+        except BaseException:
+            reward_models.discard(staging)
+            raise
+    else:
+        rm = RewardModel.load(config.model, init_dir)
+    return RewardStep(rm, make_reward_fn(rm, tokenizer), metrics, new if keep_new else prev,
+                      int(metrics.get("rm/heldout_decisive", 0)), staging)
+
+
+def _more_accurate(warm: RewardModel, warm_metrics: dict, fresh: RewardModel, fresh_metrics: dict):
+    """The warm-started or the fresh reward model, whichever is more accurate on the same held-out
+    votes (the warm one on a tie), with both accuracies and ``rm/from_scratch`` in its metrics."""
+    warm_acc, fresh_acc = warm_metrics.get("rm/accuracy"), fresh_metrics.get("rm/accuracy")
+    both = {"rm/warm_accuracy": warm_acc, "rm/fresh_accuracy": fresh_acc}
+    if fresh_acc is not None and warm_acc is not None and fresh_acc > warm_acc:
+        # the previous model's accuracy was measured on the same split before the warm start
+        return fresh, {**fresh_metrics, **both, "rm/prev_accuracy": warm_metrics["rm/prev_accuracy"],
+                       "rm/from_scratch": 1.0}
+    return warm, {**warm_metrics, **both, "rm/from_scratch": 0.0}
+
+
+# ------------------------------------------------------------------ 4 policy -------------------
+def policy_step(config: RoundConfig, store: Store, registry: AdapterRegistry, model, tokenizer,
+                reward: RewardStep, inputs: RoundInputs, window: int):
+    """Step 4: the policy the round trains (:func:`starting_policy`) improved against the reward
+    model (:func:`improve_policy`). β starts where the last round that trained left it (when the
+    KL controller adapts), so across rounds the KL to the reference stays near its target; the
+    caller's ``config`` is left as it is. Returns ``(policy, metrics)``."""
+    previous_beta = last_kl_coef(store)
+    if previous_beta is not None and config.ppo.adaptive_kl:
+        config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
+    policy = starting_policy(model, config, registry, inputs.live)
+    metrics = improve_policy(policy, tokenizer, reward.reward_fn, inputs.ppo_prompts, config, window)
+    return policy, {**metrics, "objective/kl_coef_start": config.ppo.init_kl_coef}
+
+
+def last_kl_coef(store: Store) -> float | None:
+    """β at the end of the newest round that trained (succeeded or rejected), if any."""
+    for r in store.rounds(limit=20):
+        beta = (r.get("metrics") or {}).get("objective/kl_coef")
+        if r["status"] in TRAINED_STATUSES and isinstance(beta, (int, float)) and beta > 0:
+            return float(beta)
+    return None
+
+
+def starting_policy(model, config: RoundConfig, registry: AdapterRegistry, live: int):
+    """The model with the adapter ``"policy"`` that a round trains, active: a fresh LoRA on the
+    reference policy (``config.init_policy == "reference"``, B = 0 so it starts as the SFT
+    model) or a trainable copy of version ``live``'s adapter (``"live"``).
+
+    Raises:
+        storage.errors.UnknownVersion (a ``KeyError``) / FileNotFoundError: ``"live"``, and
+            version ``live`` is not registered / has no adapter files (``AdapterRegistry.path``).
+    """
+    if config.init_policy == "reference":
+        return add_lora(model, adapter_name="policy")
+    return load_lora(model, registry.path(live), adapter_name="policy", trainable=True)
+
+
+def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], config: RoundConfig,
+                   window: int | None = None) -> dict:
+    """Rejection-sampling fine-tuning (when ``config.rs.n`` > 1), then PPO against
+    ``reward_fn``, both on the active adapter of ``policy`` (trained in place).
+
+    After rejection sampling, PPO's KL target counts from where it left the policy (raised by
+    ``rs/kl``): the controller would otherwise read that drift as PPO overshooting and raise β.
+
+    Args:
+        prompts: conversations ending with a user turn (already fitted to the context window).
+        window: the model's context window in tokens (longer PPO-ptx demonstrations are left out).
+
+    Returns:
+        the ``rs/*`` metrics (if any) and :func:`training.ppo.ppo_train`'s metrics.
+    """
+    rs_metrics, ppo_config = {}, config.ppo
+    if config.rs.enabled:  # best-of-n distillation first (Llama 2's rejection sampling)
+        rs_metrics = rejection_sampling_finetune(policy, tokenizer, reward_fn, prompts, config.rs)
+        if "rs/kl" in rs_metrics and ppo_config.adaptive_kl:
+            ppo_config = replace(ppo_config, kl_target=ppo_config.kl_target + max(0.0, rs_metrics["rs/kl"]))
+            rs_metrics["rs/ppo_kl_target"] = ppo_config.kl_target
+    ppo_metrics = ppo_train(policy, tokenizer, reward_fn, prompts, ppo_config,
+                            ptx_examples=ptx_demonstrations(config, tokenizer, max_tokens=window))
+    return {**rs_metrics, **ppo_metrics}
+
+
+def ptx_demonstrations(config: RoundConfig, tokenizer, max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Demonstrations for PPO-ptx as ``(ids, labels)`` (loss on assistant tokens only): the
+    conversations of ``config.ptx_data``, or, without it, the starter's SFT corpus when
+    ``config.model`` is a starter directory (regenerated from its recipe, not stored); else
+    none. At most ``config.ptx_examples``; none when ``config.ppo.ptx_coef`` is 0. Conversations
+    longer than ``max_tokens`` (the model's context window) are left out, with a log line.
+
+    Raises:
+        training.sft.SftDataError: ``ptx_data`` is missing, empty or holds no valid conversation.
+    """
+    if config.ppo.ptx_coef <= 0:
+        return []
+    from training.sft import demonstrations, read_conversations
+    from training.starter.build import STARTER_JSON
+
+    if config.ptx_data:
+        conversations, _bad = read_conversations(config.ptx_data)
+    elif (Path(config.model) / STARTER_JSON).is_file():
+        from training.starter.corpus import generate_conversations
+
+        seed = derive_seed(config.seed, "ptx/corpus")
+        conversations = [c["messages"] for c in generate_conversations(seed, config.ptx_examples)]
+    else:
+        log.info("PPO-ptx off: no --ptx-data and the model is not the starter")
+        return []
+    return demonstrations(tokenizer, conversations[: config.ptx_examples], max_tokens)
+
+
+# ------------------------------------------------------------------ 5-6 gate and publish -------
+def gate_step(config: RoundConfig, registry: AdapterRegistry, policy, tokenizer, reward: RewardStep,
+              inputs: RoundInputs) -> tuple[bool, str, dict]:
+    """Step 5: ``(passed, reason, gate metrics)`` for the candidate (adapter ``"policy"``): the
+    promotion gate against the live version on held-out prompts, judged by the reward model in
+    use, and that reward model's own held-out accuracy (a reward model at chance only drifts).
+    With ``config.gate.enabled`` false every candidate passes."""
+    if not config.gate.enabled:
+        return True, "", {}
+    load_lora(policy, registry.path(inputs.live), adapter_name="live")
+    result = run_gate(policy, tokenizer, reward.reward_fn, inputs.gate_prompts, config.gate, "policy", "live")
+    weak = rm_accuracy_check(reward.accuracy, reward.decisive, config.gate)
+    reason = "; ".join(r for r in (result.reason, weak) if r)
+    return result.passed and not weak, reason, result.metrics
+
+
+def publish_step(registry: AdapterRegistry, reward_models: RewardModelRegistry, policy, reward: RewardStep,
+                 round_id: int, live: int, metrics: dict, passed: bool) -> int:
+    """Step 6: save the candidate adapter to staging and publish it as version N+1 (live when it
+    ``passed``, else recorded as rejected; the live version keeps serving), then the new reward
+    model, if the round made one, as the one in use. Returns N+1. A failure leaves no staging."""
+    staging = registry.staging_dir()
+    try:
+        save_adapter(policy, "policy", staging)
+        version = registry.publish(staging, parent=live, round_id=round_id, metrics=metrics, live=passed)
+    except BaseException:
+        registry.discard(staging)
+        raise
+    if not passed:
+        registry.store.set_version_status(version, "rejected")
+    if reward.staging is not None:
+        reward_models.publish(reward.staging)
+        reward.staging = None
+    return version
