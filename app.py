@@ -81,6 +81,20 @@ def torch_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
+def chat_service(config: AppConfig, model, tokenizer, registry, store):
+    """The serving engine on ``model`` (at most ``config.concurrency`` replies decoded in one
+    batch; it publishes version 0 when none exists) and the chat service over it, with the app's
+    sampling settings for plain replies and for comparisons."""
+    from chatapp.engine import ChatEngine, Sampling
+    from chatapp.service import ChatService
+
+    engine = ChatEngine(model, tokenizer, registry, max_batch=config.concurrency)
+    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
+    compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
+    return ChatService(engine, store, sampling, compare_sampling=compare_sampling,
+                       distinct_redraws=config.distinct_redraws)
+
+
 def build_app(config: AppConfig):
     """Wire storage, model, engine, scheduler and UI; returns ``(demo, scheduler)``.
 
@@ -92,8 +106,6 @@ def build_app(config: AppConfig):
         ValueError, OSError: a malformed or unreadable ``--auth-file``.
     """
     from chatapp.auth import AdminAuth
-    from chatapp.engine import ChatEngine, Sampling
-    from chatapp.service import ChatService
     from chatapp.ui import UIParts, build_ui
     from storage.paths import DataDir, DataDirError
     from storage.registry import AdapterRegistry, clean_staging
@@ -120,17 +132,13 @@ def build_app(config: AppConfig):
     store.fail_stale_rounds("the app stopped while this round was running")
     registry = AdapterRegistry(data_dir, store)
     clean_staging(data_dir)
-    engine = ChatEngine(model, tokenizer, registry, max_batch=config.concurrency)
-    sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
-    compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
-    service = ChatService(engine, store, sampling, compare_sampling=compare_sampling,
-                          distinct_redraws=config.distinct_redraws)
+    service = chat_service(config, model, tokenizer, registry, store)
     scheduler = None
     if not config.no_train:
         round_fn = subprocess_round(config.round_argv(str(data_dir.root), model_ref), data_dir, store)
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes,
                                       lock_path=data_dir.scheduler_lock)
-    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, data_dir=data_dir.root, admin=admin))
+    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, admin=admin))
     return demo, scheduler
 
 
@@ -156,7 +164,8 @@ def launch(demo, config: AppConfig, block: bool = True):
 
 def main(argv: list[str] | None = None) -> int:
     """Parse flags, build the app and serve it until interrupted; exit code 2 on bad input."""
-    parser = argparse.ArgumentParser(description="RLHF chat: chat, compare, vote; the model learns online.")
+    parser = argparse.ArgumentParser(usage="%(prog)s [options]",
+                                     description="RLHF chat: chat, compare, vote; the model learns online.")
     add_dataclass_args(parser, AppConfig)
     args, unknown = parser.parse_known_args(argv)
     if unknown:

@@ -53,12 +53,12 @@ def gold_figures(policy, tokenizer, annotator, prompts: list[list[dict]], adapte
 
     from training.models import end_of_turn_ids
     from training.reward_training import score
-    from training.rollout import forward_response, generate_rollouts, reference_model
+    from training.rollout import answer_kl, generate_rollouts
+    from training.seeds import derive_seed
 
     policy.eval()
     eos = end_of_turn_ids(policy, tokenizer)
     n, B = len(prompts), 32
-    base_seed = seed * 1_000_003 + 77_000_000
 
     def sample(name: str, row_seed: int, with_kl: bool = False):
         policy.set_adapter(name)
@@ -70,22 +70,18 @@ def gold_figures(policy, tokenizer, annotator, prompts: list[list[dict]], adapte
                 answers += ro.answers
                 lengths += ro.lengths.tolist()
                 if with_kl:
-                    Tr = ro.response_ids.shape[1]
-                    lp, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
-                    with reference_model(policy):
-                        ref, _ = forward_response(policy, ro.input_ids, ro.attention_mask, Tr)
-                    kls += ((lp - ref) * ro.response_mask).sum(dim=1).tolist()
+                    kls += answer_kl(policy, ro).tolist()  # (b,) nats
         return answers, kls, lengths
 
     t0 = time.time()
-    live_answers, kls, live_len = sample(adapter, base_seed, with_kl=True)
-    v0_answers, _, v0_len = sample(baseline, base_seed + 1_000_000)
-    rng = random.Random(seed + 2)
+    live_answers, kls, live_len = sample(adapter, derive_seed(seed, "gold/candidate"), with_kl=True)
+    v0_answers, _, v0_len = sample(baseline, derive_seed(seed, "gold/baseline"))
+    rng = random.Random(derive_seed(seed, "gold/judge"))
     wins = [judge_pair(annotator, p, x, y, rng) for p, x, y in zip(prompts, live_answers, v0_answers, strict=True)]
     result = {"gold_win_rate": sum(wins) / n, "gold_win_rate_se": standard_error(wins),
               "kl_nats": sum(kls) / n, "eval_n": n, "answer_tokens_live": sum(live_len) / n, "answer_tokens_v0": sum(v0_len) / n}
     if rm is not None:
-        candidates = [sample(baseline, base_seed + 2_000_000 * (k + 1))[0] for k in range(4)]
+        candidates = [sample(baseline, derive_seed(seed, "gold/best-of-4", k))[0] for k in range(4)]
         scores = torch.stack([score(rm, tokenizer, prompts, c) for c in candidates])  # (4, n)
         best = scores.argmax(dim=0).tolist()
         bon = [candidates[k][i] for i, k in enumerate(best)]

@@ -47,6 +47,7 @@ from bench.gold import gold_figures
 from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested, to_argv
 from training.round import RoundConfig
 from training.scheduler import PROJECT_ROOT
+from training.seeds import derive_seed
 
 
 @dataclass
@@ -113,7 +114,7 @@ def load_prompts(config: BenchConfig) -> tuple[list[list[dict]], list[list[dict]
 
     users = [p["messages"] for p in heldout_prompts(config.seed, max(config.votes, 60))]
     seen = {json.dumps(m) for m in users}
-    evals = [p["messages"] for p in heldout_prompts(config.seed + 10_000, 3 * config.eval_prompts)
+    evals = [p["messages"] for p in heldout_prompts(derive_seed(config.seed, "bench/eval-prompts"), 3 * config.eval_prompts)
              if json.dumps(p["messages"]) not in seen][: config.eval_prompts]
     return users, evals
 
@@ -248,7 +249,7 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
     def task(i: int) -> None:
         with lock:
             k = free.pop()
-        rng = random.Random(config.seed * 7919 + i)
+        rng = random.Random(derive_seed(config.seed, "bench/user", i))
         try:
             choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], annotator, config.noise, rng)
         except Exception as exc:  # noqa: BLE001 - a failed turn is counted and skipped

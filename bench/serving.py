@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from training.flags import add_dataclass_args, dataclass_from_args, help_field
+from training.scheduler import TRAINING_NICE
 
 PROMPTS = [
     "hello there, how are you today?",
@@ -113,7 +114,7 @@ def lower_priority(priority: str) -> None:
     the CPU weight of a chat thread) or ``idle`` (Linux SCHED_IDLE: runs only on CPU time nothing
     else wants). What the app's training child should do at its start."""
     if priority == "nice":
-        os.nice(10)
+        os.nice(TRAINING_NICE)
     elif priority == "idle":
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 

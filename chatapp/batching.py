@@ -41,9 +41,6 @@ from training.rollout import left_pad, position_ids_from_mask
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = ("eos", "length", "stopped")
-
-
 @dataclass(eq=False)
 class Request:
     """One reply being generated. ``tokens`` (generated ids, stop token excluded) and ``finish``

@@ -69,13 +69,6 @@ class Sampling:
                 del d[key]
         return d
 
-    def generate_kwargs(self) -> dict:
-        """The same settings as ``model.generate`` keyword arguments (benchmarks compare them)."""
-        kwargs = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens}
-        if self.temperature == 0:
-            return {**kwargs, "do_sample": False}
-        return {**kwargs, "do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": 0}
-
 
 @dataclass
 class Reply:

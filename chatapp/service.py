@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from chatapp.engine import ChatEngine, Reply, Sampling
-from storage.store import Store
+from storage.store import CHOICES, Store
 
-CHOICES = ("a", "b", "tie", "both_bad")
 MAX_MESSAGE_CHARS = 200_000  # longer messages are refused before they are tokenized
 
 

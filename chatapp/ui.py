@@ -40,7 +40,6 @@ class UIParts:
     service: ChatService
     registry: AdapterRegistry
     scheduler: TrainingScheduler | None = None
-    data_dir: Path | None = None
     admin: AdminAuth | None = None  # None: admin actions are open (local use)
 
 

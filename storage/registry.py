@@ -271,8 +271,3 @@ class AdapterRegistry:
             f"policy version {version} is registered at {stored}, which is not in {self.data_dir.root}; "
             "restore the directory or set_live() another version"
         )
-
-    def live_path(self) -> Path | None:
-        """Directory of the live version, or ``None`` when no version is live yet."""
-        live = self.store.live_version()
-        return None if live is None else self.path(live)

@@ -65,7 +65,7 @@ def test_registry_publish_numbering_and_rollback(store, tmp_path):
     assert reg.path(1) == root / "v1"
     assert (reg.path(1) / "adapter_model.safetensors").read_bytes() == b"1" * 64
     store.set_live(0)
-    assert reg.live_path() == root / "v0"
+    assert reg.path(store.live_version()) == root / "v0"
     assert sorted(p.name for p in root.iterdir()) == [".staging", "v0", "v1", "v2"]
     assert store.version(2)["path"] == "adapters/v2"  # relative to the data dir
     assert list((root / ".staging").iterdir()) == []

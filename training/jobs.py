@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m training.jobs``: every field of :class:`RoundConfig`, and ``--trigger``."""
     # no abbreviations: "--data x" must not pass for --data-dir
     parser = argparse.ArgumentParser(prog="python -m training.jobs", description=__doc__.split("\n")[0],
-                                     allow_abbrev=False)
+                                     usage="%(prog)s --data-dir DIR --model MODEL [options]", allow_abbrev=False)
     parser.add_argument("--trigger", default="manual", help="who started the round, recorded with it (default: manual)")
     add_dataclass_args(parser, RoundConfig)
     return parser

@@ -17,10 +17,10 @@ The reference is the same ``PeftModel`` with its adapter disabled
 (:func:`training.rollout.reference_model`). The optimizer holds only the active adapter's
 LoRA weights and the value head; base weights never change.
 
-Pure, hand-checkable pieces (in :mod:`training.ppo_math`, importable from here too):
-:func:`per_token_kl`, :func:`compute_gae`, :func:`whiten`, :func:`clipped_policy_loss`,
-:func:`clipped_value_loss`, :class:`AdaptiveKLController`; :func:`logprobs_from_logits` is in
-:mod:`training.rollout`. The scheduled round in ``training.jobs`` calls :func:`ppo_train`. From the command line::
+Pure, hand-checkable pieces are in :mod:`training.ppo_math` (:func:`per_token_kl`,
+:func:`compute_gae`, :func:`whiten`, :func:`clipped_policy_loss`, :func:`clipped_value_loss`,
+:class:`AdaptiveKLController`); :func:`logprobs_from_logits` is in :mod:`training.rollout`. A
+round (:mod:`training.round`) calls :func:`ppo_train`. From the command line::
 
     python -m training.ppo --model DIR_OR_HUB_ID --rm rm/ --prompts prompts.jsonl --out adapter/ \
         [--adapter previous_adapter/] [--steps 8 --lr 1e-4 ...]
@@ -180,7 +180,7 @@ def fit_reference_normalizer(
     """Score ``config.normalize_samples`` answers of the reference policy (adapter disabled)
     and fit a :class:`~training.reward_training.RewardNormalizer` on them (InstructGPT; Ziegler et al.)."""
     eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
-    (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, derive_seed(config.seed, "ppo/normalizer"))
+    (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, derive_seed(config.seed, "ppo/normalizer-prompts"))
     batch = [prompts[i] for i in idx]
     answers: list[str] = []
     with reference_model(policy):

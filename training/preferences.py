@@ -56,12 +56,6 @@ def answer_span(
     return ids, max(1, min(n_answer, len(ids) - 1))
 
 
-def answer_ids(tokenizer, prompt: list[dict], answer: str, max_length: int | None = None) -> list[int]:
-    """The ids of :func:`answer_span` alone: prompt ⧺ answer ⧺ end-of-turn, front cut to
-    ``max_length``."""
-    return answer_span(tokenizer, prompt, answer, max_length)[0]
-
-
 def _usable(pair: dict) -> bool:
     return not pair.get("both_bad", False) and pair["chosen"].strip() != pair["rejected"].strip()
 

@@ -60,7 +60,6 @@ class RewardConfig:
     seed: int = help_field(0, help="split, shuffling and head initialisation")
     min_votes: int = help_field(10, help="fewer usable pairs than this: NotEnoughVotesError")
     max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
-    score_clip: float = help_field(5.0, help="PPO reward: normalised scores clipped to ±score_clip")
     lora: LoraSettings = help_field(default_factory=LoraSettings, help="the reward model's own adapter")
     reference_features: bool = help_field(
         True, help="add learned, non-negative weights on the reference policy's mean and min token "
@@ -68,7 +67,7 @@ class RewardConfig:
     feature_lr: float = help_field(0.1, help="AdamW learning rate of the reference-feature weights")
 
     def __post_init__(self):
-        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "score_clip", "feature_lr"):
+        for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "feature_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RewardConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.max_length < 2:

@@ -9,16 +9,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.flags import parse_config
+from training.flags import add_dataclass_args, dataclass_from_args, parse_bool
 from training.starter.build import StarterConfig, build_starter
 
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m training.starter", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/starter"), help="output directory (default: data/starter)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
-    args, rest = parser.parse_known_args(argv)
-    config = parse_config(StarterConfig, rest, parser)
+    parser.add_argument("--quiet", nargs="?", const=True, default=False, type=parse_bool, metavar="BOOL",
+                        help="no progress bars or summary line")
+    add_dataclass_args(parser, StarterConfig)
+    args = parser.parse_args(argv)
+    try:
+        config = dataclass_from_args(StarterConfig, args)
+    except ValueError as exc:
+        parser.error(str(exc))
     return build_starter(args.out, config, progress=not args.quiet)
 
 
