@@ -184,12 +184,14 @@ class RewardModelRegistry:
         self.dirs.discard(staging)
 
     def latest(self) -> Path | None:
-        """Directory of the newest complete reward model, or ``None`` before the first."""
+        """Directory of the newest complete reward model, or ``None`` before the first (a data
+        dir written before numbered reward models keeps its one in ``reward/latest``)."""
         for number in reversed(self.dirs.numbers()):
             path = self.dirs.root / f"r{number}"
             if is_complete(path):
                 return path
-        return None
+        legacy = self.dirs.root / "latest"
+        return legacy if is_complete(legacy) else None
 
     def publish(self, staging: str | Path) -> Path:
         """Make a complete staging dir the reward model in use; returns its directory.

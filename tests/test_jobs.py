@@ -231,6 +231,11 @@ def test_the_export_holds_exactly_the_pairs_a_round_trains_on(world, tiny_model_
     exported = store.export_jsonl(out)
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert exported == len(lines) == 9 and sum(line["tie"] for line in lines) == 3
+    keys = ("conversation_id", "prompt", "chosen", "rejected", "tie")
+    from training.preferences import load_pairs_jsonl
+
+    # read back, the export gives the reward model the same pairs as the store (same held-out split)
+    assert [{k: p[k] for k in keys} for p in load_pairs_jsonl(out)] == [{k: p[k] for k in keys} for p in store.vote_pairs()]
     result = run_round(_config(data, tiny_model_dir, min_votes=3, gate=GateConfig(enabled=False)), store, registry)
     assert result["status"] == "succeeded", result
     m = result["metrics"]
@@ -285,3 +290,17 @@ def test_the_round_seed_changes_the_answers_ppo_samples(world, tiny_model_dir):
         improve_policy(policy, tok, reward_fn, prompts, config)
         assert sampled.setdefault(seed, answers) == answers  # the same seed, the same samples
     assert sampled[0] != sampled[1]
+
+
+def test_the_reward_model_cli_trains_on_a_data_dirs_votes(world, tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from training.reward_training import main
+
+    store, _, data = world
+    add_votes(store, 9, choices=("a", "tie", "both_bad"))
+    assert main(["--model", str(tiny_model_dir), "--data-dir", str(data), "--out", str(tmp_path / "rm"),
+                 "--epochs", "1", "--min-votes", "3"]) == 0
+    metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert metrics["rm/train_pairs"] + metrics["rm/heldout_pairs"] == len(store.vote_pairs()) == 6
+    assert metrics["rm/ties"] == 3

@@ -133,6 +133,10 @@ def test_reward_models_are_published_like_adapters(tmp_path):
     data = DataDir(tmp_path)
     rms = RewardModelRegistry(data, keep=2)
     assert rms.latest() is None
+    (data.reward_models / "latest").mkdir()
+    legacy = write_adapter(data.reward_models / "latest")  # where older data dirs kept theirs
+    assert rms.latest() == legacy
+    shutil.rmtree(legacy)
     half = rms.staging_dir()
     (half / "adapter_config.json").write_text("{}")
     with pytest.raises(ValueError, match="not complete"):

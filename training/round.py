@@ -188,7 +188,7 @@ def load_inputs(config: RoundConfig, store: Store) -> RoundInputs:
     pairs = store.vote_pairs()
     n_ab = sum(1 for p in pairs if not p["tie"])
     if n_ab < config.min_votes:
-        raise SkipRound(f"too few votes: {n_ab} A/B votes, need at least {config.min_votes} (--min-votes)", len(pairs))
+        raise SkipRound(f"too few votes: {n_ab} A/B votes, need at least {config.min_votes} (--min-votes; the app's --round.min-votes)", len(pairs))
     stored = store.prompts(limit=config.max_prompts)
     if not stored:
         raise SkipRound("no stored conversations to take prompts from")
