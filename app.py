@@ -171,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         known = set(flag_names(AppConfig))
         rounds = [u for u in unknown if "--round." + u.split("=", 1)[0][2:] in known]
-        hint = f"; settings of the training rounds are --round.*: {', '.join('--round.' + u[2:] for u in rounds)}" if rounds else ""
+        hint = (f"; settings of the training rounds are --round.*: {', '.join('--round.' + u[2:] for u in rounds)}"
+                if rounds else "; settings of the training rounds are --round.* (see --help)")
         parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     try:
         config = dataclass_from_args(AppConfig, args)

@@ -22,6 +22,7 @@ copied or moved works on its own files.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 STAGING_DIRNAME = ".staging"
@@ -105,9 +106,9 @@ class DataDir:
         Raises:
             ValueError: ``path`` is not under the data dir.
         """
-        resolved = Path(path).expanduser().resolve()
+        absolute = Path(os.path.abspath(Path(path).expanduser()))  # a symlinked adapters/ stays inside
         try:
-            return resolved.relative_to(self.root).as_posix()
+            return absolute.relative_to(self.root).as_posix()
         except ValueError:
             raise ValueError(f"{path} is not under the data dir {self.root}") from None
 
@@ -123,7 +124,7 @@ class DataDir:
             path.relative_to(self.root)
             return path
         except ValueError:
-            return self.root.joinpath(*path.parts[-2:])
+            return self.root.joinpath(*path.parts[1:][-2:])
 
     # -- the base model --------------------------------------------------------------------
 
@@ -135,8 +136,12 @@ class DataDir:
         path = Path(model).expanduser()
         if path.exists():
             resolved = path.resolve()
-            return STARTER_IDENTITY if resolved == self.starter else str(resolved)
+            return STARTER_IDENTITY if resolved in self._starter_paths() else str(resolved)
         return model
+
+    def _starter_paths(self) -> set[Path]:
+        """The starter's directory, as given and with symlinks resolved."""
+        return {self.starter, self.starter.resolve()}
 
     def recorded_model(self) -> str | None:
         """The identity in ``model.json``, or ``None`` before any model was recorded.
@@ -159,6 +164,8 @@ class DataDir:
         """
         identity = self.model_identity(model)
         recorded = self.recorded_model()
+        if recorded is not None and Path(recorded) in self._starter_paths():
+            recorded = STARTER_IDENTITY  # recorded as a path when --model named the starter
         if recorded is not None and recorded != identity:
             raise DataDirError(
                 f"{self.root} holds adapters for model {recorded!r}, not {identity!r}; pass "

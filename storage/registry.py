@@ -61,7 +61,7 @@ class StagedDirs:
     """
 
     def __init__(self, root: str | Path, prefix: str):
-        self.root = Path(root).resolve()
+        self.root = Path(os.path.abspath(root))  # symlinks kept: paths stay under the data dir
         self.prefix = prefix  # published names are f"{prefix}{number}"
         self.root.mkdir(parents=True, exist_ok=True)
         self.lock = threading.RLock()  # re-entrant: a caller may hold it around publish()
@@ -172,6 +172,8 @@ class RewardModelRegistry:
     ``keep`` are deleted after each publish."""
 
     def __init__(self, data_dir: DataDir, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the reward model in use), got {keep}")
         self.dirs = StagedDirs(data_dir.reward_models, "r")
         self.keep = keep
 

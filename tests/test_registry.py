@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from storage.errors import RejectedVersion, UnknownRound, UnknownVersion
-from storage.paths import DataDir
+from storage.paths import DataDir, DataDirError
 from storage.registry import AdapterRegistry, RewardModelRegistry, clean_staging, is_complete
 from storage.store import open_store
 
@@ -151,3 +151,37 @@ def test_reward_models_are_published_like_adapters(tmp_path):
     assert (third / "adapter_model.safetensors").read_bytes() == b"3" * 64
     assert sorted(p.name for p in data.reward_models.glob("r*")) == ["r2", "r3"]  # older ones pruned
     assert second.is_dir() and not first.exists()
+
+
+def test_a_symlinked_adapters_dir_publishes_and_stays_relative(store, tmp_path):
+    data = DataDir(tmp_path / "data")
+    elsewhere = tmp_path / "bigger-disk" / "adapters"
+    elsewhere.mkdir(parents=True)
+    data.adapters.symlink_to(elsewhere)
+    reg = AdapterRegistry(data, store)
+    assert reg.publish(write_adapter(reg.staging_dir())) == 0
+    assert store.version(0)["path"] == "adapters/v0" and (elsewhere / "v0" / "adapter_config.json").is_file()
+    assert reg.path(0) == data.adapters / "v0"
+    with pytest.raises(ValueError, match="keep"):
+        RewardModelRegistry(data, keep=0)
+
+
+def test_the_data_dirs_base_model_check(tmp_path):
+    data = DataDir(tmp_path / "data")
+    (data.starter).mkdir(parents=True)
+    data.record_model("")  # no --model: the starter
+    assert data.recorded_model() == "starter"
+    for same in ("", str(data.starter), str(tmp_path / "data" / "." / "starter")):
+        data.check_model(same)
+    other = tmp_path / "other-model"
+    other.mkdir()
+    with pytest.raises(DataDirError, match="starter"):
+        data.check_model(str(other))
+    with pytest.raises(DataDirError):
+        data.check_model("org/hub-model")
+    # a data dir whose marker names its starter by path (an explicit --model DATA/starter) still fits
+    data.model_marker.write_text(json.dumps({"model": str(data.starter)}))
+    data.check_model("")
+    data.model_marker.write_text("{not json")
+    with pytest.raises(DataDirError, match="not valid JSON"):
+        data.check_model("")

@@ -161,7 +161,11 @@ def parse_config(cls, argv: Sequence[str] | None = None, parser: argparse.Argume
 
 def to_argv(config, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
     """The flags that rebuild ``config`` through :func:`dataclass_from_args`: one ``--flag
-    value`` per field that differs from its default (nested configs included)."""
+    value`` per field that differs from its default (nested configs included).
+
+    Raises:
+        ValueError: a field holds a value a flag cannot carry (a list, None).
+    """
     argv: list[str] = []
     for field, annotation in _fields(type(config), skip):
         value = getattr(config, field.name)
@@ -170,6 +174,8 @@ def to_argv(config, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
             continue
         if value == _default(field):
             continue
+        if not isinstance(value, (str, int, float)):  # bool is an int
+            raise ValueError(f"{_flag(prefix, field.name)}: {value!r} has no flag form (str, int, float or bool only)")
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         argv.append(f"{_flag(prefix, field.name)}={text}")  # "=": a value may start with "-"
     return argv

@@ -391,9 +391,13 @@ def gate_step(config: RoundConfig, registry: AdapterRegistry, policy, tokenizer,
 
 def publish_step(registry: AdapterRegistry, reward_models: RewardModelRegistry, policy, reward: RewardStep,
                  round_id: int, live: int, metrics: dict, passed: bool) -> int:
-    """Step 6: save the candidate adapter to staging and publish it as version N+1 (live when it
-    ``passed``, else recorded as rejected; the live version keeps serving), then the new reward
-    model, if the round made one, as the one in use. Returns N+1. A failure leaves no staging."""
+    """Step 6: publish the new reward model, if the round made one, as the one in use, then save
+    the candidate adapter to staging and publish it as version N+1 (live when it ``passed``,
+    else recorded as rejected; the live version keeps serving). Returns N+1. A failure leaves no
+    staging, and never a live adapter in a round recorded as failed (the adapter goes last)."""
+    if reward.staging is not None:
+        reward_models.publish(reward.staging)
+        reward.staging = None
     staging = registry.staging_dir()
     try:
         save_adapter(policy, "policy", staging)
@@ -403,7 +407,4 @@ def publish_step(registry: AdapterRegistry, reward_models: RewardModelRegistry, 
         raise
     if not passed:
         registry.store.set_version_status(version, "rejected")
-    if reward.staging is not None:
-        reward_models.publish(reward.staging)
-        reward.staging = None
     return version
