@@ -132,6 +132,31 @@ def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs
     return reward_fn
 
 
+def read_data_dir(config: ReplayConfig):
+    """``(registry, inputs)``: the data dir's adapter registry and what a round would train on
+    (``training.round.load_inputs``). Nothing is written.
+
+    Raises:
+        ValueError: not an app's data dir, no version 0, too few votes or no stored prompts.
+    """
+    from storage.paths import DataDir, DataDirError
+    from storage.registry import AdapterRegistry
+    from storage.store import open_store
+    from training.round import SkipRound, load_inputs
+
+    try:
+        data_dir = DataDir(config.data_dir).require()
+    except DataDirError as exc:
+        raise ValueError(f"{exc} (the data dir of an app or of bench.online_loop --data-dir)") from None
+    store = open_store(data_dir)
+    if store.live_version() is None:
+        raise ValueError(f"{data_dir.root}: no published version 0 (start the app on it once)")
+    try:
+        return AdapterRegistry(data_dir, store), load_inputs(config.round, store)
+    except SkipRound as skip:
+        raise ValueError(f"{data_dir.root}: {skip}") from None
+
+
 def run(config: ReplayConfig) -> dict:
     """Replay one round on ``config.data_dir`` and score it (see the module docstring).
 
@@ -141,12 +166,9 @@ def run(config: ReplayConfig) -> dict:
     """
     import torch
 
-    from storage.paths import DataDir, DataDirError
-    from storage.registry import AdapterRegistry
-    from storage.store import open_store
     from training.models import load_lora
     from training.reward_training import make_reward_fn, train_reward_model
-    from training.round import SkipRound, improve_policy, load_inputs, load_model, starting_policy
+    from training.round import improve_policy, load_model, starting_policy
 
     t_start = time.time()
 
@@ -156,18 +178,7 @@ def run(config: ReplayConfig) -> dict:
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     annotator = load_annotator(config.annotator)
     round_config = config.round
-    try:
-        data_dir = DataDir(config.data_dir).require()
-    except DataDirError as exc:
-        raise ValueError(f"{exc} (the data dir of an app or of bench.online_loop --data-dir)") from None
-    store = open_store(data_dir)
-    registry = AdapterRegistry(data_dir, store)
-    if store.live_version() is None:
-        raise ValueError(f"{data_dir.root}: no published version 0 (start the app on it once)")
-    try:
-        inputs = load_inputs(round_config, store)
-    except SkipRound as skip:
-        raise ValueError(f"{data_dir.root}: {skip}") from None
+    registry, inputs = read_data_dir(config)
     model_ref = resolve_model(config, log)  # after the checks: it may build the starter first
     round_config = replace(round_config, model=model_ref)
     _, eval_prompts = load_prompts(BenchConfig(prompts=config.prompts, eval_prompts=config.eval_prompts,
