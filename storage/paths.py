@@ -45,12 +45,6 @@ class DataDir:
     def __repr__(self) -> str:
         return f"DataDir({str(self.root)!r})"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, DataDir) and other.root == self.root
-
-    def __hash__(self) -> int:
-        return hash(self.root)
-
     # -- the layout ------------------------------------------------------------------------
 
     @property

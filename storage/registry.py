@@ -76,6 +76,10 @@ class StagedDirs:
         self.staging_root.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix="round-", dir=self.staging_root))
 
+    def path(self, number: int) -> Path:
+        """``root/{prefix}{number}``: where number ``number`` is published."""
+        return self.root / f"{self.prefix}{number}"
+
     def numbers(self) -> list[int]:
         """Numbers of the published directories, ascending."""
         pattern = re.compile(rf"{re.escape(self.prefix)}(\d+)")
@@ -102,7 +106,7 @@ class StagedDirs:
         with self.lock:
             number = first
             while True:
-                target = self.root / f"{self.prefix}{number}"
+                target = self.path(number)
                 if target.exists():
                     number += 1
                     continue
@@ -189,7 +193,7 @@ class RewardModelRegistry:
         """Directory of the newest complete reward model, or ``None`` before the first (a data
         dir written before numbered reward models keeps its one in ``reward/latest``)."""
         for number in reversed(self.dirs.numbers()):
-            path = self.dirs.root / f"r{number}"
+            path = self.dirs.path(number)
             if is_complete(path):
                 return path
         legacy = self.dirs.root / "latest"
@@ -204,7 +208,7 @@ class RewardModelRegistry:
         numbers = self.dirs.numbers()
         _, target = self.dirs.publish(staging, (numbers[-1] + 1) if numbers else 1)
         for number in self.dirs.numbers()[: -self.keep]:
-            shutil.rmtree(self.dirs.root / f"r{number}", ignore_errors=True)
+            shutil.rmtree(self.dirs.path(number), ignore_errors=True)
         return target
 
 

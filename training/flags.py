@@ -87,16 +87,22 @@ def _dest(prefix: str, name: str) -> str:
     return (prefix + name).replace("-", "_").replace(".", "__")
 
 
+def _inner(prefix: str, field: dataclasses.Field) -> tuple[str, tuple[str, ...]]:
+    """``(prefix, skip)`` of a nested config field's own fields: ``prefix + "name."`` and the
+    fields its parent sets (no flag)."""
+    return prefix + field.name.replace("_", "-") + ".", field.metadata.get("set_by_parent", ())
+
+
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Sequence[str] = (),
                        group=None) -> None:
     """Add one ``--flag`` per field of dataclass ``cls``, recursing into nested dataclasses."""
     target = group or parser
     for field, annotation in _fields(cls, skip):
-        name = prefix + field.name.replace("_", "-")
         if dataclasses.is_dataclass(annotation):
-            title = f"{name} ({annotation.__name__})"
+            inner, inner_skip = _inner(prefix, field)
+            title = f"{inner[:-1]} ({annotation.__name__})"
             sub = parser.add_argument_group(title, field.metadata.get("help") or annotation.__doc__.split("\n")[0])
-            add_dataclass_args(parser, annotation, name + ".", field.metadata.get("set_by_parent", ()), sub)
+            add_dataclass_args(parser, annotation, inner, inner_skip, sub)
             continue
         kind = _scalar_type(annotation)
         default = _default(field)
@@ -121,8 +127,7 @@ def flag_names(cls, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
     names: list[str] = []
     for field, annotation in _fields(cls, skip):
         if dataclasses.is_dataclass(annotation):
-            names += flag_names(annotation, prefix + field.name.replace("_", "-") + ".",
-                                field.metadata.get("set_by_parent", ()))
+            names += flag_names(annotation, *_inner(prefix, field))
         else:
             names.append(_flag(prefix, field.name))
     return names
@@ -137,9 +142,7 @@ def dataclass_from_args(cls, namespace: argparse.Namespace, prefix: str = "", sk
     values = {}
     for field, annotation in _fields(cls, skip):
         if dataclasses.is_dataclass(annotation):
-            values[field.name] = dataclass_from_args(
-                annotation, namespace, prefix + field.name.replace("_", "-") + ".",
-                field.metadata.get("set_by_parent", ()))
+            values[field.name] = dataclass_from_args(annotation, namespace, *_inner(prefix, field))
             continue
         dest = _dest(prefix, field.name)
         if hasattr(namespace, dest):
@@ -170,7 +173,7 @@ def to_argv(config, prefix: str = "", skip: Sequence[str] = ()) -> list[str]:
     for field, annotation in _fields(type(config), skip):
         value = getattr(config, field.name)
         if dataclasses.is_dataclass(annotation):
-            argv += to_argv(value, prefix + field.name.replace("_", "-") + ".", field.metadata.get("set_by_parent", ()))
+            argv += to_argv(value, *_inner(prefix, field))
             continue
         if value == _default(field):
             continue
