@@ -24,6 +24,7 @@ from training.flags import (
     nested,
     to_argv,
 )
+from training.models import LoadConfig
 from training.round import RoundConfig
 
 log = logging.getLogger("app")
@@ -34,7 +35,6 @@ class AppConfig:
     """Every flag of ``python app.py``."""
 
     model: str = help_field("", help="hub id or local directory of a causal LM with a chat template; empty: build/use the offline starter model")
-    quantize: str = help_field("none", help="load the served base in 8bit or 4bit (nf4) with bitsandbytes", choices=["none", "8bit", "4bit"])
     data_dir: str = help_field("data", help="where the SQLite file, adapters, reward models and the starter live")
     host: str = help_field("127.0.0.1", help="address to bind; 0.0.0.0 opens the app to the network")
     port: int = help_field(7860, help="port of the web UI")
@@ -50,9 +50,10 @@ class AppConfig:
     top_p: float = help_field(0.95, help="nucleus sampling mass of chat replies")
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
     threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one by default)")
+    load: LoadConfig = nested(LoadConfig, flat=True, help="how the base is loaded, for serving and for training rounds")
     round: RoundConfig = nested(
         RoundConfig, help="every training round (python -m training.jobs, run by the app in a child process); "
-        "e.g. --round.min-votes 20 --round.gate.enabled false --round.rs.n 8", set_by_parent=("data_dir", "model"))
+        "e.g. --round.min-votes 20 --round.gate.enabled false --round.rs.n 8", set_by_parent=("data_dir", "model", "load"))
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -70,8 +71,9 @@ class AppConfig:
 
     def round_argv(self, data_dir: str, model: str) -> list[str]:
         """The flags of ``python -m training.jobs`` for the app's rounds: ``self.round`` on
-        ``data_dir`` and base ``model`` (absolute paths: the child runs in the project directory)."""
-        return to_argv(replace(self.round, data_dir=data_dir, model=model))
+        ``data_dir`` and base ``model`` loaded as the app loads it (``self.load``; absolute
+        paths: the child runs in the project directory)."""
+        return to_argv(replace(self.round, data_dir=data_dir, model=model, load=self.load))
 
 
 def torch_threads(n: int) -> None:
@@ -110,7 +112,7 @@ def build_app(config: AppConfig):
     from storage.paths import DataDir, DataDirError
     from storage.registry import AdapterRegistry, clean_staging
     from storage.store import open_store
-    from training.models import load_model_and_tokenizer, load_tokenizer
+    from training.models import load_tokenizer
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
@@ -121,12 +123,12 @@ def build_app(config: AppConfig):
         from training.starter.build import ensure_starter
 
         model_ref = str(ensure_starter(data_dir.starter, progress=True))
-    load_tokenizer(model_ref)  # a bad --model fails here, with its own message, before anything is written
+    load_tokenizer(model_ref, config.load.chat_template)  # a bad --model fails here, before anything is written
     try:
         data_dir.check_model(model_ref)
     except DataDirError as exc:
         raise SystemExit(f"error: {exc}") from None
-    model, tokenizer = load_model_and_tokenizer(model_ref, config.quantize)
+    model, tokenizer = config.load.load(model_ref)
     data_dir.record_model(model_ref)
     store = open_store(data_dir)
     store.fail_stale_rounds("the app stopped while this round was running")

@@ -51,7 +51,7 @@ def gold_figures(policy, tokenizer, annotator, prompts: list[list[dict]], adapte
     """
     import torch
 
-    from training.models import end_of_turn_ids
+    from training.chat_format import end_of_turn_ids
     from training.reward_training import score
     from training.rollout import answer_kl, generate_rollouts
     from training.seeds import derive_seed

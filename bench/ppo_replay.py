@@ -102,7 +102,7 @@ def gold_reward_fn(annotator, policy, tokenizer, prompts: list[list[dict]], refs
     """
     import torch
 
-    from training.models import end_of_turn_ids
+    from training.chat_format import end_of_turn_ids
     from training.rollout import generate_rollouts, reference_model
 
     def key(messages: list[dict]) -> str:
@@ -187,12 +187,12 @@ def run(config: ReplayConfig) -> dict:
     ppo_prompts, pairs = inputs.ppo_prompts, inputs.pairs
     log(f"{len(ppo_prompts)} PPO prompts, {len(eval_prompts)} evaluation prompts, reward: {config.reward}")
 
+    policy = starting_policy(model, round_config, registry, inputs.live)
     rm, metrics = None, {}
-    if config.reward == "rm":  # the round's fresh reward-model candidate
-        rm, metrics = train_reward_model(model_ref, tokenizer, pairs, round_config.reward)
+    if config.reward == "rm":  # the round's fresh reward-model candidate, on the policy's base
+        rm, metrics = train_reward_model(policy, tokenizer, pairs, round_config.reward)
         reward_fn = make_reward_fn(rm, tokenizer)
         log(f"reward model: held-out accuracy {metrics['rm/accuracy']:.3f} on {metrics['rm/heldout_decisive']:.0f} pairs")
-    policy = starting_policy(model, round_config, registry, inputs.live)
     if config.reward == "gold":
         reward_fn = gold_reward_fn(annotator, policy, tokenizer, ppo_prompts, config.gold_refs,
                                    round_config.ppo.max_new_tokens, derive_seed(config.seed, "bench/gold-refs"))

@@ -229,7 +229,7 @@ def _timed_stream(engine, messages, sampling, stop_after_first: bool = False) ->
 def _timed_generate(engine, messages, n: int) -> float:
     import torch
 
-    from training.models import render_prompt
+    from training.chat_format import render_prompt
 
     ids = torch.tensor([render_prompt(engine.tokenizer, messages)])
     t0 = time.perf_counter()

@@ -35,7 +35,8 @@ TARGETS = {  # issue 3, on 2 CPU cores
 
 def time_reply(model_dir: Path, tokens: int = 30, repeats: int = 5) -> float:
     """Median seconds for one greedy reply of exactly ``tokens`` new tokens (end-of-turn ignored)."""
-    from training.models import load_model_and_tokenizer, render_prompt
+    from training.chat_format import render_prompt
+    from training.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir)
     prompt = torch.tensor([render_prompt(tok, [{"role": "user", "content": "What is 12 plus 30?"}])])

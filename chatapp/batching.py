@@ -138,6 +138,7 @@ class Batcher:
         self.on_busy = on_busy
         self.mergeable = True  # becomes False at the first cache that cannot be merged
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.device = next(model.parameters()).device  # ids go there; logits come back to the CPU
         params = inspect.signature(base.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._cond = threading.Condition()
@@ -242,7 +243,8 @@ class Batcher:
                     self._finish(req, "length")
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, rows: list[Request]):
-        """Model forward for ``rows``: ids/mask/pos (B, T) → (logits (B, V) float, cache)."""
+        """Model forward for ``rows``: ids/mask/pos (B, T) on the CPU → (logits (B, V) float on
+        the CPU, where rows are sampled with their own generators; cache on the model's device)."""
         kwargs = {}
         names = [r.adapter for r in rows]
         if any(n is not None for n in names):
@@ -253,10 +255,11 @@ class Batcher:
         kwargs[self._cache_kw] = cache
         with torch.inference_mode():
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs
+                input_ids=ids.to(self.device), attention_mask=mask.to(self.device), position_ids=pos.to(self.device),
+                use_cache=True, logits_to_keep=1, **kwargs
             )
         new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        return out.logits[:, -1].float(), new_cache
+        return out.logits[:, -1].float().cpu(), new_cache
 
     def _admit(self, newcomers: list[Request]) -> None:
         """Prefill ``newcomers`` together and merge them into the batch."""
@@ -332,9 +335,10 @@ class Batcher:
         self._mask = self._mask[index]
         self._next = self._next[index]
         first = int((self._mask.sum(dim=0) > 0).nonzero()[0])  # first column some row uses
+        on_device = index.to(self.device)
         for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            layer.keys = layer.keys[on_device, :, first:]
+            layer.values = layer.values[on_device, :, first:]
         self._mask = self._mask[:, first:]
         with self._cond:
             self._rows = [self._rows[i] for i in keep]

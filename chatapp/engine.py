@@ -28,15 +28,8 @@ import torch
 from chatapp.batching import Batcher, Request
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
 from storage.registry import AdapterRegistry
-from training.models import (
-    add_lora,
-    context_window,
-    end_of_turn_ids,
-    fit_messages,
-    load_lora,
-    render_prompt,
-    save_adapter,
-)
+from training.chat_format import end_of_turn_ids, render_prompt
+from training.models import add_lora, context_window, fit_messages, load_lora, save_adapter
 
 log = logging.getLogger(__name__)
 

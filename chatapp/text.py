@@ -6,7 +6,9 @@ Policy (deliberate, tested in ``tests/test_engine_text.py``):
   (:func:`training.models.end_of_turn_ids`) *and* at any special token the chat template itself
   emits (bos, role headers such as ``<|user|>``, ``<|start_header_id|>``, ``<|im_start|>``): a
   model that starts writing the next turn has finished this one. The stopping token is never shown.
-* **Other special tokens** (pad, unknown, tool tokens …) are dropped from the text, never shown.
+* **Other special tokens** (pad, unknown, tool tokens …: every id
+  :func:`training.chat_format.special_ids` names, added tokens flagged special included) are
+  dropped from the text, never shown.
 * **Reasoning.** ``<think>…</think>`` blocks are reasoning, not the answer: they are removed from
   the streamed text, from the stored answer and therefore from what is voted on and from the
   context of the next turn; :class:`ReplyText` keeps them apart as ``reasoning``. An unclosed
@@ -19,26 +21,16 @@ from __future__ import annotations
 
 import re
 
+from training.chat_format import chat_format, special_ids
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)" + re.escape(THINK_CLOSE), re.DOTALL)
 
 
 def template_special_ids(tokenizer) -> set[int]:
-    """Special token ids that the chat template emits (bos, role headers, end of turn), found by
-    rendering a probe conversation. ``<think>`` tags are never included."""
-    probe = [
-        {"role": "system", "content": "s"},
-        {"role": "user", "content": "u"},
-        {"role": "assistant", "content": "a"},
-        {"role": "user", "content": "v"},
-    ]
-    try:
-        ids = tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=True)
-    except Exception:  # noqa: BLE001 - templates that reject a system role
-        ids = tokenizer.apply_chat_template(probe[1:], add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return (set(int(i) for i in ids) & set(tokenizer.all_special_ids)) - think_ids(tokenizer)
+    """Special token ids that the chat template emits (bos, role headers, end of turn;
+    :attr:`training.chat_format.ChatFormat.template_ids`); ``<think>`` tags are never included."""
+    return set(chat_format(tokenizer).template_ids) - think_ids(tokenizer)
 
 
 def think_ids(tokenizer) -> set[int]:
@@ -85,7 +77,7 @@ class ReplyText:
 
     def __init__(self, tokenizer, hidden_ids: set[int] | None = None):
         self.tokenizer = tokenizer
-        self.hidden = set(tokenizer.all_special_ids) - think_ids(tokenizer) if hidden_ids is None else hidden_ids
+        self.hidden = set(special_ids(tokenizer)) - think_ids(tokenizer) if hidden_ids is None else hidden_ids
         self.ids: list[int] = []  # visible ids (hidden ones dropped)
         self.raw = ""
         self._prefix = 0  # ids[_prefix:_read] were decoded already, as context for the next piece

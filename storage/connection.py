@@ -160,9 +160,10 @@ def loads(value: str | None) -> Any:
 
 def decode_metrics(row: dict) -> dict:
     """A copy of a ``training_rounds`` / ``policy_versions`` row with its JSON columns
-    (``metrics``, and a round's ``settings``) decoded."""
+    (``metrics``, and a round's ``settings`` and ``progress``) decoded."""
     row = dict(row)
     row["metrics"] = loads(row["metrics"])
-    if "settings" in row:
-        row["settings"] = loads(row["settings"])
+    for key in ("settings", "progress"):
+        if key in row:
+            row[key] = loads(row[key])
     return row

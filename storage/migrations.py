@@ -114,10 +114,17 @@ def m003_round_settings(db: sqlite_utils.Database) -> None:
     db["training_rounds"].add_column("settings", str)
 
 
+def m004_round_progress(db: sqlite_utils.Database) -> None:
+    """A running round's progress (JSON: stage, done, total, eta_s, updated_at; NULL before
+    its first report)."""
+    db["training_rounds"].add_column("progress", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_initial_schema,
     m002_indexes,
     m003_round_settings,
+    m004_round_progress,
 ]
 
 

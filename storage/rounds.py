@@ -104,6 +104,20 @@ class RoundsMixin:
             db.table("training_rounds").update(round_id, updates)
         return self.round(round_id)
 
+    def set_round_progress(self, round_id: int, stage: str, done: int = 0, total: int | None = None,
+                           eta_s: float | None = None) -> bool:
+        """Record how far a running round is: ``stage`` (``"reward model"``, ``"ppo"``, ``"gate"``,
+        ``"publish"``), ``done`` of ``total`` steps of it, and the estimated seconds left of the
+        round (``eta_s``; None: unknown). A round no longer running is left as it is (returns
+        False): a late report never rewrites a finished round."""
+        progress = {"stage": stage, "done": int(done), "total": None if total is None else int(total),
+                    "eta_s": None if eta_s is None else round(float(eta_s), 1), "updated_at": self._now()}
+        cursor = self.db.execute(
+            "UPDATE training_rounds SET progress = ? WHERE id = ? AND status = 'running'",
+            [dumps(progress), round_id],
+        )
+        return cursor.rowcount == 1
+
     def round(self, round_id: int) -> dict:
         """One round as a dict (``metrics`` and ``settings`` decoded). Raises ``UnknownRound`` if absent."""
         try:

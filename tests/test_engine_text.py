@@ -183,7 +183,8 @@ def test_too_long_message_is_a_clear_error_and_serving_goes_on(engine):
 
 
 def test_fit_prompts_applies_the_serving_rule_to_training_prompts(engine):
-    from training.models import fit_messages, fit_prompts, render_prompt
+    from training.chat_format import render_prompt
+    from training.models import fit_messages, fit_prompts
 
     tok = engine.tokenizer
     long_history = []

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from training.models import LoraSettings, add_lora, end_of_turn_ids, load_model_and_tokenizer
+from training.chat_format import end_of_turn_ids
+from training.models import LoraSettings, add_lora, load_model_and_tokenizer
 from training.ppo import PPOConfig, ValueHead, ppo_train
 from training.ppo_math import per_token_kl
 from training.rollout import (
@@ -43,7 +44,7 @@ def test_rollouts_are_pure_sampling(tiny_model_dir):
     gc.do_sample, gc.top_k, gc.top_p, gc.temperature = False, 1, 0.05, 0.05
     gc.repetition_penalty, gc.min_new_tokens, gc.no_repeat_ngram_size = 5.0, 5, 1
     prompt = PROMPTS[0]
-    from training.models import render_prompt
+    from training.chat_format import render_prompt
 
     with torch.no_grad():
         logits = policy(input_ids=torch.tensor([render_prompt(tok, prompt)])).logits[0, -1]

@@ -9,7 +9,8 @@ import torch
 
 from tests.test_ppo import PROMPTS as PPO_PROMPTS
 from tests.test_ppo import e_reward, make_policy  # the tiny base + a fresh adapter; the toy reward
-from training.models import LoraSettings, end_of_turn_ids, load_model_and_tokenizer
+from training.chat_format import end_of_turn_ids
+from training.models import LoraSettings, load_model_and_tokenizer
 from training.rejection_sampling import (
     RejectionConfig,
     best_of_n,

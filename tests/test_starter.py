@@ -155,7 +155,8 @@ def test_cli_flags_are_generated_from_the_config():
 def test_tiny_build_loads_like_a_hub_model_and_stops_at_end_of_turn(tiny_build):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.models import load_model_and_tokenizer, render_prompt
+    from training.chat_format import render_prompt
+    from training.models import load_model_and_tokenizer
 
     info = json.loads((tiny_build / "starter.json").read_text())
     assert info["seed"] == TINY.get("seed", 0) and info["config"]["hidden_size"] == TINY["hidden_size"]

@@ -34,10 +34,12 @@ def help_field(default=dataclasses.MISSING, help: str = "", choices=None, **kwar
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
-def nested(cls, help: str = "", set_by_parent: Sequence[str] = ()):  # noqa: A002
-    """A nested config field (flags ``--name.field``). ``set_by_parent``: fields of ``cls`` the
+def nested(cls, help: str = "", set_by_parent: Sequence[str] = (), flat: bool = False):  # noqa: A002
+    """A nested config field (flags ``--name.field``; with ``flat``, ``--field``: a group of
+    settings several configs share under the same flags). ``set_by_parent``: fields of ``cls`` the
     parent's ``__post_init__`` sets from its own settings; they get no flag of their own."""
-    return dataclasses.field(default_factory=cls, metadata={"help": help, "set_by_parent": tuple(set_by_parent)})
+    return dataclasses.field(default_factory=cls, metadata={"help": help, "set_by_parent": tuple(set_by_parent),
+                                                            "flat": flat})
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -88,9 +90,10 @@ def _dest(prefix: str, name: str) -> str:
 
 
 def _inner(prefix: str, field: dataclasses.Field) -> tuple[str, tuple[str, ...]]:
-    """``(prefix, skip)`` of a nested config field's own fields: ``prefix + "name."`` and the
-    fields its parent sets (no flag)."""
-    return prefix + field.name.replace("_", "-") + ".", field.metadata.get("set_by_parent", ())
+    """``(prefix, skip)`` of a nested config field's own fields: ``prefix + "name."`` (``prefix``
+    for a flat one) and the fields its parent sets (no flag)."""
+    inner = prefix if field.metadata.get("flat") else prefix + field.name.replace("_", "-") + "."
+    return inner, field.metadata.get("set_by_parent", ())
 
 
 def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", skip: Sequence[str] = (),
@@ -100,7 +103,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, prefix: str = "", s
     for field, annotation in _fields(cls, skip):
         if dataclasses.is_dataclass(annotation):
             inner, inner_skip = _inner(prefix, field)
-            title = f"{inner[:-1]} ({annotation.__name__})"
+            title = f"{field.name if field.metadata.get('flat') else inner[:-1]} ({annotation.__name__})"
             sub = parser.add_argument_group(title, field.metadata.get("help") or annotation.__doc__.split("\n")[0])
             add_dataclass_args(parser, annotation, inner, inner_skip, sub)
             continue

@@ -4,7 +4,7 @@ Everything that touches a model goes through here, for the starter model and hub
 
 * :func:`load_model_and_tokenizer` — a hub id or a local directory, optionally quantized with
   bitsandbytes (``8bit``, or ``4bit`` nf4).
-* :func:`render_prompt` — token ids of a conversation through the tokenizer's chat template.
+* chat templates: :mod:`training.chat_format` (special tokens, system role, end of turn).
 * :func:`fit_messages` — drop the oldest whole turns until prompt + ``max_new_tokens`` fits;
   :func:`fit_prompts` applies the same rule to a batch of training prompts.
 * :func:`add_lora` / :func:`load_lora` — the policy is the base plus one LoRA adapter (peft).
@@ -12,16 +12,58 @@ Everything that touches a model goes through here, for the starter model and hub
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
+from training.chat_format import (
+    ChatTemplateError,
+    check_template,
+    read_chat_template,
+    render_prompt,
+)
+from training.devices import (
+    DEVICE_HELP,
+    DTYPES,
+    QUANTIZE_MODES,
+    Placement,
+    PlacementError,
+    resolve_placement,
+)
+from training.flags import help_field
+
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("none", "8bit", "4bit")
+@dataclass
+class LoadConfig:
+    """How the base model is loaded: the app and its training rounds share these flags, so a
+    round trains on the base the app serves (:func:`training.devices.resolve_placement`)."""
+
+    device: str = help_field("auto", help=f"where the model runs: {DEVICE_HELP}")
+    dtype: str = help_field("auto", choices=list(DTYPES),
+                            help="weights and compute: auto = float32 on the CPU, bfloat16 on a GPU that has it, else float16")
+    quantize: str = help_field("none", choices=list(QUANTIZE_MODES),
+                               help="store the frozen base in 8bit or 4bit (nf4) with bitsandbytes; rounds train LoRA on it (QLoRA)")
+    chat_template: str = help_field("", help="file with a Jinja chat template for a model without one (or to replace its own)")
+
+    def __post_init__(self):
+        resolve_placement(self.device, self.dtype, self.quantize)  # PlacementError (ValueError): bad or unavailable
+        if self.chat_template:
+            self.chat_template = str(Path(self.chat_template).expanduser().resolve())  # rounds run elsewhere
+            if not Path(self.chat_template).is_file():
+                raise ValueError(f"--chat-template {self.chat_template}: no such file")
+
+    def placement(self) -> Placement:
+        """The resolved device, dtype and quantization on this machine."""
+        return resolve_placement(self.device, self.dtype, self.quantize)
+
+    def load(self, name_or_path: str | os.PathLike):
+        """``(model, tokenizer)`` of ``name_or_path`` loaded this way (:func:`load_model_and_tokenizer`)."""
+        return load_model_and_tokenizer(name_or_path, self.quantize, self.device, self.dtype, self.chat_template)
 
 
 class ModelLoadError(RuntimeError):
@@ -60,21 +102,21 @@ class LoraSettings:
         )
 
 
-def _quantization_config(quantize: str):
-    if quantize not in QUANTIZE_MODES:
-        raise ModelLoadError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
-    if quantize == "none":
+def _quantization_config(placement: Placement):
+    """bitsandbytes' config for ``placement.quantize`` (None: unquantized or bitsandbytes missing),
+    computing in ``placement.dtype``."""
+    if placement.quantize == "none":
         return None
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except Exception as exc:  # noqa: BLE001 - any import failure means "unsupported here"
-        log.warning("--quantize %s is unsupported here (%s); loading unquantized", quantize, exc)
+        log.warning("--quantize %s is unsupported here (%s); loading unquantized", placement.quantize, exc)
         return None
-    if quantize == "8bit":
+    if placement.quantize == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=placement.torch_dtype
     )
 
 
@@ -130,11 +172,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].rstrip(".") if text else ""
 
 
-def load_tokenizer(name_or_path: str | os.PathLike):
-    """Load a tokenizer and check that it has a chat template.
+def load_tokenizer(name_or_path: str | os.PathLike, chat_template: str | os.PathLike = ""):
+    """Load a tokenizer and check that it has a chat template that renders a conversation.
+
+    Args:
+        chat_template: a file holding a Jinja chat template (``--chat-template FILE``), used
+            instead of the tokenizer's own (or where it has none).
 
     Raises:
-        ModelLoadError: the tokenizer cannot be loaded or has no chat template.
+        ModelLoadError: the tokenizer cannot be loaded, has no chat template and none was given,
+            or the template does not render a conversation.
     """
     from transformers import AutoTokenizer
 
@@ -155,53 +202,78 @@ def load_tokenizer(name_or_path: str | os.PathLike):
             "local directory holding config.json, the weights and tokenizer files, or leave "
             "--model out to use the offline starter model."
         ) from exc
-    if not getattr(tok, "chat_template", None):
-        raise ModelLoadError(
-            f"model {str(name_or_path)!r} has no chat template; use an instruct/chat model "
-            "(its tokenizer_config.json must define chat_template) or leave --model out."
-        )
+    try:
+        if chat_template:
+            tok.chat_template = read_chat_template(chat_template)
+        elif not getattr(tok, "chat_template", None):
+            raise ModelLoadError(
+                f"model {str(name_or_path)!r} has no chat template: pass one with --chat-template FILE "
+                "(a Jinja template, or a tokenizer_config.json holding chat_template), use an "
+                "instruct/chat model, or leave --model out."
+            )
+        check_template(tok, f"--chat-template {chat_template}" if chat_template else repr(str(name_or_path)))
+    except ChatTemplateError as exc:
+        raise ModelLoadError(str(exc)) from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation batches are left-padded
     return tok
 
 
-def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "none"):
+def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "none", device: str = "auto",
+                             dtype: str = "auto", chat_template: str | os.PathLike = ""):
     """Load a causal LM and its tokenizer from a hub id or a local directory.
 
     Args:
         name_or_path: a Hugging Face hub id or a directory written by ``save_pretrained``.
-        quantize: ``"none"``, ``"8bit"`` or ``"4bit"`` (nf4, float32 compute) through
-            bitsandbytes, on CPU or CUDA. Where bitsandbytes is missing, cannot load the model or
-            its kernels fail a one-forward smoke test, a one-line warning is logged and the model
-            loads unquantized (never a crash).
+        quantize: ``"none"``, ``"8bit"`` or ``"4bit"`` (nf4) through bitsandbytes, on CPU or
+            CUDA. Where bitsandbytes is missing, cannot load the model or its kernels fail a
+            one-forward smoke test, a one-line warning is logged and the model loads
+            unquantized (never a crash).
+        device, dtype: see :func:`training.devices.resolve_placement` (auto: CUDA and
+            bfloat16/float16 where present, else the CPU and float32).
+        chat_template: a template file for a model without one (:func:`load_tokenizer`).
 
     Returns:
-        ``(model, tokenizer)``; the model is in eval mode, float32 where unquantized, and only
-        ``.safetensors`` weights are accepted.
+        ``(model, tokenizer)``; the model is in eval mode on its device, and only
+        ``.safetensors`` weights are accepted. ``model.placement`` is the
+        :class:`training.devices.Placement` it was loaded with (logged once).
 
     Raises:
-        ModelLoadError: the path/id cannot be loaded, has no chat template, or holds no
-            safetensors weights.
+        ModelLoadError: the path/id cannot be loaded, has no usable chat template, holds no
+            safetensors weights, or the device/dtype is unavailable here.
     """
+    try:
+        placement = resolve_placement(device, dtype, quantize)
+    except PlacementError as exc:
+        raise ModelLoadError(str(exc)) from None
+    tok = load_tokenizer(name_or_path, chat_template)
+    model = _load_model(name_or_path, placement)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _load_model(name_or_path, placement: Placement):
+    """The causal LM of :func:`load_model_and_tokenizer` (falls back to unquantized)."""
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(name_or_path)
-    qconfig = _quantization_config(quantize)
-    kwargs = {"use_safetensors": True}
+    qconfig = _quantization_config(placement)
+    kwargs = {"use_safetensors": True, "dtype": placement.torch_dtype}
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    else:
-        kwargs["dtype"] = torch.float32
+    if placement.on_cuda:
+        kwargs["device_map"] = {"": placement.device}
+    unquantized = replace(placement, quantize="none")
     try:
         model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     except Exception as exc:  # noqa: BLE001
         if qconfig is not None:
             log.warning(
                 "--quantize %s failed (%s: %s); loading unquantized",
-                quantize, exc.__class__.__name__, _first_line(exc),
+                placement.quantize, exc.__class__.__name__, _first_line(exc),
             )
-            return load_model_and_tokenizer(name_or_path, "none")
+            return _load_model(name_or_path, unquantized)
         raise ModelLoadError(
             f"cannot load a causal LM from {str(name_or_path)!r}: {exc.__class__.__name__}: "
             f"{_first_line(exc)}. Pass --model with a hub id or a "
@@ -215,36 +287,26 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, quantize: str = "n
         except Exception as exc:  # noqa: BLE001 - unsupported kernels: fall back, never crash
             log.warning(
                 "--quantize %s is unsupported here (%s: %s); loading unquantized",
-                quantize, exc.__class__.__name__, _first_line(exc),
+                placement.quantize, exc.__class__.__name__, _first_line(exc),
             )
             del model
-            return load_model_and_tokenizer(name_or_path, "none")
+            return _load_model(name_or_path, unquantized)
     model.eval()
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    model.placement = placement
+    log.info("model %s: %s", name_or_path, placement.describe())
+    return model
 
 
-def end_of_turn_ids(model, tokenizer) -> list[int]:
-    """Every token id that ends an assistant turn: the generation config's eos ids and the
-    tokenizer's eos token, deduplicated, in that order."""
-    ids: list[int] = []
-    eos = model.generation_config.eos_token_id
-    for i in eos if isinstance(eos, list) else [eos]:
-        if i is not None and i not in ids:
-            ids.append(int(i))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(int(tokenizer.eos_token_id))
-    return ids
-
-
-def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of ``messages`` rendered with the chat template, ending with the assistant
-    header (``add_generation_prompt=True``). ``messages`` are ``{"role", "content"}`` dicts."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if isinstance(out, dict) or hasattr(out, "keys"):
-        out = out["input_ids"]
-    return list(out)
+def base_placement(model) -> Placement:
+    """The :class:`training.devices.Placement` a model (or a peft model around it) was loaded
+    with; a model built in memory counts as unquantized float32 on its parameters' device."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    found = getattr(model, "placement", None)
+    if found is not None:
+        return found
+    p = next(model.parameters())
+    return Placement(str(p.device), str(p.dtype).removeprefix("torch."), "none", "built in memory")
 
 
 def fit_messages(
@@ -352,12 +414,42 @@ def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def add_lora(model, settings: LoraSettings | None = None, adapter_name: str = "default"):
-    """Wrap ``model`` in a peft ``PeftModel`` with a fresh LoRA adapter (B = 0, so the policy
-    starts equal to the base). Base weights are frozen; only LoRA weights require grad."""
-    from peft import get_peft_model
+    """A fresh LoRA adapter ``adapter_name`` (B = 0, so the policy starts equal to the base) on
+    ``model``: wrapped in a peft ``PeftModel``, or, when it is one already, added beside its
+    adapters on the same base weights (not made active; the other adapters' flags unchanged).
+    Base weights are frozen; the new LoRA weights require grad."""
+    from peft import PeftModel, get_peft_model
 
     settings = settings or LoraSettings()
+    if isinstance(model, PeftModel):
+        flags = requires_grad_flags(model)
+        model.add_adapter(adapter_name, settings.peft_config())
+        restore_requires_grad(model, flags)
+        for name, p in model.named_parameters():
+            if "lora_" in name and f".{adapter_name}." in name:
+                p.requires_grad_(True)
+        return model
     return get_peft_model(model, settings.peft_config(), adapter_name=adapter_name)
+
+
+@contextlib.contextmanager
+def using_adapter(model, adapter_name: str):
+    """Run the block with ``adapter_name`` as the peft model's active adapter, then switch back.
+
+    peft's ``set_adapter`` marks the adapter it activates trainable and the others frozen; every
+    ``requires_grad`` flag is snapshotted and restored, so scoring with a reward model that
+    shares the policy's base changes nothing of the policy's training state."""
+    before = model.active_adapter
+    if before == adapter_name:
+        yield model
+        return
+    flags = requires_grad_flags(model)
+    try:
+        model.set_adapter(adapter_name)
+        yield model
+    finally:
+        model.set_adapter(before)
+        restore_requires_grad(model, flags)
 
 
 def load_lora(model, adapter_dir: str | Path, adapter_name: str = "default", trainable: bool = False):
@@ -383,8 +475,13 @@ def load_lora(model, adapter_dir: str | Path, adapter_name: str = "default", tra
             f"no adapter_model.safetensors in {adapter_dir}; only safetensors adapters are "
             "loaded (re-save it with save_pretrained(..., safe_serialization=True))"
         )
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel):  # beside the other adapters, whose flags stay as they are
+        flags = requires_grad_flags(model)
         model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
+        restore_requires_grad(model, flags)
+        for name, p in model.named_parameters():
+            if "lora_" in name and f".{adapter_name}." in name:
+                p.requires_grad_(trainable)
         return model
     return PeftModel.from_pretrained(
         model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable

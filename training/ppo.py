@@ -42,10 +42,10 @@ from dataclasses import dataclass
 
 import torch
 
+from training.chat_format import end_of_turn_ids
 from training.flags import add_dataclass_args, dataclass_from_args, help_field
 from training.models import (
     active_lora_params,
-    end_of_turn_ids,
     requires_grad_flags,
     restore_requires_grad,
     text_config,
@@ -198,6 +198,7 @@ def ppo_train(
     value_head: ValueHead | None = None, progress: bool = False,
     normalizer: RewardNormalizer | None = None,
     ptx_examples: list[tuple[list[int], list[int]]] | None = None,
+    on_iteration: Callable[[int, int], bool] | None = None,
 ) -> dict:
     """Run ``config.steps`` PPO iterations on the active LoRA adapter of ``policy``.
 
@@ -215,6 +216,9 @@ def ppo_train(
             loss, e.g. :func:`training.sft.encode_conversation`); with
             ``config.ptx_coef`` > 0 every minibatch step adds γ × their mean token NLL under the
             policy (PPO-ptx), cycling through them ``mini_batch_size`` at a time.
+        on_iteration: called as ``on_iteration(done, total)`` after each iteration (progress,
+            e.g. :meth:`training.progress.RoundProgress.ppo_iteration`); returning True ends
+            PPO there, at an iteration boundary (a time budget).
 
     Returns:
         Metrics (floats), averaged over iterations: ``objective/kl`` (nats per answer, the
@@ -224,7 +228,8 @@ def ppo_train(
         ``ppo/approx_kl``, ``ppo/loss/policy``, ``ppo/loss/value``, ``ppo/val/clipfrac``,
         ``ppo/grad_norm``, ``answer/length_tokens``, ``answer/no_eos_rate``, and
         ``objective/reward_first`` / ``objective/reward_last`` (first and last iteration),
-        ``objective/kl_last`` (the last iteration's KL), ``ppo/loss/ptx`` (with PPO-ptx).
+        ``objective/kl_last`` (the last iteration's KL), ``ppo/loss/ptx`` (with PPO-ptx),
+        ``ppo/iterations`` (run) and ``ppo/stopped_early`` (1.0 when ``on_iteration`` ended it).
 
     Raises:
         ValueError: no prompts, or the policy has no LoRA adapter.
@@ -344,6 +349,8 @@ def ppo_train(
             history.append(row)
             if progress:
                 iterator.set_postfix(reward=f"{row['objective/reward']:.3f}", kl=f"{kl_per_answer:.2f}")
+            if on_iteration is not None and on_iteration(step + 1, len(batches)):
+                break
     finally:
         optimizer.zero_grad(set_to_none=True)
         restore_requires_grad(policy, flags)
@@ -356,7 +363,9 @@ def ppo_train(
     if normalizer is not None:
         metrics["objective/ref_score_mean"] = normalizer.mean
         metrics["objective/ref_score_std"] = normalizer.std
-    metrics["ppo/samples"] = float(sum(len(b) for b in batches))
+    metrics["ppo/samples"] = float(sum(len(b) for b in batches[:len(history)]))
+    metrics["ppo/iterations"] = float(len(history))
+    metrics["ppo/stopped_early"] = float(len(history) < len(batches))
     metrics["time/ppo_s"] = time.time() - t0
     summary = ", ".join(f"{k}={metrics[k]:.3g}" for k in (
         "objective/reward", "objective/kl", "objective/kl_coef", "ppo/clipfrac",

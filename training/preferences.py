@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from training.models import render_prompt
+from training.chat_format import chat_format, render_conversation, render_prompt
 
 
 def answer_span(
@@ -21,8 +21,10 @@ def answer_span(
     prompt_ids: list[int] | None = None,
 ) -> tuple[list[int], int]:
     """Token ids of ``prompt`` with ``answer`` as an assistant turn, through the chat template,
-    ending with the end-of-turn token (anything the template puts after it is cut; the token is
-    appended if the template leaves it out), and how many trailing ids are the answer.
+    ending with the template's own end of turn (:attr:`training.chat_format.ChatFormat.end_of_turn`:
+    ``<end_of_turn>\n`` for Gemma, ``<|im_end|>\n`` for ChatML; anything the template puts
+    after it is cut, and it is appended if the template leaves it out), and how many trailing
+    ids are the answer.
 
     The answer is what follows the longest common prefix with the prompt rendered with its
     generation prompt (the assistant header); end-of-turn included. Longer than
@@ -33,16 +35,11 @@ def answer_span(
     Returns:
         ``(ids, n_answer)`` with ``1 <= n_answer <= len(ids) - 1`` (``len(ids) >= 2``).
     """
-    out = tokenizer.apply_chat_template(
-        list(prompt) + [{"role": "assistant", "content": answer}], tokenize=True,
-        add_generation_prompt=False)
-    ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-    eot = tokenizer.eos_token_id
-    if eot is not None:
-        if eot in ids:
-            ids = ids[: len(ids) - ids[::-1].index(eot)]
-        if not ids or ids[-1] != eot:
-            ids.append(eot)
+    ids = render_conversation(tokenizer, list(prompt) + [{"role": "assistant", "content": answer}])
+    end = list(chat_format(tokenizer).end_of_turn)
+    if end:
+        at = _last_index(ids, end)
+        ids = ids[: at + len(end)] if at is not None else ids + end
     shared = 0
     if prompt_ids is None:
         prompt_ids = render_prompt(tokenizer, prompt)
@@ -54,6 +51,14 @@ def answer_span(
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]
     return ids, max(1, min(n_answer, len(ids) - 1))
+
+
+def _last_index(ids: list[int], part: list[int]) -> int | None:
+    """Where the last occurrence of ``part`` starts in ``ids`` (None: nowhere)."""
+    for i in range(len(ids) - len(part), -1, -1):
+        if ids[i:i + len(part)] == part:
+            return i
+    return None
 
 
 def _usable(pair: dict) -> bool:

@@ -33,13 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
+from training.chat_format import end_of_turn_ids
 from training.flags import help_field
-from training.models import (
-    active_lora_params,
-    end_of_turn_ids,
-    requires_grad_flags,
-    restore_requires_grad,
-)
+from training.models import active_lora_params, requires_grad_flags, restore_requires_grad
 from training.rollout import answer_kl, generate_rollouts
 from training.seeds import derive_seed
 from training.sft import IGNORE, DemonstrationBatches

@@ -29,7 +29,17 @@ from pathlib import Path
 
 import torch
 
-from training.models import LoraSettings, add_lora, load_lora, load_model_and_tokenizer, text_config
+from training.models import (
+    LoraSettings,
+    add_lora,
+    load_lora,
+    load_model_and_tokenizer,
+    requires_grad_flags,
+    restore_requires_grad,
+    save_adapter,
+    text_config,
+    using_adapter,
+)
 from training.rollout import logprobs_from_logits, position_ids_from_mask, reference_model
 
 HEAD_FILE = "reward_head.safetensors"
@@ -37,14 +47,34 @@ META_FILE = "reward_model.json"
 
 
 def _load_base(base):
-    """A fresh copy of the base causal LM: never the serving model."""
+    """The model a reward model's adapter goes on: a hub id or directory is loaded afresh (its
+    own copy); a model object (a causal LM, or a peft model holding other adapters, e.g. a
+    round's policy) is shared as it is, never copied."""
     if isinstance(base, str | os.PathLike):
         model, _ = load_model_and_tokenizer(base)
         return model
-    raise TypeError(
-        f"pass the base model as a hub id or directory (got {type(base).__name__}); the reward "
-        "model loads its own copy so training never touches the serving model"
-    )
+    if isinstance(base, torch.nn.Module):
+        return base
+    raise TypeError(f"pass the base model as a hub id, a directory or a model, got {type(base).__name__}")
+
+
+def _base_name(base) -> str:
+    """The base model's name or path (what a saved reward model records)."""
+    if isinstance(base, str | os.PathLike):
+        return str(base)
+    inner = base.get_base_model() if hasattr(base, "get_base_model") else base
+    return str(getattr(inner, "name_or_path", "") or getattr(inner.config, "_name_or_path", ""))
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _on(weight: torch.nn.Parameter | None, device) -> torch.nn.Parameter | None:
+    """The feature weight as a parameter on ``device`` (None stays None)."""
+    if weight is None:
+        return None
+    return torch.nn.Parameter(weight.detach().to(device), requires_grad=weight.requires_grad)
 
 
 FEATURES = ("ref_mean_logp", "ref_min_logp")  # nats per answer token, nats
@@ -72,20 +102,39 @@ def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class RewardModel(torch.nn.Module):
-    """Causal-LM backbone (frozen base + LoRA adapter ``"default"``) and a scalar head, plus
-    optional non-negative weights on reference features (see the module docstring).
+    """Causal-LM backbone (frozen base + its own LoRA adapter, named ``adapter``) and a scalar
+    head, plus optional non-negative weights on reference features (see the module docstring).
+
+    The backbone may be shared: a round's policy, its reference and its reward models are
+    adapters on one peft model, one copy of the base weights. Every forward switches to
+    ``adapter`` and back (:func:`training.models.using_adapter`), so scoring never changes the
+    policy's active adapter, its ``requires_grad`` flags or its weights.
 
     ``forward(input_ids (B, T), attention_mask (B, T), answer_mask (B, T) | None) -> (B,)``
     scores, read at the last position where ``attention_mask`` is 1.
     """
 
     def __init__(self, backbone, head: torch.nn.Linear, base_name: str = "",
-                 feature_weight: torch.nn.Parameter | None = None):
+                 feature_weight: torch.nn.Parameter | None = None, adapter: str = "default"):
         super().__init__()
         self.backbone = backbone  # peft PeftModel
-        self.head = head  # Linear(hidden, 1)
+        self.head = head  # Linear(hidden, 1), float32
         self.base_name = str(base_name)
         self.feature_weight = feature_weight  # (len(FEATURES),) raw; the weight is softplus(raw)
+        self.adapter = adapter
+
+    def release(self) -> None:
+        """Delete this reward model's adapter from a shared backbone (a round that drops a
+        candidate reward model frees its weights); the other adapters, the active one and every
+        ``requires_grad`` flag stay as they were. The reward model is unusable afterwards."""
+        config = self.backbone.peft_config
+        if self.adapter not in config or len(config) < 2:
+            return  # its own copy of the base (the only adapter): freed with the object
+        flags = requires_grad_flags(self.backbone)
+        if self.backbone.active_adapter == self.adapter:
+            self.backbone.set_adapter(next(a for a in config if a != self.adapter))
+        self.backbone.delete_adapter(self.adapter)
+        restore_requires_grad(self.backbone, flags)
 
     @property
     def uses_reference_features(self) -> bool:
@@ -109,14 +158,21 @@ class RewardModel(torch.nn.Module):
         return torch.nn.Parameter(torch.full((len(FEATURES),), raw))
 
     @classmethod
-    def from_base(cls, base_model_dir_or_id, lora_settings: LoraSettings | None = None, seed: int = 0,
-                  reference_features: bool = True):
-        """A fresh reward model on a new copy of the base: LoRA with B = 0; with
+    def from_base(cls, base, lora_settings: LoraSettings | None = None, seed: int = 0,
+                  reference_features: bool = True, adapter: str = "reward"):
+        """A fresh reward model on ``base`` (a hub id or directory: its own copy; a model:
+        shared, see :func:`_load_base`): LoRA adapter ``adapter`` with B = 0; with
         ``reference_features``, feature weights ``FEATURE_INIT`` each and a zero head, so the
         first score is the features alone rather than noise the votes must first undo; without, a head
-        ~ N(0, 1/(H+1)) (Stiennon et al. 2020: initial scores of unit-ish scale)."""
-        model = _load_base(base_model_dir_or_id)
-        backbone = add_lora(model, lora_settings or LoraSettings())
+        ~ N(0, 1/(H+1)) (Stiennon et al. 2020: initial scores of unit-ish scale).
+
+        Raises:
+            ValueError: ``base`` already holds an adapter named ``adapter``.
+        """
+        model = _load_base(base)
+        if adapter in getattr(model, "peft_config", {}):
+            raise ValueError(f"the model already holds an adapter named {adapter!r}")
+        backbone = add_lora(model, lora_settings or LoraSettings(), adapter_name=adapter)
         H = cls._hidden_size(model)
         head = torch.nn.Linear(H, 1)
         gen = torch.Generator().manual_seed(seed)
@@ -126,23 +182,28 @@ class RewardModel(torch.nn.Module):
             if reference_features:
                 head.weight.zero_()
         weight = cls._new_feature_weight() if reference_features else None
-        return cls(backbone, head, base_model_dir_or_id, weight)
+        device = _device(model)
+        return cls(backbone, head.to(device), _base_name(base), _on(weight, device), adapter)
 
     @classmethod
-    def load(cls, base_model_dir_or_id, directory, trainable: bool = False):
-        """Load a reward model written by :meth:`save` onto a new copy of the base (a model
+    def load(cls, base, directory, trainable: bool = False, adapter: str = "reward"):
+        """Load a reward model written by :meth:`save` onto ``base`` (a hub id or directory:
+        its own copy; a model: shared, see :func:`_load_base`) as adapter ``adapter`` (a model
         saved without reference features loads without them).
 
         Raises:
             FileNotFoundError: ``directory`` lacks the adapter or the head file.
+            ValueError: ``base`` already holds an adapter named ``adapter``.
         """
         from safetensors.torch import load_file
 
         directory = Path(directory)
         if not (directory / HEAD_FILE).is_file():
             raise FileNotFoundError(f"no {HEAD_FILE} in {directory}; not a saved reward model")
-        model = _load_base(base_model_dir_or_id)
-        backbone = load_lora(model, directory, trainable=trainable)
+        model = _load_base(base)
+        if adapter in getattr(model, "peft_config", {}):
+            raise ValueError(f"the model already holds an adapter named {adapter!r}")
+        backbone = load_lora(model, directory, adapter_name=adapter, trainable=trainable)
         state = load_file(str(directory / HEAD_FILE))
         raw = state.pop("feature_weight", None)
         head = torch.nn.Linear(state["weight"].shape[1], 1)
@@ -151,7 +212,8 @@ class RewardModel(torch.nn.Module):
         weight = None
         if raw is not None:
             weight = torch.nn.Parameter(raw.float().clone(), requires_grad=trainable)
-        return cls(backbone, head, base_model_dir_or_id, weight)
+        device = _device(model)
+        return cls(backbone, head.to(device), _base_name(base), _on(weight, device), adapter)
 
     def save(self, directory) -> None:
         """Write the adapter, the head (and feature weights) and a small JSON note to
@@ -160,7 +222,7 @@ class RewardModel(torch.nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(str(directory))
+        save_adapter(self.backbone, self.adapter, directory)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         if self.feature_weight is not None:
             tensors["feature_weight"] = self.feature_weight.detach().contiguous().cpu()
@@ -170,7 +232,7 @@ class RewardModel(torch.nn.Module):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA weights and the head (what the optimizer holds), then the feature weight."""
-        lora = [p for n, p in self.backbone.named_parameters() if "lora_" in n]
+        lora = [p for n, p in self.backbone.named_parameters() if "lora_" in n and f".{self.adapter}." in n]
         extra = [self.feature_weight] if self.feature_weight is not None else []
         return lora + list(self.head.parameters()) + extra
 
@@ -200,7 +262,7 @@ class RewardModel(torch.nn.Module):
         if not bool(answer.any(dim=1).all()) or bool(answer[:, 0].any()):
             raise ValueError("answer_mask must mark at least one token per row, never a row's first position")
         positions = position_ids_from_mask(mask)
-        with reference_model(self.backbone):
+        with using_adapter(self.backbone, self.adapter), reference_model(self.backbone):
             hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
         base = self.backbone.get_base_model()
         rows, cols = answer[:, 1:].nonzero(as_tuple=True)  # predicting token cols+1 from cols
@@ -225,7 +287,8 @@ class RewardModel(torch.nn.Module):
         """
         mask = attention_mask.long()
         positions = position_ids_from_mask(mask)  # (B, T) real-token positions
-        hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
+        with using_adapter(self.backbone, self.adapter):
+            hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
         T = mask.shape[1]
         last = (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # (B,) last real index
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)

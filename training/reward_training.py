@@ -125,7 +125,7 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
         rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
-        tie = torch.tensor([p["tie"] for p in batch])
+        tie = torch.tensor([p["tie"] for p in batch], device=rc.device)
         losses.append(float(pairwise_loss(rc, rr, tie)) * len(batch))
         correct += int(((rc > rr) & ~tie).sum())
         n_pref += int((~tie).sum())
@@ -136,11 +136,14 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
     }
 
 
-def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig, init_dir=None) -> tuple[RewardModel, dict]:
+def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig, init_dir=None,
+                       adapter: str = "reward") -> tuple[RewardModel, dict]:
     """Train a reward model on preference pairs.
 
     Args:
-        base: hub id or directory of the policy's base model (loaded afresh, frozen).
+        base: hub id or directory of the policy's base model (loaded afresh, frozen), or the
+            model itself (a round's policy): the reward model is then adapter ``adapter`` on
+            the same base weights (:meth:`RewardModel.from_base`).
         pairs: see :func:`encode_pairs`; identical-text and ``both_bad`` pairs are dropped.
         init_dir: a previous reward model (:meth:`RewardModel.save`) to warm-start from.
 
@@ -166,11 +169,11 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
     heldout_ids = [p["conversation_id"] for p in heldout]
     prev: dict = {}
     if init_dir is not None:
-        rm = RewardModel.load(base, init_dir, trainable=True)
+        rm = RewardModel.load(base, init_dir, trainable=True, adapter=adapter)
         prev = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)  # same split, before training
     else:
         rm = RewardModel.from_base(base, config.lora, seed=config.seed,
-                                   reference_features=config.reference_features)
+                                   reference_features=config.reference_features, adapter=adapter)
     params = rm.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
@@ -188,7 +191,7 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         for start in range(0, len(order), config.batch_size):
             batch = [train[i] for i in order[start:start + config.batch_size]]
             rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
-            loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in batch]))
+            loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in batch], device=rc.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

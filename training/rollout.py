@@ -30,12 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from training.models import (
-    end_of_turn_ids,
-    render_prompt,
-    requires_grad_flags,
-    restore_requires_grad,
-)
+from training.chat_format import decode_text, end_of_turn_ids, render_prompt
+from training.models import requires_grad_flags, restore_requires_grad
 
 
 @dataclass
@@ -209,7 +205,7 @@ def generate_rollouts(
     answers = []
     for row, m in zip(response_ids.tolist(), response_mask.tolist(), strict=True):
         kept = [t for t, keep in zip(row, m, strict=True) if keep and t not in eos_ids]
-        answers.append(tokenizer.decode(kept, skip_special_tokens=True))
+        answers.append(decode_text(tokenizer, kept))
     return Rollouts(query_ids, query_mask, response_ids, response_mask, ended, answers)
 
 

@@ -5,13 +5,17 @@
   1. :func:`load_inputs`        the votes as training pairs (``Store.vote_pairs``) and PPO / gate
                                 prompts from stored conversations, split by conversation; too
                                 few A/B votes or no prompts → the round is skipped, reason recorded;
-  2. :func:`load_model`         the base model; prompts cut to its context window;
+  2. :func:`load_model`         the base model, once (``--device``, ``--dtype``, ``--quantize``:
+                                the app's); prompts cut to its context window; the starting
+                                adapter (:func:`starting_policy`: the live one, or
+                                ``--init-policy reference``: a fresh one). The policy, the
+                                reference (adapters disabled), the reward models (their own
+                                adapters and heads) and the value head share these base weights;
   3. :func:`reward_model_step`  the reward model on all votes, warm-started from the one in use
                                 and (``--rm-fresh-candidate``) one from the base weights: the
                                 more accurate on the held-out votes is the candidate; it replaces
                                 the one in use only if at least as accurate;
-  4. :func:`policy_step`        the starting adapter (the live one, or ``--init-policy reference``:
-                                a fresh one), β carried over from the last round, then rejection
+  4. :func:`policy_step`        β carried over from the last round, then rejection
                                 sampling (``--rs.n`` > 1) and PPO against the reward model
                                 (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations);
   5. :func:`gate_step`          the candidate against live on held-out prompts, and the reward
@@ -39,15 +43,16 @@ from storage.store import Store
 from training.flags import help_field, nested
 from training.gate import GateConfig, rm_accuracy_check, run_gate
 from training.models import (
+    LoadConfig,
     add_lora,
     context_window,
     fit_prompts,
     load_lora,
-    load_model_and_tokenizer,
     save_adapter,
 )
 from training.ppo import PPOConfig, ppo_train
 from training.preferences import split_by_conversation
+from training.progress import RoundProgress
 from training.rejection_sampling import RejectionConfig, rejection_sampling_finetune
 from training.reward_model import RewardModel
 from training.reward_training import (
@@ -83,6 +88,10 @@ class RoundConfig:
         "", help="JSONL of demonstration conversations (python -m training.sft's format) for PPO-ptx "
         "(--ppo.ptx-coef); empty: the starter's own SFT corpus when the model is the starter, else none")
     ptx_examples: int = help_field(2000, help="most demonstration conversations used for PPO-ptx")
+    max_minutes: float = help_field(
+        0.0, help="time budget of the round in minutes (0: none): PPO ends at the iteration boundary where the "
+        "next iteration would overrun it, and the round gates and publishes what was trained")
+    load: LoadConfig = nested(LoadConfig, flat=True, help="how the base is loaded (the app passes its own)")
     reward: RewardConfig = nested(RewardConfig, set_by_parent=("min_votes", "seed"))
     rs: RejectionConfig = nested(RejectionConfig, set_by_parent=("seed",))
     ppo: PPOConfig = nested(PPOConfig, set_by_parent=("seed",))
@@ -97,6 +106,8 @@ class RoundConfig:
             raise ValueError(f"threads must be >= 0, got {self.threads}")
         if self.ptx_examples < 1:
             raise ValueError(f"ptx_examples must be >= 1, got {self.ptx_examples}")
+        if self.max_minutes < 0:
+            raise ValueError(f"max_minutes must be >= 0 (0: no budget), got {self.max_minutes}")
         if self.init_policy not in ("reference", "live"):
             raise ValueError(f"init_policy must be 'reference' or 'live', got {self.init_policy!r}")
         if self.ptx_data:
@@ -154,15 +165,21 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
     """
     round_id = store.start_round(trigger, settings=asdict(config))
     log.info("round %s settings: %s", round_id, json.dumps(asdict(config), sort_keys=True))
+    progress = RoundProgress(store, round_id, config.max_minutes)
     reward_models = RewardModelRegistry(registry.data_dir)
     reward = None
     try:
+        progress.stage("loading")
         inputs = load_inputs(config, store)
         model, tokenizer, window, inputs = load_model(config, inputs)
-        reward = reward_model_step(config, tokenizer, inputs.pairs, reward_models)
-        policy, metrics = policy_step(config, store, registry, model, tokenizer, reward, inputs, window)
+        policy = starting_policy(model, config, registry, inputs.live)  # every adapter goes on this one base
+        progress.stage("reward model")
+        reward = reward_model_step(config, policy, tokenizer, inputs.pairs, reward_models)
+        metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress)
+        progress.stage("gate")
         passed, reason, gate_metrics = gate_step(config, registry, policy, tokenizer, reward, inputs)
         metrics = {**reward.metrics, **metrics, **gate_metrics}
+        progress.stage("publish")
         version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed)
         store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
                            version=version, votes_used=len(inputs.pairs))
@@ -222,7 +239,7 @@ def load_model(config: RoundConfig, inputs: RoundInputs):
         training.models.ModelLoadError: the model cannot be loaded.
     """
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config.model)
+    model, tokenizer = config.load.load(config.model)
     window = context_window(model)
     ppo_prompts = fit_prompts(tokenizer, inputs.ppo_prompts, window, config.ppo.max_new_tokens)
     gate_prompts = fit_prompts(tokenizer, inputs.gate_prompts, window, config.gate.max_new_tokens)
@@ -232,8 +249,13 @@ def load_model(config: RoundConfig, inputs: RoundInputs):
 
 
 # ------------------------------------------------------------------ 3 reward model -------------
-def reward_model_step(config: RoundConfig, tokenizer, pairs: list[dict], reward_models: RewardModelRegistry) -> RewardStep:
+def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
+                      reward_models: RewardModelRegistry) -> RewardStep:
     """Step 3: train the reward model on all votes and decide which one the round uses.
+
+    ``base`` is the round's policy (a peft model): every reward model here is an adapter of its
+    own on the same base weights (``reward``, ``reward_fresh``, ``reward_prev``); the ones not
+    kept are deleted from it.
 
     Warm-started from the reward model in use (a fresh one when there is none). With
     ``config.rm_fresh_candidate``, one trained from the base weights competes with it on the
@@ -247,9 +269,10 @@ def reward_model_step(config: RoundConfig, tokenizer, pairs: list[dict], reward_
     """
     init_dir = reward_models.latest()
     try:
-        rm, metrics = train_reward_model(config.model, tokenizer, pairs, config.reward, init_dir=init_dir)
+        rm, metrics = train_reward_model(base, tokenizer, pairs, config.reward, init_dir=init_dir, adapter="reward")
         if init_dir is not None and config.rm_fresh_candidate:
-            rm, metrics = _more_accurate(rm, metrics, *train_reward_model(config.model, tokenizer, pairs, config.reward))
+            fresh = train_reward_model(base, tokenizer, pairs, config.reward, adapter="reward_fresh")
+            rm, metrics = _more_accurate(rm, metrics, *fresh)
     except NotEnoughVotesError as exc:
         raise SkipRound(f"too few votes: {exc}", len(pairs)) from None
     prev, new = metrics.get("rm/prev_accuracy"), metrics.get("rm/accuracy")
@@ -264,7 +287,8 @@ def reward_model_step(config: RoundConfig, tokenizer, pairs: list[dict], reward_
             reward_models.discard(staging)
             raise
     else:
-        rm = RewardModel.load(config.model, init_dir)
+        rm.release()
+        rm = RewardModel.load(base, init_dir, adapter="reward_prev")
     return RewardStep(rm, make_reward_fn(rm, tokenizer), metrics, new if keep_new else prev,
                       int(metrics.get("rm/heldout_decisive", 0)), staging)
 
@@ -275,25 +299,28 @@ def _more_accurate(warm: RewardModel, warm_metrics: dict, fresh: RewardModel, fr
     warm_acc, fresh_acc = warm_metrics.get("rm/accuracy"), fresh_metrics.get("rm/accuracy")
     both = {"rm/warm_accuracy": warm_acc, "rm/fresh_accuracy": fresh_acc}
     if fresh_acc is not None and warm_acc is not None and fresh_acc > warm_acc:
+        warm.release()
         # the previous model's accuracy was measured on the same split before the warm start
         return fresh, {**fresh_metrics, **both, "rm/prev_accuracy": warm_metrics["rm/prev_accuracy"],
                        "rm/from_scratch": 1.0}
+    fresh.release()
     return warm, {**warm_metrics, **both, "rm/from_scratch": 0.0}
 
 
 # ------------------------------------------------------------------ 4 policy -------------------
-def policy_step(config: RoundConfig, store: Store, registry: AdapterRegistry, model, tokenizer,
-                reward: RewardStep, inputs: RoundInputs, window: int):
-    """Step 4: the policy the round trains (:func:`starting_policy`) improved against the reward
-    model (:func:`improve_policy`). β starts where the last round that trained left it (when the
-    KL controller adapts), so across rounds the KL to the reference stays near its target; the
-    caller's ``config`` is left as it is. Returns ``(policy, metrics)``."""
+def policy_step(config: RoundConfig, store: Store, policy, tokenizer, reward: RewardStep,
+                inputs: RoundInputs, window: int, progress: RoundProgress | None = None) -> dict:
+    """Step 4: the round's policy (:func:`starting_policy`, adapter ``"policy"`` active)
+    improved in place against the reward model (:func:`improve_policy`). β starts where the
+    last round that trained left it (when the KL controller adapts), so across rounds the KL to
+    the reference stays near its target; the caller's ``config`` is left as it is. ``progress``
+    hears of each stage and PPO iteration, and ends PPO at the round's time budget. Returns the
+    metrics."""
     previous_beta = last_kl_coef(store)
     if previous_beta is not None and config.ppo.adaptive_kl:
         config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
-    policy = starting_policy(model, config, registry, inputs.live)
-    metrics = improve_policy(policy, tokenizer, reward.reward_fn, inputs.ppo_prompts, config, window)
-    return policy, {**metrics, "objective/kl_coef_start": config.ppo.init_kl_coef}
+    metrics = improve_policy(policy, tokenizer, reward.reward_fn, inputs.ppo_prompts, config, window, progress)
+    return {**metrics, "objective/kl_coef_start": config.ppo.init_kl_coef}
 
 
 def last_kl_coef(store: Store) -> float | None:
@@ -320,7 +347,7 @@ def starting_policy(model, config: RoundConfig, registry: AdapterRegistry, live:
 
 
 def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], config: RoundConfig,
-                   window: int | None = None) -> dict:
+                   window: int | None = None, progress: RoundProgress | None = None) -> dict:
     """Rejection-sampling fine-tuning (when ``config.rs.n`` > 1), then PPO against
     ``reward_fn``, both on the active adapter of ``policy`` (trained in place).
 
@@ -330,18 +357,24 @@ def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], conf
     Args:
         prompts: conversations ending with a user turn (already fitted to the context window).
         window: the model's context window in tokens (longer PPO-ptx demonstrations are left out).
+        progress: told of the stages and PPO iterations; may end PPO early (time budget).
 
     Returns:
         the ``rs/*`` metrics (if any) and :func:`training.ppo.ppo_train`'s metrics.
     """
     rs_metrics, ppo_config = {}, config.ppo
     if config.rs.enabled:  # best-of-n distillation first (Llama 2's rejection sampling)
+        if progress is not None:
+            progress.stage("rejection sampling")
         rs_metrics = rejection_sampling_finetune(policy, tokenizer, reward_fn, prompts, config.rs)
         if "rs/kl" in rs_metrics and ppo_config.adaptive_kl:
             ppo_config = replace(ppo_config, kl_target=ppo_config.kl_target + max(0.0, rs_metrics["rs/kl"]))
             rs_metrics["rs/ppo_kl_target"] = ppo_config.kl_target
-    ppo_metrics = ppo_train(policy, tokenizer, reward_fn, prompts, ppo_config,
-                            ptx_examples=ptx_demonstrations(config, tokenizer, max_tokens=window))
+    ptx = ptx_demonstrations(config, tokenizer, max_tokens=window)
+    if progress is not None:
+        progress.stage("ppo", total=ppo_config.steps)
+    ppo_metrics = ppo_train(policy, tokenizer, reward_fn, prompts, ppo_config, ptx_examples=ptx,
+                            on_iteration=progress.ppo_iteration if progress is not None else None)
     return {**rs_metrics, **ppo_metrics}
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from storage.store import ROLES
+from training.chat_format import render_conversation, template_messages
 from training.flags import help_field, parse_config
 from training.rollout import right_pad
 
@@ -154,6 +155,7 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
     """
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant reply to learn from")
+    messages = template_messages(tokenizer, messages)
     out = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
@@ -163,8 +165,8 @@ def encode_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], lis
         for k, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            start = len(_ids(tokenizer.apply_chat_template(messages[:k], add_generation_prompt=True, tokenize=True)))
-            end = len(_ids(tokenizer.apply_chat_template(messages[: k + 1], tokenize=True)))
+            start = len(render_conversation(tokenizer, messages[:k], add_generation_prompt=True))
+            end = len(render_conversation(tokenizer, messages[: k + 1]))
             mask[start:end] = [1] * (end - start)
         if not any(mask):
             raise ValueError("the chat template renders no assistant tokens for this conversation")
@@ -188,10 +190,6 @@ def demonstrations(tokenizer, conversations: list[list[dict]], max_tokens: int |
     if too_long:
         log.warning("%d demonstration(s) longer than the %d-token context window left out", too_long, max_tokens)
     return out
-
-
-def _ids(out) -> list[int]:
-    return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
 def encode_document(tokenizer, text: str) -> tuple[list[int], list[int]]:

@@ -62,7 +62,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
                      sample: bool = False, batch_size: int = 32) -> list[tuple[str, bool]]:
     """Reply to each conversation; returns ``(text, stopped)`` where ``stopped`` says the reply
     ended with an end-of-turn token. Left-padded batches, greedy unless ``sample`` (temperature 1)."""
-    from training.models import end_of_turn_ids, render_prompt
+    from training.chat_format import decode_text, end_of_turn_ids, render_prompt
 
     eos = end_of_turn_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
@@ -79,7 +79,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
         )[:, width:]  # (B, new)
         for row in gen.tolist():
             stop = next((i for i, t in enumerate(row) if t in eos), None)
-            text = tokenizer.decode(row[:stop] if stop is not None else row, skip_special_tokens=True)
+            text = decode_text(tokenizer, row[:stop] if stop is not None else row)
             out.append((text.strip(), stop is not None))
     return out
 

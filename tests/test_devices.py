@@ -1,0 +1,114 @@
+"""``--device`` / ``--dtype`` / ``--quantize``: the selection rules (CUDA facts passed in, so the
+GPU paths run here), the flags the app hands to its rounds, loading in another dtype, and a
+QLoRA round (4-bit base, float32 LoRA and heads) on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.conftest import add_votes
+from training.devices import CudaInfo, PlacementError, resolve_placement
+
+NO_GPU = CudaInfo(False)
+H200 = CudaInfo(True, count=1, bf16=True, name="NVIDIA H200")
+T4 = CudaInfo(True, count=2, bf16=False, name="Tesla T4")
+
+
+@pytest.mark.parametrize("device, dtype, cuda, expected", [
+    ("auto", "auto", NO_GPU, ("cpu", "float32")),
+    ("auto", "auto", H200, ("cuda:0", "bfloat16")),
+    ("auto", "auto", T4, ("cuda:0", "float16")),
+    ("cuda", "auto", T4, ("cuda:0", "float16")),
+    ("cuda:1", "float32", T4, ("cuda:1", "float32")),
+    ("cpu", "auto", H200, ("cpu", "float32")),
+    ("CPU", "bfloat16", NO_GPU, ("cpu", "bfloat16")),
+])
+def test_placement_rules(device, dtype, cuda, expected):
+    placement = resolve_placement(device, dtype, "none", cuda=cuda)
+    assert (placement.device, placement.dtype) == expected
+    assert placement.reason  # the startup line says why
+
+
+def test_auto_says_why_it_chose_what_it_chose():
+    assert "CUDA is available (NVIDIA H200)" in resolve_placement(cuda=H200).describe()
+    assert "bfloat16: the GPU supports it" in resolve_placement(cuda=H200).describe()
+    assert "no CUDA device" in resolve_placement(cuda=NO_GPU).describe()
+    four = resolve_placement("auto", "auto", "4bit", cuda=H200)
+    assert four.quantize == "4bit" and "QLoRA" in four.describe()
+
+
+@pytest.mark.parametrize("device, dtype, quantize, cuda, message", [
+    ("cuda", "auto", "none", NO_GPU, "no CUDA device"),
+    ("cuda:2", "auto", "none", T4, "only 2 CUDA device"),
+    ("gpu", "auto", "none", H200, "--device must be"),
+    ("cpu:1", "auto", "none", H200, "--device must be"),
+    ("auto", "bfloat16", "none", T4, "does not support it"),
+    ("auto", "float64", "none", H200, "--dtype must be"),
+    ("auto", "auto", "3bit", H200, "--quantize must be"),
+])
+def test_placement_errors_name_the_flag(device, dtype, quantize, cuda, message):
+    with pytest.raises(PlacementError, match=message):
+        resolve_placement(device, dtype, quantize, cuda=cuda)
+
+
+def test_the_app_refuses_an_unavailable_device_and_hands_its_load_settings_to_rounds(capsys):
+    import app
+    from training.flags import dataclass_from_args, parse_config
+    from training.models import LoadConfig
+    from training.round import RoundConfig
+
+    with pytest.raises(SystemExit) as exc:
+        app.main(["--device", "cuda:0"])  # this machine has no GPU
+    assert exc.value.code == 2 and "--device cuda:0" in capsys.readouterr().err
+    config = app.AppConfig(load=LoadConfig(device="cpu", dtype="bfloat16", quantize="4bit"))
+    argv = config.round_argv("/data", "/model")
+    assert "--quantize=4bit" in argv and "--dtype=bfloat16" in argv and "--device=cpu" in argv
+    child = parse_config(RoundConfig, argv)
+    assert child.load == config.load and child.model == "/model"
+    assert "--round.device" not in " ".join(argv) and dataclass_from_args  # one flag each
+
+
+def test_a_model_loads_in_the_dtype_asked_for(tiny_model_dir):
+    from training.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(tiny_model_dir, dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.placement.dtype == "bfloat16" and model.placement.device == "cpu"
+
+
+@pytest.fixture(scope="module")
+def model64(tmp_path_factory):
+    from training.starter.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny64"), hidden=64)
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_qlora_round_trains_float32_lora_on_a_4bit_base(model64, tmp_path):
+    import bitsandbytes as bnb
+
+    from chatapp.engine import ChatEngine
+    from storage.paths import DataDir
+    from storage.registry import AdapterRegistry
+    from storage.store import open_store
+    from tests.test_jobs import _config
+    from training.gate import GateConfig
+    from training.models import LoadConfig, load_model_and_tokenizer
+    from training.round import load_inputs, load_model, run_round
+
+    data = tmp_path / "data"
+    store = open_store(data)
+    registry = AdapterRegistry(DataDir(data), store)
+    ChatEngine(*load_model_and_tokenizer(model64, "4bit"), registry)  # version 0 on the 4-bit base
+    add_votes(store, 12)
+    config = _config(data, model64, load=LoadConfig(quantize="4bit"), gate=GateConfig(enabled=False))
+    model, _, _, _ = load_model(config, load_inputs(config, store))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)  # the round's base is 4-bit
+    result = run_round(config, store, registry)
+    assert result["status"] == "succeeded", result
+    from safetensors.torch import load_file
+
+    weights = load_file(str(registry.path(result["version"]) / "adapter_model.safetensors"))
+    assert weights and {w.dtype for w in weights.values()} == {torch.float32}
+    assert any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)  # PPO moved it
