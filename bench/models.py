@@ -20,7 +20,10 @@ shapes do. Each measurement runs in a child process of its own, so one's memory 
   shape (64 answers: 16 prompts × 4 samples, minibatches of 16, ``--new-tokens`` per answer),
   the reward model a LoRA adapter on the same base trained on 16 pairs first, as in a round.
 * ``round_peak_over_base``: the peak of the same measure over that reward model + PPO work ÷ one
-  base copy. Target ≤ 1.5 (CPU float32, CUDA 4-bit).
+  base copy, with the round's ``--round.gradient-checkpointing`` and
+  ``--round.ppo.micro-batch-size`` as given here (default: on, 4). Target ≤ 1.5 (CPU float32,
+  CUDA 4-bit). On the CPU, children run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed
+  tensors leave the resident size (glibc's heap would otherwise keep the high-water mark).
 * ``base_mb``: one base copy (parameters and buffers as loaded; 4-bit weights at their packed size).
 
 Prints one line per row as it finishes and one JSON object (also to ``--json``). Asserts nothing.
@@ -76,6 +79,8 @@ class ModelsBenchConfig:
     new_tokens: int = help_field(32, help="tokens per reply and per PPO answer")
     repeats: int = help_field(3, help="timed replies per serving figure (median)")
     threads: int = help_field(0, help="torch threads (0: all cores)")
+    gradient_checkpointing: bool = help_field(True, help="the round's --round.gradient-checkpointing")
+    micro_batch_size: int = help_field(4, help="the round's --round.ppo.micro-batch-size (0: the whole minibatch)")
     json: str = help_field("", help="also write the JSON result to this file")
     workdir: str = help_field("", help="where the random models are saved (default: a temporary dir, removed)")
 
@@ -201,6 +206,22 @@ def base_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def warm_up(model_dir: str) -> None:
+    """Import everything loading and training will (peft, bitsandbytes, the model's modeling
+    code, instantiated on the meta device: no memory) before the baseline is read, so library
+    code is not counted as model memory."""
+    import peft  # noqa: F401
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    with torch.device("meta"):
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+
+
 def _load(config: ModelsBenchConfig, model_dir: str):
     from training.models import load_model_and_tokenizer
 
@@ -218,6 +239,7 @@ def measure_serving(config: ModelsBenchConfig, model_dir: str) -> dict:
     from training.models import add_lora, save_adapter
 
     memory = Memory(cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
+    warm_up(model_dir)
     before = memory.now()
     model, tok = _load(config, model_dir)
     base = base_bytes(model)
@@ -264,14 +286,17 @@ def measure_round(config: ModelsBenchConfig, model_dir: str) -> dict:
     """A round's reward model + one default-shape PPO iteration on one base (a child process)."""
     import torch
 
-    from training.models import add_lora
+    from training.models import add_lora, enable_gradient_checkpointing
     from training.ppo import PPOConfig, ppo_train
     from training.reward_training import RewardConfig, make_reward_fn, train_reward_model
 
     memory = Memory(cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
+    warm_up(model_dir)
     before = memory.now()
     model, tok = _load(config, model_dir)
     base = base_bytes(model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     memory.start()
     policy = add_lora(model, adapter_name="policy")
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS] * 2  # 16 prompts
@@ -282,9 +307,11 @@ def measure_round(config: ModelsBenchConfig, model_dir: str) -> dict:
     rm, _ = train_reward_model(policy, tok, pairs, RewardConfig(epochs=1, min_votes=4))
     rm_s = time.perf_counter() - t0
     ppo = PPOConfig(steps=1, rollout_batch_size=64, samples_per_prompt=4, mini_batch_size=16, ppo_epochs=1,
-                    max_new_tokens=config.new_tokens, normalize_reward=False)
+                    micro_batch_size=config.micro_batch_size, max_new_tokens=config.new_tokens, normalize_reward=False)
     metrics = ppo_train(policy, tok, make_reward_fn(rm, tok), prompts, ppo)
     peak = memory.stop()
+    if os.environ.get("BENCH_MODELS_WHERE"):
+        print(getattr(memory, "where", ""), file=sys.stderr)
     return {"s_per_64_ppo_answers": round(metrics["time/ppo_s"], 2), "rm_train_s_16_pairs": round(rm_s, 2),
             "round_peak_over_base": round((peak - before) / base, 3), "ppo_answer_tokens": metrics["answer/length_tokens"],
             "base_mb": round(base / 2**20, 1)}
@@ -293,7 +320,10 @@ def measure_round(config: ModelsBenchConfig, model_dir: str) -> dict:
 def _child(config: ModelsBenchConfig, what: str, model_dir: str) -> dict:
     argv = [sys.executable, "-m", "bench.models", "--child", what, "--model-dir", model_dir,
             *[f"--{k.replace('_', '-')}={v}" for k, v in asdict(config).items() if k not in ("json", "workdir")]]
-    out = subprocess.run(argv, capture_output=True, text=True, check=False)
+    # glibc keeps freed heap memory mapped: with big blocks mmapped (and unmapped when freed) the
+    # resident size follows the live tensors, which is what the code under test controls
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         return {"error": (out.stderr.strip().splitlines() or ["exit code " + str(out.returncode)])[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -112,3 +112,42 @@ def test_a_qlora_round_trains_float32_lora_on_a_4bit_base(model64, tmp_path):
     weights = load_file(str(registry.path(result["version"]) / "adapter_model.safetensors"))
     assert weights and {w.dtype for w in weights.values()} == {torch.float32}
     assert any(float(w.abs().max()) > 0 for k, w in weights.items() if "lora_B" in k)  # PPO moved it
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_checkpointing_and_micro_batches_save_memory_but_train_the_same_adapter(tiny_model_dir):
+    from training.models import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
+    from training.ppo import PPOConfig, ppo_train
+
+    prompts = [[{"role": "user", "content": f"question number {i}"}] for i in range(4)]
+
+    def reward_fn(batch, answers):
+        return torch.tensor([float(len(a)) for a in answers])
+
+    trained, replays = {}, []
+    for variant in ("plain", "checkpointed", "micro-batches"):
+        torch.manual_seed(0)
+        model, tok = load_model_and_tokenizer(tiny_model_dir)
+        if variant == "checkpointed":
+            enable_gradient_checkpointing(model)
+            for layer in model.model.layers:  # count the recomputations transformers runs
+                inner = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *a, inner=inner, **k: (replays.append(1), inner(*a, **k))[1]
+        policy = add_lora(model, adapter_name="policy")
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+        start = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}
+        config = PPOConfig(steps=2, rollout_batch_size=4, mini_batch_size=4, max_new_tokens=6, normalize_reward=False,
+                           micro_batch_size=1 if variant == "micro-batches" else 0)
+        metrics = ppo_train(policy, tok, reward_fn, prompts, config)
+        trained[variant] = ({n: p.detach().clone() for n, p in policy.named_parameters() if "lora_" in n}, metrics)
+    assert replays, "gradient checkpointing never ran"
+    weights, metrics = trained["plain"]
+    for variant in ("checkpointed", "micro-batches"):
+        for name, weight in weights.items():
+            assert torch.allclose(weight, trained[variant][0][name], atol=1e-5), (variant, name)
+        for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac"):
+            assert trained[variant][1][key] == pytest.approx(metrics[key], abs=1e-5), (variant, key)
+    assert any(not torch.equal(w, start[n]) for n, w in trained["micro-batches"][0].items())  # PPO moved it

@@ -297,18 +297,6 @@ def _load_model(name_or_path, placement: Placement):
     return model
 
 
-def base_placement(model) -> Placement:
-    """The :class:`training.devices.Placement` a model (or a peft model around it) was loaded
-    with; a model built in memory counts as unquantized float32 on its parameters' device."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    found = getattr(model, "placement", None)
-    if found is not None:
-        return found
-    p = next(model.parameters())
-    return Placement(str(p.device), str(p.dtype).removeprefix("torch."), "none", "built in memory")
-
-
 def fit_messages(
     tokenizer, messages: list[dict], max_context_tokens: int, max_new_tokens: int
 ) -> list[dict]:
@@ -430,6 +418,25 @@ def add_lora(model, settings: LoraSettings | None = None, adapter_name: str = "d
                 p.requires_grad_(True)
         return model
     return get_peft_model(model, settings.peft_config(), adapter_name=adapter_name)
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them
+    (less memory for longer answers and bigger minibatches, one more forward of compute;
+    transformers' ``gradient_checkpointing_enable``, non-reentrant, so a frozen base needs no
+    input gradients). Takes effect where :func:`eval_with_checkpointing` puts the model."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def eval_with_checkpointing(model) -> None:
+    """``model.eval()`` (no dropout: deterministic log-probs), except that the decoder layers
+    with gradient checkpointing enabled are flagged training, the condition under which
+    transformers checkpoints them (only the layer objects: their attention and MLP stay in eval
+    mode; without gradients, e.g. while sampling, a layer runs as usual)."""
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
 
 
 @contextlib.contextmanager

@@ -46,6 +46,7 @@ from training.chat_format import end_of_turn_ids
 from training.flags import add_dataclass_args, dataclass_from_args, help_field
 from training.models import (
     active_lora_params,
+    eval_with_checkpointing,
     requires_grad_flags,
     restore_requires_grad,
     text_config,
@@ -64,6 +65,7 @@ from training.reward_training import RewardNormalizer
 from training.rollout import (
     forward_response,
     generate_rollouts,
+    no_grad_rows,
     reference_model,
 )
 from training.seeds import derive_seed
@@ -93,6 +95,9 @@ class PPOConfig:
     vf_coef: float = help_field(0.1, help="weight of the value loss")
     ppo_epochs: int = help_field(2, help="passes over each rollout batch (fresh answers helped more than more passes over the same ones)")
     mini_batch_size: int = help_field(16, help="answers per gradient step")
+    micro_batch_size: int = help_field(
+        0, help="answers per forward/backward pass within a minibatch, gradients accumulated to the same step "
+        "(0: the whole minibatch at once); smaller holds less memory, the step is the same")
     rollout_batch_size: int = help_field(64, help="answers sampled per iteration")
     samples_per_prompt: int = help_field(
         4, help="answers sampled per prompt in a rollout batch (a divisor of rollout_batch_size); with "
@@ -133,6 +138,11 @@ class PPOConfig:
             raise ValueError(
                 f"PPOConfig.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                 f"samples_per_prompt ({self.samples_per_prompt})"
+            )
+        if not 0 <= self.micro_batch_size <= self.mini_batch_size:
+            raise ValueError(
+                f"PPOConfig.micro_batch_size ({self.micro_batch_size}) must be in 0..mini_batch_size "
+                f"({self.mini_batch_size}); 0 is the whole minibatch"
             )
         if self.mini_batch_size > self.rollout_batch_size:
             raise ValueError(
@@ -193,6 +203,35 @@ def fit_reference_normalizer(
     return RewardNormalizer.fit(scores, clip=config.score_clip)
 
 
+def _minibatch_backward(policy, value_head, config: PPOConfig, mb: torch.Tensor, ids, attn, Tr: int, mask,
+                        old_logprobs, old_values, advantages, returns) -> dict[str, float]:
+    """Backward of one minibatch's clipped policy + value loss (step 7 of :func:`ppo_train`),
+    ``config.micro_batch_size`` rows per pass: each pass's token means are weighted by its
+    share of the minibatch's answer tokens, so the accumulated gradient is the whole
+    minibatch's. Returns the minibatch's losses and clip fractions, token-weighted alike.
+
+    ``mb``: (b,) row indices; ``ids``/``attn`` (B, T); ``mask``, ``old_*``, ``advantages``,
+    ``returns``: (B, Tr)."""
+    micro = config.micro_batch_size or len(mb)
+    tokens = float(mask[mb].sum())
+    out = dict.fromkeys(("ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac", "ppo/approx_kl", "ppo/val/clipfrac"), 0.0)
+    for part in mb.split(micro):
+        weight = float(mask[part].sum()) / tokens
+        if weight == 0.0:
+            continue
+        logprobs, hid = forward_response(policy, ids[part], attn[part], Tr, output_hidden=True)
+        values = value_head(hid)  # (u, Tr)
+        pg_loss, clipfrac, approx_kl = clipped_policy_loss(
+            logprobs, old_logprobs[part], advantages[part], mask[part], config.cliprange)
+        vf_loss, vf_clipfrac = clipped_value_loss(
+            values, old_values[part], returns[part], mask[part], config.cliprange_value)
+        ((pg_loss + config.vf_coef * vf_loss) * weight).backward()
+        for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss), ("ppo/clipfrac", clipfrac),
+                           ("ppo/approx_kl", approx_kl), ("ppo/val/clipfrac", vf_clipfrac)):
+            out[key] += weight * float(value.detach())
+    return out
+
+
 def ppo_train(
     policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], config: PPOConfig,
     value_head: ValueHead | None = None, progress: bool = False,
@@ -248,7 +287,7 @@ def ppo_train(
     kl_ctl = (AdaptiveKLController(config.init_kl_coef, config.kl_target, config.kl_horizon)
               if config.adaptive_kl else FixedKLController(config.init_kl_coef))
     was_training = policy.training
-    policy.eval()  # no dropout: log-probs must be deterministic for the PPO ratio
+    eval_with_checkpointing(policy)  # no dropout: log-probs must be deterministic for the PPO ratio
     if normalizer is None and config.normalize_reward:
         normalizer = fit_reference_normalizer(policy, tokenizer, reward_fn, prompts, config, eos_ids)
     for _, p in trainable:
@@ -290,10 +329,11 @@ def ppo_train(
             centred = leave_one_out_baseline(score, k) if k > 1 else score  # (B,)
             with torch.no_grad():
                 # 3 per-token KL to the reference (adapter disabled).
-                old_logprobs, hidden = forward_response(policy, ids, attn, Tr, output_hidden=True)
+                rows = no_grad_rows(policy, Tr)  # never the whole batch's (B, Tr, V) logits at once
+                old_logprobs, hidden = forward_response(policy, ids, attn, Tr, output_hidden=True, max_rows=rows)
                 old_values = value_head(hidden) * mask  # (B, Tr)
                 with reference_model(policy):
-                    ref_logprobs, _ = forward_response(policy, ids, attn, Tr)  # (B, Tr)
+                    ref_logprobs, _ = forward_response(policy, ids, attn, Tr, max_rows=rows)  # (B, Tr)
                 kl = per_token_kl(old_logprobs, ref_logprobs) * mask  # (B, Tr) nats
                 # 4 rewards: −β·KL on every answer token, + score on the last one.
                 beta = kl_ctl.value
@@ -314,25 +354,17 @@ def ppo_train(
                 perm = torch.randperm(B, generator=gen)
                 for start in range(0, B, config.mini_batch_size):
                     mb = perm[start:start + config.mini_batch_size]
-                    logprobs, hid = forward_response(policy, ids[mb], attn[mb], Tr, output_hidden=True)
-                    values = value_head(hid)  # (b, Tr)
-                    pg_loss, clipfrac, approx_kl = clipped_policy_loss(
-                        logprobs, old_logprobs[mb], advantages[mb], mask[mb], config.cliprange)
-                    vf_loss, vf_clipfrac = clipped_value_loss(
-                        values, old_values[mb], returns[mb], mask[mb], config.cliprange_value)
-                    loss = pg_loss + config.vf_coef * vf_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    step_stats = _minibatch_backward(policy, value_head, config, mb, ids, attn, Tr, mask,
+                                                     old_logprobs, old_values, advantages, returns)
                     if ptx is not None:  # PPO-ptx: the demonstrations' token NLL under the policy
                         ptx_loss = ptx.loss(policy)
-                        loss = loss + config.ptx_coef * ptx_loss
+                        (config.ptx_coef * ptx_loss).backward()
                         stats.setdefault("ppo/loss/ptx", []).append(float(ptx_loss.detach()))
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    step_stats["ppo/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                     optimizer.step()
-                    for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss),
-                                       ("ppo/clipfrac", clipfrac), ("ppo/approx_kl", approx_kl),
-                                       ("ppo/val/clipfrac", vf_clipfrac), ("ppo/grad_norm", grad_norm)):
-                        stats[key].append(float(value.detach()))
+                    for key, value in step_stats.items():
+                        stats[key].append(value)
             # 8 log; β follows the KL actually penalised.
             kl_per_answer = float(kl.sum(dim=1).mean())
             row = {k: sum(v) / len(v) for k, v in stats.items()}

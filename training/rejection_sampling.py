@@ -35,7 +35,12 @@ import torch
 
 from training.chat_format import end_of_turn_ids
 from training.flags import help_field
-from training.models import active_lora_params, requires_grad_flags, restore_requires_grad
+from training.models import (
+    active_lora_params,
+    eval_with_checkpointing,
+    requires_grad_flags,
+    restore_requires_grad,
+)
 from training.rollout import answer_kl, generate_rollouts
 from training.seeds import derive_seed
 from training.sft import IGNORE, DemonstrationBatches
@@ -188,7 +193,7 @@ def rejection_sampling_finetune(policy, tokenizer, reward_fn: RewardFn, prompts:
     flags = requires_grad_flags(policy)
     was_training = policy.training
     device = next(policy.parameters()).device
-    policy.eval()  # no dropout while sampling or tuning: the same function PPO will see
+    eval_with_checkpointing(policy)  # no dropout while sampling or tuning: the same function PPO will see
     try:
         picked = best_of_n(policy, tokenizer, reward_fn, prompts, config)
         metrics = {

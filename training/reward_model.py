@@ -79,7 +79,7 @@ def _on(weight: torch.nn.Parameter | None, device) -> torch.nn.Parameter | None:
 
 FEATURES = ("ref_mean_logp", "ref_min_logp")  # nats per answer token, nats
 FEATURE_INIT = 0.1  # softplus(w) of each reference feature at initialisation
-_LOGIT_CHUNK = 512  # answer positions projected to the vocabulary at once (512 × 150k vocab × 4 B = 300 MB)
+_LOGIT_ELEMENTS = 2**22  # logits projected at once: positions × vocabulary ≤ this (16 MB of float32)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -267,8 +267,9 @@ class RewardModel(torch.nn.Module):
         base = self.backbone.get_base_model()
         rows, cols = answer[:, 1:].nonzero(as_tuple=True)  # predicting token cols+1 from cols
         logps = []
-        for s in range(0, rows.numel(), _LOGIT_CHUNK):
-            r, c = rows[s:s + _LOGIT_CHUNK], cols[s:s + _LOGIT_CHUNK]
+        chunk = max(16, _LOGIT_ELEMENTS // int(text_config(base).vocab_size))
+        for s in range(0, rows.numel(), chunk):
+            r, c = rows[s:s + chunk], cols[s:s + chunk]
             logits = output_logits(base, hidden[r, c])  # (N, V)
             logps.append(logprobs_from_logits(logits[None], input_ids[r, c + 1][None])[0])  # (N,)
         token_logp = torch.zeros(answer.shape, dtype=torch.float32, device=hidden.device)
@@ -285,18 +286,18 @@ class RewardModel(torch.nn.Module):
         Raises:
             ValueError: the model uses reference features and ``answer_mask`` is None.
         """
+        if self.feature_weight is not None and answer_mask is None:
+            raise ValueError("this reward model adds reference features: pass answer_mask (B, T)")
         mask = attention_mask.long()
         positions = position_ids_from_mask(mask)  # (B, T) real-token positions
-        with using_adapter(self.backbone, self.adapter):
+        with using_adapter(self.backbone, self.adapter):  # one switch for the score and the features
             hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
-        T = mask.shape[1]
-        last = (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # (B,) last real index
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        scores = self.head(h.to(self.head.weight.dtype)).squeeze(-1)
-        if self.feature_weight is not None:
-            if answer_mask is None:
-                raise ValueError("this reward model adds reference features: pass answer_mask (B, T)")
-            feats = self.reference_features(input_ids, mask, answer_mask)  # (B, F)
-            weight = torch.nn.functional.softplus(self.feature_weight)  # (F,) >= 0
-            scores = scores + (feats.to(weight.dtype) * weight).sum(dim=-1).to(scores.dtype)
+            T = mask.shape[1]
+            last = (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # (B,) last real index
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+            scores = self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+            if self.feature_weight is not None:
+                feats = self.reference_features(input_ids, mask, answer_mask)  # (B, F)
+                weight = torch.nn.functional.softplus(self.feature_weight)  # (F,) >= 0
+                scores = scores + (feats.to(weight.dtype) * weight).sum(dim=-1).to(scores.dtype)
         return scores

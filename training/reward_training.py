@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from training.flags import add_dataclass_args, dataclass_from_args, help_field
-from training.models import LoraSettings
+from training.models import LoraSettings, eval_with_checkpointing
 from training.preferences import answer_span, encode_pairs, load_pairs_jsonl, split_by_conversation
 from training.reward_model import RewardModel
 from training.rollout import right_pad
@@ -95,6 +95,14 @@ def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.T
     return torch.nn.functional.binary_cross_entropy_with_logits(d, target)
 
 
+def _eval(rm: RewardModel) -> None:
+    """The reward model in eval mode (no dropout), its backbone's checkpointed layers still
+    flagged for checkpointing: the backbone may be the round's policy, whose PPO pass must keep
+    them (:func:`training.models.eval_with_checkpointing`)."""
+    rm.eval()
+    eval_with_checkpointing(rm.backbone)
+
+
 def _pad_right(rows: list[list[int]], pad_id: int, answer_lens: list[int]) -> tuple[torch.Tensor, ...]:
     """Right-pad token lists to ``(ids, attention mask, answer mask)``, each (B, T); the answer
     is the last ``answer_lens[i]`` real tokens of row i."""
@@ -120,7 +128,7 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
     """Held-out figures of ``rm`` on encoded pairs: ``rm/accuracy`` (share of non-tie pairs with
     r_chosen > r_rejected; NaN if there are none), ``rm/heldout_loss`` (NaN if no pairs) and
     ``rm/heldout_decisive`` (how many non-tie pairs the accuracy is over)."""
-    rm.eval()
+    _eval(rm)
     correct, n_pref, losses = 0, 0, []
     for start in range(0, len(encoded), batch_size):
         batch = encoded[start:start + batch_size]
@@ -182,7 +190,7 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         groups.append({"params": [rm.feature_weight], "lr": config.feature_lr})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
     rng = random.Random(config.seed)
-    rm.eval()  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
+    _eval(rm)  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
     epoch_loss = float("nan")
     for _epoch in range(config.epochs):
         order = list(range(len(train)))
@@ -227,7 +235,7 @@ def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], answers: list[s
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    rm.eval()
+    _eval(rm)
     spans = [answer_span(tokenizer, p, a, max_length) for p, a in zip(prompts, answers, strict=True)]
     device = rm.head.weight.device
     out = []

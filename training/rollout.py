@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from training.chat_format import decode_text, end_of_turn_ids, render_prompt
-from training.models import requires_grad_flags, restore_requires_grad
+from training.models import requires_grad_flags, restore_requires_grad, text_config
 
 
 @dataclass
@@ -66,6 +66,17 @@ class Rollouts:
         return self.response_mask.sum(dim=1)
 
 
+NO_GRAD_LOGITS = 2**24  # logits elements of one forward pass where no gradient is taken (64 MB of float32)
+
+
+def no_grad_rows(model, response_len: int) -> int:
+    """Rows per forward pass for a no-gradient log-prob measurement of ``response_len``-token
+    answers: as many as keep the (rows, Tr + 1, V) logits within ``NO_GRAD_LOGITS`` elements
+    (a small vocabulary: the whole batch at once; a 150k one: a few rows)."""
+    vocab = int(text_config(model).vocab_size)
+    return max(1, NO_GRAD_LOGITS // ((response_len + 1) * vocab))
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, T) positions counted over real tokens only, so a left-padded row gets the same
     positions as the row alone (pads get 0)."""
@@ -95,9 +106,12 @@ def right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
 
 
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[token]: (B, T, V) logits and (B, T) tokens → (B, T) log-probs in nats."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (B, T, V)
-    return torch.gather(logp, 2, tokens.long().unsqueeze(-1)).squeeze(-1)
+    """log softmax(logits)[token]: (B, T, V) logits and (B, T) tokens → (B, T) log-probs in nats,
+    as ``logits[token] − logsumexp(logits)``: no (B, T, V) log-softmax is kept for the backward
+    pass (with a 150k vocabulary, the largest tensor of a PPO minibatch)."""
+    logits = logits.float()
+    picked = torch.gather(logits, 2, tokens.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def _row_generators(seed: int | Sequence[int] | None, n: int) -> list[torch.Generator]:
@@ -211,7 +225,7 @@ def generate_rollouts(
 
 def forward_response(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-    output_hidden: bool = False,
+    output_hidden: bool = False, max_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token log-probs of the last ``response_len`` tokens of ``input_ids``.
 
@@ -221,11 +235,18 @@ def forward_response(
         response_len: Tr, the answer width.
         output_hidden: also return the last hidden state at the positions that predict the
             answer tokens (what a value head reads).
+        max_rows: run the batch through the model this many rows at a time (the same
+            figures; a (B, Tr, V) logits tensor of a whole rollout batch never exists at once).
 
     Returns:
         ``(logprobs (B, Tr) nats, hidden (B, Tr, H) or None)``; logprobs[:, t] is
         log π(answer token t | prompt, answer tokens < t).
     """
+    if max_rows is not None and input_ids.shape[0] > max_rows:
+        parts = [forward_response(model, input_ids[s:s + max_rows], attention_mask[s:s + max_rows], response_len,
+                                  output_hidden) for s in range(0, input_ids.shape[0], max_rows)]
+        hidden = torch.cat([h for _, h in parts]) if output_hidden else None
+        return torch.cat([lp for lp, _ in parts]), hidden
     # only the Tr + 1 last positions go through the LM head where the model allows it: the
     # prompt's (B, Tq, V) logits would be thrown away (for a 150k vocabulary, most of the memory)
     keep = {"logits_to_keep": response_len + 1} if _accepts_logits_to_keep(model) else {}
@@ -286,7 +307,9 @@ def answer_kl(policy, rollouts: Rollouts) -> torch.Tensor:
     log π(a) − log π_ref(a) summed over answer tokens, π being ``policy`` as it is (its active
     adapter) and π_ref the same model with its adapters disabled (Ziegler et al. 2019)."""
     Tr = rollouts.response_ids.shape[1]
-    logprobs, _ = forward_response(policy, rollouts.input_ids, rollouts.attention_mask, Tr)  # (B, Tr)
+    ids, mask = rollouts.input_ids, rollouts.attention_mask
+    rows = no_grad_rows(policy, Tr)
+    logprobs, _ = forward_response(policy, ids, mask, Tr, max_rows=rows)  # (B, Tr)
     with reference_model(policy):
-        ref_logprobs, _ = forward_response(policy, rollouts.input_ids, rollouts.attention_mask, Tr)
+        ref_logprobs, _ = forward_response(policy, ids, mask, Tr, max_rows=rows)
     return ((logprobs - ref_logprobs) * rollouts.response_mask).sum(dim=1)

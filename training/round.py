@@ -46,6 +46,7 @@ from training.models import (
     LoadConfig,
     add_lora,
     context_window,
+    enable_gradient_checkpointing,
     fit_prompts,
     load_lora,
     save_adapter,
@@ -88,6 +89,9 @@ class RoundConfig:
         "", help="JSONL of demonstration conversations (python -m training.sft's format) for PPO-ptx "
         "(--ppo.ptx-coef); empty: the starter's own SFT corpus when the model is the starter, else none")
     ptx_examples: int = help_field(2000, help="most demonstration conversations used for PPO-ptx")
+    gradient_checkpointing: bool = help_field(
+        False, help="recompute activations in the backward pass: less memory for bigger models, about one more "
+        "forward pass of compute")
     max_minutes: float = help_field(
         0.0, help="time budget of the round in minutes (0: none): PPO ends at the iteration boundary where the "
         "next iteration would overrun it, and the round gates and publishes what was trained")
@@ -240,6 +244,8 @@ def load_model(config: RoundConfig, inputs: RoundInputs):
     """
     torch.manual_seed(config.seed)
     model, tokenizer = config.load.load(config.model)
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     window = context_window(model)
     ppo_prompts = fit_prompts(tokenizer, inputs.ppo_prompts, window, config.ppo.max_new_tokens)
     gate_prompts = fit_prompts(tokenizer, inputs.gate_prompts, window, config.gate.max_new_tokens)
