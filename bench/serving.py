@@ -231,7 +231,7 @@ def _timed_generate(engine, messages, n: int) -> float:
 
     from training.chat_format import render_prompt
 
-    ids = torch.tensor([render_prompt(engine.tokenizer, messages)])
+    ids = torch.tensor([render_prompt(engine.tokenizer, messages)], device=engine.batcher.device)
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = engine.model.generate(

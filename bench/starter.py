@@ -39,7 +39,8 @@ def time_reply(model_dir: Path, tokens: int = 30, repeats: int = 5) -> float:
     from training.models import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir)
-    prompt = torch.tensor([render_prompt(tok, [{"role": "user", "content": "What is 12 plus 30?"}])])
+    prompt = torch.tensor([render_prompt(tok, [{"role": "user", "content": "What is 12 plus 30?"}])],
+                          device=next(model.parameters()).device)
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 Policy (deliberate, tested in ``tests/test_engine_text.py``):
 
 * **Stops.** A reply ends at any end-of-turn id the generation config names
-  (:func:`training.models.end_of_turn_ids`) *and* at any special token the chat template itself
+  (:func:`training.chat_format.end_of_turn_ids`) *and* at any special token the chat template itself
   emits (bos, role headers such as ``<|user|>``, ``<|start_header_id|>``, ``<|im_start|>``): a
   model that starts writing the next turn has finished this one. The stopping token is never shown.
 * **Other special tokens** (pad, unknown, tool tokens …: every id

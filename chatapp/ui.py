@@ -23,6 +23,7 @@ from chatapp.service import ChatService, ChatSession, UserInputError
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted
 from training.models import ContextTooLongError
+from training.progress import describe as describe_progress
 from training.scheduler import TrainingScheduler
 
 ROUND_COLUMNS = [
@@ -61,7 +62,8 @@ def rounds_table(store) -> list[list[str]]:
         m = r.get("metrics") or {}
         rows.append(
             [
-                _fmt(r["id"]), r.get("trigger") or "", r["status"], r.get("reason") or "",
+                _fmt(r["id"]), r.get("trigger") or "", r["status"],
+                describe_progress(r.get("progress")) if r["status"] == "running" else r.get("reason") or "",
                 _fmt(m.get("rm/accuracy")), _fmt(m.get("objective/reward")),
                 _fmt(m.get("objective/kl")), _fmt(r.get("version")),
                 (r.get("started_at") or "")[:19], (r.get("finished_at") or "")[:19],

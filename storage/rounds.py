@@ -106,8 +106,8 @@ class RoundsMixin:
 
     def set_round_progress(self, round_id: int, stage: str, done: int = 0, total: int | None = None,
                            eta_s: float | None = None) -> bool:
-        """Record how far a running round is: ``stage`` (``"reward model"``, ``"ppo"``, ``"gate"``,
-        ``"publish"``), ``done`` of ``total`` steps of it, and the estimated seconds left of the
+        """Record how far a running round is: ``stage`` (``"loading"``, ``"reward model"``,
+        ``"rejection sampling"``, ``"ppo"``, ``"gate"``, ``"publish"``), ``done`` of ``total`` steps of it, and the estimated seconds left of the
         round (``eta_s``; None: unknown). A round no longer running is left as it is (returns
         False): a late report never rewrites a finished round."""
         progress = {"stage": stage, "done": int(done), "total": None if total is None else int(total),

@@ -151,3 +151,31 @@ def test_checkpointing_and_micro_batches_save_memory_but_train_the_same_adapter(
         for key in ("ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac"):
             assert trained[variant][1][key] == pytest.approx(metrics[key], abs=1e-5), (variant, key)
     assert any(not torch.equal(w, start[n]) for n, w in trained["micro-batches"][0].items())  # PPO moved it
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_a_checkpointed_reward_model_on_the_policys_base_trains_as_without(tiny_model_dir):
+    # checkpointed layers are recomputed in the backward pass: under the reward model's adapter,
+    # not the policy's that shares the base
+    from training.models import add_lora, enable_gradient_checkpointing, load_model_and_tokenizer
+    from training.reward_training import RewardConfig, train_reward_model
+
+    pairs = [{"conversation_id": str(i % 4), "prompt": [{"role": "user", "content": f"question number {i}"}],
+              "chosen": "ok", "rejected": f"a much longer answer {i}", "tie": False} for i in range(8)]
+    trained = {}
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model, tok = load_model_and_tokenizer(tiny_model_dir)
+        if checkpointed:
+            enable_gradient_checkpointing(model)
+        policy = add_lora(model, adapter_name="policy")
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+        rm, _ = train_reward_model(policy, tok, pairs, RewardConfig(epochs=2, batch_size=4, min_votes=2, lr=1e-2))
+        trained[checkpointed] = {n: p.detach().clone() for n, p in policy.named_parameters() if ".reward." in n}
+        trained[checkpointed]["head"] = rm.head.weight.detach().clone()
+    assert any(float(w.abs().max()) > 0 for n, w in trained[False].items() if "lora_B" in n)  # it trained
+    for name, weight in trained[False].items():
+        assert torch.allclose(weight, trained[True][name], atol=1e-5), name

@@ -38,6 +38,9 @@ def test_progress_reports_stage_iteration_and_eta_and_stops_before_the_budget(st
     assert progress.ppo_iteration(2, 10) is True and progress.stopped_early
     row = store.round(round_id)["progress"]
     assert (row["stage"], row["done"], row["total"], row["eta_s"]) == ("ppo", 2, 10, 200.0)
+    from chatapp.ui import rounds_table
+
+    assert rounds_table(store)[0][3] == "ppo 2/10, ETA 3m20s"  # the Training tab's running round
     no_budget = RoundProgress(None, None, clock=clock)
     no_budget.stage("ppo", total=3)
     clock.now += 10_000

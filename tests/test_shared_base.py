@@ -65,9 +65,10 @@ def test_the_reward_models_and_the_policy_share_base_storage_and_keep_their_own_
     reward_models = RewardModelRegistry(registry.data_dir)
     first = reward_model_step(config, policy, tok, inputs.pairs, reward_models)
     reward_models.publish(first.staging)
-    first.rm.release()
     step = reward_model_step(config, policy, tok, inputs.pairs, reward_models)  # warm + fresh candidate
     assert step.rm.backbone is policy and _base_storage(policy) == base  # no copy anywhere
+    assert len({first.rm.adapter, step.rm.adapter}) == 2  # a second step beside the first: its own names
+    first.rm.release()
     assert set(policy.peft_config) == {"policy", step.rm.adapter}  # the losing candidate was freed
     assert policy.active_adapter == "policy"
 

@@ -420,12 +420,27 @@ def add_lora(model, settings: LoraSettings | None = None, adapter_name: str = "d
     return get_peft_model(model, settings.peft_config(), adapter_name=adapter_name)
 
 
+def unused_adapter_name(model, name: str) -> str:
+    """``name``, or ``name_2``, ``name_3`` … the first that ``model`` (a peft model, or a plain
+    one: every name is free) holds no adapter under."""
+    taken = set(getattr(model, "peft_config", {}) or {})
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}_{n}"
+    return candidate
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each decoder layer's activations in the backward pass instead of keeping them
     (less memory for longer answers and bigger minibatches, one more forward of compute;
     transformers' ``gradient_checkpointing_enable``, non-reentrant, so a frozen base needs no
     input gradients). Takes effect where :func:`eval_with_checkpointing` puts the model."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None)  # the name since transformers 5.x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def eval_with_checkpointing(model) -> None:

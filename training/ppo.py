@@ -255,9 +255,11 @@ def ppo_train(
             loss, e.g. :func:`training.sft.encode_conversation`); with
             ``config.ptx_coef`` > 0 every minibatch step adds γ × their mean token NLL under the
             policy (PPO-ptx), cycling through them ``mini_batch_size`` at a time.
-        on_iteration: called as ``on_iteration(done, total)`` after each iteration (progress,
-            e.g. :meth:`training.progress.RoundProgress.ppo_iteration`); returning True ends
-            PPO there, at an iteration boundary (a time budget).
+        on_iteration: called as ``on_iteration(0, total)`` before the first iteration and
+            ``on_iteration(done, total)`` after each (progress, e.g.
+            :meth:`training.progress.RoundProgress.ppo_iteration`); True returned after an
+            iteration ends PPO there, at an iteration boundary (a time budget; at least one
+            iteration always runs).
 
     Returns:
         Metrics (floats), averaged over iterations: ``objective/kl`` (nats per answer, the
@@ -307,6 +309,8 @@ def ppo_train(
         from tqdm.auto import tqdm
 
         iterator = tqdm(batches, desc="PPO", unit="batch")
+    if on_iteration is not None:
+        on_iteration(0, len(batches))  # the iterations start now (the normaliser is fitted)
     try:
         for step, idx in enumerate(iterator):
             batch = [prompts[i] for i in idx]

@@ -36,10 +36,6 @@ def answer_span(
         ``(ids, n_answer)`` with ``1 <= n_answer <= len(ids) - 1`` (``len(ids) >= 2``).
     """
     ids = render_conversation(tokenizer, list(prompt) + [{"role": "assistant", "content": answer}])
-    end = list(chat_format(tokenizer).end_of_turn)
-    if end:
-        at = _last_index(ids, end)
-        ids = ids[: at + len(end)] if at is not None else ids + end
     shared = 0
     if prompt_ids is None:
         prompt_ids = render_prompt(tokenizer, prompt)
@@ -47,6 +43,10 @@ def answer_span(
         if a != b:
             break
         shared += 1
+    end = list(chat_format(tokenizer).end_of_turn)
+    if end:  # looked for after the prompt only: an earlier turn's end never cuts the answer off
+        at = _last_index(ids[shared:], end)
+        ids = ids[: shared + at + len(end)] if at is not None else ids + end
     n_answer = len(ids) - shared
     if max_length is not None and len(ids) > max_length:
         ids = ids[-max_length:]

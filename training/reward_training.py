@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from training.flags import add_dataclass_args, dataclass_from_args, help_field
-from training.models import LoraSettings, eval_with_checkpointing
+from training.models import LoraSettings, eval_with_checkpointing, using_adapter
 from training.preferences import answer_span, encode_pairs, load_pairs_jsonl, split_by_conversation
 from training.reward_model import RewardModel
 from training.rollout import right_pad
@@ -144,6 +144,29 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
     }
 
 
+def _train_epochs(rm: RewardModel, tokenizer, train: list[dict], config: RewardConfig, optimizer,
+                  params: list[torch.nn.Parameter]) -> float:
+    """``config.epochs`` shuffled passes of the pairwise loss over ``train`` (encoded pairs);
+    returns the last epoch's mean loss (NaN with no epochs)."""
+    rng = random.Random(config.seed)
+    epoch_loss = float("nan")
+    for _epoch in range(config.epochs):
+        order = list(range(len(train)))
+        rng.shuffle(order)
+        total = 0.0
+        for start in range(0, len(order), config.batch_size):
+            batch = [train[i] for i in order[start:start + config.batch_size]]
+            rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
+            loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in batch], device=rc.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+        epoch_loss = total / max(len(train), 1)
+    return epoch_loss
+
+
 def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig, init_dir=None,
                        adapter: str = "reward") -> tuple[RewardModel, dict]:
     """Train a reward model on preference pairs.
@@ -189,23 +212,11 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
     if rm.feature_weight is not None:
         groups.append({"params": [rm.feature_weight], "lr": config.feature_lr})
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
-    rng = random.Random(config.seed)
     _eval(rm)  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
-    epoch_loss = float("nan")
-    for _epoch in range(config.epochs):
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        total = 0.0
-        for start in range(0, len(order), config.batch_size):
-            batch = [train[i] for i in order[start:start + config.batch_size]]
-            rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
-            loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in batch], device=rc.device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            optimizer.step()
-            total += float(loss.detach()) * len(batch)
-        epoch_loss = total / max(len(train), 1)
+    # the whole step under the reward model's adapter: a checkpointed layer is recomputed in the
+    # backward pass with whichever adapter is active then (on a shared base: the policy's)
+    with using_adapter(rm.backbone, rm.adapter):
+        epoch_loss = _train_epochs(rm, tokenizer, train, config, optimizer, params)
     optimizer.zero_grad(set_to_none=True)
     metrics = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)
     metrics.update({

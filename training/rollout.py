@@ -167,7 +167,7 @@ def generate_rollouts(
     if eos_ids is None:
         eos_ids = end_of_turn_ids(policy, tokenizer)
     if not eos_ids:
-        raise ValueError("eos_ids is empty; pass training.models.end_of_turn_ids(model, tokenizer)")
+        raise ValueError("eos_ids is empty; pass training.chat_format.end_of_turn_ids(model, tokenizer)")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -50,6 +50,7 @@ from training.models import (
     fit_prompts,
     load_lora,
     save_adapter,
+    unused_adapter_name,
 )
 from training.ppo import PPOConfig, ppo_train
 from training.preferences import split_by_conversation
@@ -275,9 +276,11 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
     """
     init_dir = reward_models.latest()
     try:
-        rm, metrics = train_reward_model(base, tokenizer, pairs, config.reward, init_dir=init_dir, adapter="reward")
+        rm, metrics = train_reward_model(base, tokenizer, pairs, config.reward, init_dir=init_dir,
+                                         adapter=unused_adapter_name(base, "reward"))
         if init_dir is not None and config.rm_fresh_candidate:
-            fresh = train_reward_model(base, tokenizer, pairs, config.reward, adapter="reward_fresh")
+            fresh = train_reward_model(base, tokenizer, pairs, config.reward,
+                                       adapter=unused_adapter_name(base, "reward_fresh"))
             rm, metrics = _more_accurate(rm, metrics, *fresh)
     except NotEnoughVotesError as exc:
         raise SkipRound(f"too few votes: {exc}", len(pairs)) from None
@@ -294,7 +297,7 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
             raise
     else:
         rm.release()
-        rm = RewardModel.load(base, init_dir, adapter="reward_prev")
+        rm = RewardModel.load(base, init_dir, adapter=unused_adapter_name(base, "reward_prev"))
     return RewardStep(rm, make_reward_fn(rm, tokenizer), metrics, new if keep_new else prev,
                       int(metrics.get("rm/heldout_decisive", 0)), staging)
 

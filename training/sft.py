@@ -286,8 +286,9 @@ def train(model, rows: torch.Tensor, s: LoopSettings, desc: str = "train", progr
     batches = _batches(rows, s.batch_size, s.seed)
     losses, tokens, t0 = [], 0, time.perf_counter()
     bar = tqdm(range(s.steps), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    device = next(model.parameters()).device
     for step in bar:
-        batch = next(batches)  # (B, 3, T)
+        batch = next(batches).to(device)  # (B, 3, T)
         ids, labels, pos = batch[:, 0], batch[:, 1], batch[:, 2]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)

@@ -207,7 +207,7 @@ def starter_problem(model_dir: Path) -> str | None:
         json.loads((model_dir / STARTER_JSON).read_text())
         from training.models import load_model_and_tokenizer
 
-        load_model_and_tokenizer(model_dir)
+        load_model_and_tokenizer(model_dir, device="cpu")
     except Exception as exc:  # noqa: BLE001 - any failure to load means "rebuild"
         return f"corrupt ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None

@@ -70,8 +70,9 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     for s in range(0, len(prompts), batch_size):
         encoded = [render_prompt(tokenizer, m) for m in prompts[s : s + batch_size]]
         width = max(len(e) for e in encoded)
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])  # (B, T) left-padded
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+        device = next(model.parameters()).device
+        ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded], device=device)  # (B, T) left-padded
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=device)
         gen = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=sample,
             temperature=1.0 if sample else None, top_k=0 if sample else None, top_p=1.0 if sample else None,
