@@ -364,8 +364,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     if args.child:
         result = (measure_serving if args.child == "serving" else measure_round)(config, args.model_dir)
-        print(json.dumps(result))
-        return 0
+        print(json.dumps(result), flush=True)
+        sys.stderr.flush()
+        os._exit(0)  # no interpreter teardown under the engine's decode thread (it can abort there)
     result = run(config)
     print(json.dumps(result))
     if config.json:
