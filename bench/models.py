@@ -223,9 +223,18 @@ def warm_up(model_dir: str) -> None:
 
 
 def _load(config: ModelsBenchConfig, model_dir: str):
+    """``(memory, bytes before loading, model, tokenizer, bytes of one base copy)``: the model
+    loaded the row's way, after :func:`warm_up`, with a :class:`Memory` of the row's device."""
+    import torch
+
     from training.models import load_model_and_tokenizer
 
-    return load_model_and_tokenizer(model_dir, config.quantize, config.device, config.dtype)
+    cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
+    memory = Memory(cuda=cuda)
+    warm_up(model_dir)
+    before = memory.now()
+    model, tok = load_model_and_tokenizer(model_dir, config.quantize, config.device, config.dtype)
+    return memory, before, model, tok, base_bytes(model)
 
 
 def measure_serving(config: ModelsBenchConfig, model_dir: str) -> dict:
@@ -238,11 +247,7 @@ def measure_serving(config: ModelsBenchConfig, model_dir: str) -> dict:
     from storage.store import open_store
     from training.models import add_lora, save_adapter
 
-    memory = Memory(cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
-    warm_up(model_dir)
-    before = memory.now()
-    model, tok = _load(config, model_dir)
-    base = base_bytes(model)
+    memory, before, model, tok, base = _load(config, model_dir)
     data = Path(tempfile.mkdtemp(prefix="bench-models-"))
     store = open_store(data)
     registry = AdapterRegistry(DataDir(data), store)
@@ -284,17 +289,12 @@ def measure_serving(config: ModelsBenchConfig, model_dir: str) -> dict:
 
 def measure_round(config: ModelsBenchConfig, model_dir: str) -> dict:
     """A round's reward model + one default-shape PPO iteration on one base (a child process)."""
-    import torch
 
     from training.models import add_lora, enable_gradient_checkpointing
     from training.ppo import PPOConfig, ppo_train
     from training.reward_training import RewardConfig, make_reward_fn, train_reward_model
 
-    memory = Memory(cuda=config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()))
-    warm_up(model_dir)
-    before = memory.now()
-    model, tok = _load(config, model_dir)
-    base = base_bytes(model)
+    memory, before, model, tok, base = _load(config, model_dir)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     memory.start()

@@ -16,6 +16,7 @@ from chatapp.service import ChatService, ChatSession
 from storage.paths import DataDir
 from storage.registry import AdapterRegistry
 from storage.store import open_store
+from tests.test_chat import _drain
 from training.chat_format import chat_format, end_of_turn_ids, render_prompt
 from training.models import ModelLoadError, load_model_and_tokenizer, load_tokenizer
 from training.preferences import answer_span
@@ -25,14 +26,6 @@ from training.starter.tiny import GEMMA_TEMPLATE, build_tiny_model
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 HEADERS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-
-def _drain(gen):
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
 
 
 def _uniform(model_dir):
