@@ -10,8 +10,8 @@ mid-reply is loaded by the decode loop for the *next* reply, never swapped under
 
 Text: see :mod:`chatapp.text` (stop ids, special tokens never shown, ``<think>`` removed from the
 answer). Context: the oldest whole turns are dropped until prompt + ``max_new_tokens`` fits
-(:func:`training.models.fit_messages`); a message too long on its own raises
-:class:`training.models.ContextTooLongError` before anything is generated.
+(:func:`training.chat_format.fit_messages`); a message too long on its own raises
+:class:`training.chat_format.ContextTooLongError` before anything is generated.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ import torch
 from chatapp.batching import Batcher, Request
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
 from storage.registry import AdapterRegistry
-from training.chat_format import end_of_turn_ids, render_prompt
-from training.models import add_lora, context_window, fit_messages, load_lora, save_adapter
+from training.chat_format import end_of_turn_ids, fit_messages, render_prompt
+from training.models import add_lora, context_window, load_lora, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ChatEngine:
         """Token ids of the prompt after dropping the oldest turns that do not fit.
 
         Raises:
-            training.models.ContextTooLongError: the newest message alone does not fit.
+            training.chat_format.ContextTooLongError: the newest message alone does not fit.
         """
         kept = fit_messages(self.tokenizer, messages, self.window, max_new_tokens)
         return render_prompt(self.tokenizer, kept)
@@ -212,7 +212,7 @@ class ChatEngine:
             stop_event: set it to end generation early.
 
         Raises:
-            training.models.ContextTooLongError: the newest message alone does not fit.
+            training.chat_format.ContextTooLongError: the newest message alone does not fit.
             FileNotFoundError: ``version`` has no adapter directory.
         """
         sampling = sampling or Sampling()

@@ -152,7 +152,7 @@ class ChatService:
 
         Raises:
             UserInputError: empty message or a comparison awaiting its vote.
-            training.models.ContextTooLongError: the message alone does not fit the window.
+            training.chat_format.ContextTooLongError: the message alone does not fit the window.
         """
         context = self._begin_turn(session, text)
         gen = self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)

@@ -22,7 +22,7 @@ from chatapp.auth import AdminAuth, AdminRequired
 from chatapp.service import ChatService, ChatSession, UserInputError
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted
-from training.models import ContextTooLongError
+from training.chat_format import ContextTooLongError
 from training.progress import describe as describe_progress
 from training.scheduler import TrainingScheduler
 

@@ -15,8 +15,8 @@ from chatapp.service import ChatService, ChatSession, UserInputError
 from storage.paths import DataDir
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted, open_store
-from training.chat_format import render_prompt
-from training.models import ContextTooLongError, fit_messages, load_model_and_tokenizer
+from training.chat_format import ContextTooLongError, fit_messages, render_prompt
+from training.models import load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 

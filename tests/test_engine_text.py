@@ -9,7 +9,7 @@ import pytest
 from chatapp.engine import Sampling
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
 from tests.test_engine import PROMPTS, greedy, make_engine, msgs
-from training.models import ContextTooLongError
+from training.chat_format import ContextTooLongError
 
 
 class Script:
@@ -183,8 +183,7 @@ def test_too_long_message_is_a_clear_error_and_serving_goes_on(engine):
 
 
 def test_fit_prompts_applies_the_serving_rule_to_training_prompts(engine):
-    from training.chat_format import render_prompt
-    from training.models import fit_messages, fit_prompts
+    from training.chat_format import fit_messages, fit_prompts, render_prompt
 
     tok = engine.tokenizer
     long_history = []

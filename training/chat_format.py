@@ -16,6 +16,8 @@ code asks of a template is read from the template itself, never from a family li
   and (its first id) a stop for generation.
 * :func:`render_prompt` / :func:`render_conversation` — token ids through the template;
   :func:`decode_text` — generated ids back to text, special tokens left out.
+* :func:`fit_messages` / :func:`fit_prompts` — drop the oldest whole turns until prompt +
+  ``max_new_tokens`` fits the context window (serving, and a round's prompts alike).
 * :func:`read_chat_template` — a Jinja template from a file (``--chat-template FILE``) for a
   model that has none.
 
@@ -25,9 +27,12 @@ Template semantics: transformers' ``apply_chat_template`` (https://huggingface.c
 from __future__ import annotations
 
 import json
+import logging
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _PROBE_SYSTEM = "SYSPROBE7"  # a probe text that no template writes by itself
 _PROBE_ANSWER = "ANSPROBE7"
@@ -151,6 +156,64 @@ def decode_text(tokenizer, ids) -> str:
     hidden = chat_format(tokenizer).special_ids
     return tokenizer.decode([int(i) for i in ids if int(i) not in hidden], skip_special_tokens=False,
                             clean_up_tokenization_spaces=False)
+
+
+class ContextTooLongError(ValueError):
+    """The newest user message alone (with the system prompt) does not fit the context window."""
+
+
+def fit_messages(
+    tokenizer, messages: list[dict], max_context_tokens: int, max_new_tokens: int
+) -> list[dict]:
+    """Drop the oldest whole turns until the rendered prompt + ``max_new_tokens`` fits.
+
+    A turn is a user message and the assistant replies that follow it. A leading system message
+    and the newest user turn are always kept. Counts use the real tokenizer and chat template.
+
+    Args:
+        messages: the conversation so far, ending with the user message to answer.
+        max_context_tokens: the model's context window, in tokens.
+        max_new_tokens: tokens reserved for the reply.
+
+    Returns:
+        The kept messages (a suffix of the turns, with the system message if any).
+
+    Raises:
+        ContextTooLongError: the system message plus the newest user turn alone do not fit.
+    """
+    budget = max_context_tokens - max_new_tokens
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    rest = messages[len(system):]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"] or [0]
+    for start in starts:
+        kept = system + rest[start:]
+        if len(render_prompt(tokenizer, kept)) <= budget:
+            return kept
+    n = len(render_prompt(tokenizer, system + rest[starts[-1]:]))
+    raise ContextTooLongError(
+        f"the message is too long: {n} tokens with the template, but only {budget} fit "
+        f"({max_context_tokens}-token window minus {max_new_tokens} for the reply). "
+        "Shorten it or start a new conversation."
+    )
+
+
+def fit_prompts(
+    tokenizer, prompts: list[list[dict]], max_context_tokens: int, max_new_tokens: int
+) -> list[list[dict]]:
+    """The rule of :func:`fit_messages` for a batch of prompts (training rounds, gates): each
+    conversation loses its oldest whole turns until it fits; one whose newest message alone does
+    not fit is left out (logged), so a round never feeds the model more than its window.
+
+    Returns:
+        The fitted prompts, in order, without the ones that cannot fit.
+    """
+    fitted = []
+    for messages in prompts:
+        try:
+            fitted.append(fit_messages(tokenizer, messages, max_context_tokens, max_new_tokens))
+        except ContextTooLongError as exc:
+            log.info("prompt left out: %s", exc)
+    return fitted
 
 
 def end_of_turn_ids(model, tokenizer) -> list[int]:

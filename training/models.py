@@ -5,8 +5,6 @@ Everything that touches a model goes through here, for the starter model and hub
 * :func:`load_model_and_tokenizer` — a hub id or a local directory, optionally quantized with
   bitsandbytes (``8bit``, or ``4bit`` nf4).
 * chat templates: :mod:`training.chat_format` (special tokens, system role, end of turn).
-* :func:`fit_messages` — drop the oldest whole turns until prompt + ``max_new_tokens`` fits;
-  :func:`fit_prompts` applies the same rule to a batch of training prompts.
 * :func:`add_lora` / :func:`load_lora` — the policy is the base plus one LoRA adapter (peft).
 """
 
@@ -24,7 +22,6 @@ from training.chat_format import (
     ChatTemplateError,
     check_template,
     read_chat_template,
-    render_prompt,
 )
 from training.devices import (
     DEVICE_HELP,
@@ -68,10 +65,6 @@ class LoadConfig:
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says why and what to pass instead."""
-
-
-class ContextTooLongError(ValueError):
-    """The newest user message alone (with the system prompt) does not fit the context window."""
 
 
 @dataclass
@@ -295,60 +288,6 @@ def _load_model(name_or_path, placement: Placement):
     model.placement = placement
     log.info("model %s: %s", name_or_path, placement.describe())
     return model
-
-
-def fit_messages(
-    tokenizer, messages: list[dict], max_context_tokens: int, max_new_tokens: int
-) -> list[dict]:
-    """Drop the oldest whole turns until the rendered prompt + ``max_new_tokens`` fits.
-
-    A turn is a user message and the assistant replies that follow it. A leading system message
-    and the newest user turn are always kept. Counts use the real tokenizer and chat template.
-
-    Args:
-        messages: the conversation so far, ending with the user message to answer.
-        max_context_tokens: the model's context window, in tokens.
-        max_new_tokens: tokens reserved for the reply.
-
-    Returns:
-        The kept messages (a suffix of the turns, with the system message if any).
-
-    Raises:
-        ContextTooLongError: the system message plus the newest user turn alone do not fit.
-    """
-    budget = max_context_tokens - max_new_tokens
-    system = [m for m in messages[:1] if m["role"] == "system"]
-    rest = messages[len(system):]
-    starts = [i for i, m in enumerate(rest) if m["role"] == "user"] or [0]
-    for start in starts:
-        kept = system + rest[start:]
-        if len(render_prompt(tokenizer, kept)) <= budget:
-            return kept
-    n = len(render_prompt(tokenizer, system + rest[starts[-1]:]))
-    raise ContextTooLongError(
-        f"the message is too long: {n} tokens with the template, but only {budget} fit "
-        f"({max_context_tokens}-token window minus {max_new_tokens} for the reply). "
-        "Shorten it or start a new conversation."
-    )
-
-
-def fit_prompts(
-    tokenizer, prompts: list[list[dict]], max_context_tokens: int, max_new_tokens: int
-) -> list[list[dict]]:
-    """The rule of :func:`fit_messages` for a batch of prompts (training rounds, gates): each
-    conversation loses its oldest whole turns until it fits; one whose newest message alone does
-    not fit is left out (logged), so a round never feeds the model more than its window.
-
-    Returns:
-        The fitted prompts, in order, without the ones that cannot fit.
-    """
-    fitted = []
-    for messages in prompts:
-        try:
-            fitted.append(fit_messages(tokenizer, messages, max_context_tokens, max_new_tokens))
-        except ContextTooLongError as exc:
-            log.info("prompt left out: %s", exc)
-    return fitted
 
 
 def text_config(model):

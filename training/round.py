@@ -40,6 +40,7 @@ import torch
 from storage.registry import AdapterRegistry, RewardModelRegistry
 from storage.rounds import TRAINED_STATUSES
 from storage.store import Store
+from training.chat_format import fit_prompts
 from training.flags import help_field, nested
 from training.gate import GateConfig, rm_accuracy_check, run_gate
 from training.models import (
@@ -47,7 +48,6 @@ from training.models import (
     add_lora,
     context_window,
     enable_gradient_checkpointing,
-    fit_prompts,
     load_lora,
     save_adapter,
     unused_adapter_name,
