@@ -54,10 +54,6 @@ class LoadConfig:
             if not Path(self.chat_template).is_file():
                 raise ValueError(f"--chat-template {self.chat_template}: no such file")
 
-    def placement(self) -> Placement:
-        """The resolved device, dtype and quantization on this machine."""
-        return resolve_placement(self.device, self.dtype, self.quantize)
-
     def load(self, name_or_path: str | os.PathLike):
         """``(model, tokenizer)`` of ``name_or_path`` loaded this way (:func:`load_model_and_tokenizer`)."""
         return load_model_and_tokenizer(name_or_path, self.quantize, self.device, self.dtype, self.chat_template)
@@ -323,6 +319,12 @@ def restore_requires_grad(model, flags: dict[str, bool]) -> None:
             p.requires_grad_(flags[name])
 
 
+def lora_params(model, adapter_name: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """``(name, parameter)`` of adapter ``adapter_name``'s LoRA weights in a peft model (empty
+    when it holds no such adapter)."""
+    return [(n, p) for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+
+
 def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
     """``(name, parameter)`` of the LoRA weights of the peft model's active adapter.
 
@@ -331,7 +333,7 @@ def active_lora_params(policy) -> list[tuple[str, torch.nn.Parameter]]:
     """
     active = policy.active_adapter
     active = active[0] if isinstance(active, list | tuple) else active
-    params = [(n, p) for n, p in policy.named_parameters() if "lora_" in n and f".{active}." in n]
+    params = lora_params(policy, active)
     if not params:
         raise ValueError(
             f"the policy has no LoRA weights for its active adapter {active!r}; "
@@ -352,9 +354,8 @@ def add_lora(model, settings: LoraSettings | None = None, adapter_name: str = "d
         flags = requires_grad_flags(model)
         model.add_adapter(adapter_name, settings.peft_config())
         restore_requires_grad(model, flags)
-        for name, p in model.named_parameters():
-            if "lora_" in name and f".{adapter_name}." in name:
-                p.requires_grad_(True)
+        for _, p in lora_params(model, adapter_name):
+            p.requires_grad_(True)
         return model
     return get_peft_model(model, settings.peft_config(), adapter_name=adapter_name)
 
@@ -387,9 +388,11 @@ def eval_with_checkpointing(model) -> None:
     with gradient checkpointing enabled are flagged training, the condition under which
     transformers checkpoints them (only the layer objects: their attention and MLP stay in eval
     mode; without gradients, e.g. while sampling, a layer runs as usual)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     model.eval()
     for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) is True:
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module.training = True
 
 
@@ -440,9 +443,8 @@ def load_lora(model, adapter_dir: str | Path, adapter_name: str = "default", tra
         flags = requires_grad_flags(model)
         model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable)
         restore_requires_grad(model, flags)
-        for name, p in model.named_parameters():
-            if "lora_" in name and f".{adapter_name}." in name:
-                p.requires_grad_(trainable)
+        for _, p in lora_params(model, adapter_name):
+            p.requires_grad_(trainable)
         return model
     return PeftModel.from_pretrained(
         model, str(adapter_dir), adapter_name=adapter_name, is_trainable=trainable

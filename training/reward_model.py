@@ -34,6 +34,7 @@ from training.models import (
     add_lora,
     load_lora,
     load_model_and_tokenizer,
+    lora_params,
     requires_grad_flags,
     restore_requires_grad,
     save_adapter,
@@ -232,7 +233,7 @@ class RewardModel(torch.nn.Module):
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The LoRA weights and the head (what the optimizer holds), then the feature weight."""
-        lora = [p for n, p in self.backbone.named_parameters() if "lora_" in n and f".{self.adapter}." in n]
+        lora = [p for _, p in lora_params(self.backbone, self.adapter)]
         extra = [self.feature_weight] if self.feature_weight is not None else []
         return lora + list(self.head.parameters()) + extra
 
