@@ -245,7 +245,7 @@ def measure_serving(config: ModelsBenchConfig, model_dir: str) -> dict:
     from storage.paths import DataDir
     from storage.registry import AdapterRegistry
     from storage.store import open_store
-    from training.models import add_lora, save_adapter
+    from training.models import add_lora, lora_params, save_adapter
 
     memory, before, model, tok, base = _load(config, model_dir)
     data = Path(tempfile.mkdtemp(prefix="bench-models-"))
@@ -255,8 +255,8 @@ def measure_serving(config: ModelsBenchConfig, model_dir: str) -> dict:
     for version in (1, 2):  # two more versions, each a changed adapter, as rounds publish them
         add_lora(engine.model, adapter_name="new")
         with torch.no_grad():
-            for n, p in engine.model.named_parameters():
-                if "lora_B" in n and ".new." in n:
+            for n, p in lora_params(engine.model, "new"):
+                if "lora_B" in n:
                     p.normal_(0, 0.01)
         staging = registry.staging_dir()
         save_adapter(engine.model, "new", staging)
@@ -310,8 +310,6 @@ def measure_round(config: ModelsBenchConfig, model_dir: str) -> dict:
                     micro_batch_size=config.micro_batch_size, max_new_tokens=config.new_tokens, normalize_reward=False)
     metrics = ppo_train(policy, tok, make_reward_fn(rm, tok), prompts, ppo)
     peak = memory.stop()
-    if os.environ.get("BENCH_MODELS_WHERE"):
-        print(getattr(memory, "where", ""), file=sys.stderr)
     return {"s_per_64_ppo_answers": round(metrics["time/ppo_s"], 2), "rm_train_s_16_pairs": round(rm_s, 2),
             "round_peak_over_base": round((peak - before) / base, 3), "ppo_answer_tokens": metrics["answer/length_tokens"],
             "base_mb": round(base / 2**20, 1)}

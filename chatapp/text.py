@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from training.chat_format import chat_format, special_ids
+from training.chat_format import chat_format
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _BLOCK = re.compile(re.escape(THINK_OPEN) + r"(.*?)" + re.escape(THINK_CLOSE), re.DOTALL)
@@ -77,7 +77,7 @@ class ReplyText:
 
     def __init__(self, tokenizer, hidden_ids: set[int] | None = None):
         self.tokenizer = tokenizer
-        self.hidden = set(special_ids(tokenizer)) - think_ids(tokenizer) if hidden_ids is None else hidden_ids
+        self.hidden = set(chat_format(tokenizer).special_ids) - think_ids(tokenizer) if hidden_ids is None else hidden_ids
         self.ids: list[int] = []  # visible ids (hidden ones dropped)
         self.raw = ""
         self._prefix = 0  # ids[_prefix:_read] were decoded already, as context for the next piece

@@ -41,7 +41,12 @@ from training.models import (
     text_config,
     using_adapter,
 )
-from training.rollout import logprobs_from_logits, position_ids_from_mask, reference_model
+from training.rollout import (
+    NO_GRAD_LOGITS,
+    logprobs_from_logits,
+    position_ids_from_mask,
+    reference_model,
+)
 
 HEAD_FILE = "reward_head.safetensors"
 META_FILE = "reward_model.json"
@@ -80,7 +85,6 @@ def _on(weight: torch.nn.Parameter | None, device) -> torch.nn.Parameter | None:
 
 FEATURES = ("ref_mean_logp", "ref_min_logp")  # nats per answer token, nats
 FEATURE_INIT = 0.1  # softplus(w) of each reference feature at initialisation
-_LOGIT_ELEMENTS = 2**22  # logits projected at once: positions × vocabulary ≤ this (16 MB of float32)
 
 
 def output_logits(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -268,7 +272,7 @@ class RewardModel(torch.nn.Module):
         base = self.backbone.get_base_model()
         rows, cols = answer[:, 1:].nonzero(as_tuple=True)  # predicting token cols+1 from cols
         logps = []
-        chunk = max(16, _LOGIT_ELEMENTS // int(text_config(base).vocab_size))
+        chunk = max(16, NO_GRAD_LOGITS // int(text_config(base).vocab_size))  # positions per projection
         for s in range(0, rows.numel(), chunk):
             r, c = rows[s:s + chunk], cols[s:s + chunk]
             logits = output_logits(base, hidden[r, c])  # (N, V)

@@ -66,7 +66,7 @@ class Rollouts:
         return self.response_mask.sum(dim=1)
 
 
-NO_GRAD_LOGITS = 2**24  # logits elements of one forward pass where no gradient is taken (64 MB of float32)
+NO_GRAD_LOGITS = 2**24  # logits elements projected at once where no gradient is taken (64 MB of float32)
 
 
 def no_grad_rows(model, response_len: int) -> int:
