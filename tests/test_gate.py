@@ -113,3 +113,55 @@ def test_rm_accuracy_check_needs_confidence_not_luck():
     assert rm_accuracy_check(0.72, 9, strict) == "" and rm_accuracy_check(0.68, 900, strict) != ""
     with pytest.raises(ValueError, match="rm_accuracy_z"):
         GateConfig(rm_accuracy_z=-1.0)
+
+
+def test_wilson_bound_on_one_of_one_rejects_the_reward_model():
+    from training.gate import rm_accuracy_check, wilson_interval
+
+    config = GateConfig()
+    low, high = wilson_interval(1, 1, config.rm_accuracy_z)
+    assert low < 0.5 < high  # one right answer out of one says nothing yet
+    assert "lower bound" in rm_accuracy_check(1.0, 1, config)  # the normal approximation gave 1.0 here
+    assert "lower bound" in rm_accuracy_check(2 / 3, 3, config)
+    assert rm_accuracy_check(1.0, 8, config) == ""  # eight of eight does
+    assert wilson_interval(5, 10, 0.0) == pytest.approx((0.5, 0.5))  # z = 0: the plain share
+    lo_more, _ = wilson_interval(80, 100, 1.28)
+    lo_less, _ = wilson_interval(8, 10, 1.28)
+    assert 0.5 < lo_less < lo_more < 0.8  # the same share over more votes: a tighter bound
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(3, 2, 1.0)
+
+
+def test_one_fixed_answer_per_prompt_is_rejected_as_collapsed_within_prompts():
+    prompt_ids = [i % 4 for i in range(8)]  # 4 prompts, two samples each
+    live = [f"answer {i}" for i in range(8)]  # live varies its answer to each prompt
+    fixed = [f"the answer to {p}" for p in prompt_ids]  # one fixed answer per prompt: distinct across prompts
+    result = _decide(candidate_answers=fixed, prompt_ids=prompt_ids, live_answers=live)
+    assert result.metrics["gate/distinct"] == 1.0  # the check across prompts sees nothing wrong
+    assert result.metrics["gate/within_diversity"] == 0.0 and result.metrics["gate/live_within_diversity"] == 1.0
+    assert not result.passed and "within prompts" in result.reason
+    # the same candidate beside a live version that is just as fixed: no loss of diversity
+    assert _decide(candidate_answers=fixed, prompt_ids=prompt_ids, live_answers=list(fixed)).passed
+    varied = [f"take {i} on {p}" for i, p in enumerate(prompt_ids)]
+    assert _decide(candidate_answers=varied, prompt_ids=prompt_ids, live_answers=live).passed
+
+
+def test_within_prompt_diversity_counts_extra_samples_that_differ():
+    from training.gate import within_prompt_diversity
+
+    # prompt 0: a, a, b (one of two extra samples differs); prompt 1: c, d (the one extra differs)
+    assert within_prompt_diversity(["a", "a", "b", "c", "d"], [0, 0, 0, 1, 1]) == pytest.approx((0.5 + 1.0) / 2)
+    assert within_prompt_diversity(["a", "b"], [0, 1]) is None  # no prompt sampled twice
+
+
+def test_truncation_heavy_candidate_is_rejected():
+    live_cut = torch.tensor([True] + [False] * 7)  # live: 1 of 8 answers cut at the length limit
+    cut = torch.tensor([True] * 4 + [False] * 4)  # candidate: 4 of 8, at the same mean length
+    result = _decide(candidate_truncated=cut, live_truncated=live_cut)
+    assert result.metrics["gate/truncated"] == 0.5 and result.metrics["gate/live_truncated"] == 0.125
+    assert not result.passed and "cut at the length limit" in result.reason
+    one_more = torch.tensor([True] * 2 + [False] * 6)  # 2 of 8: 12.5 points more, over the 10 allowed
+    assert not _decide(candidate_truncated=one_more, live_truncated=live_cut).passed
+    assert _decide(candidate_truncated=live_cut.clone(), live_truncated=live_cut).passed
+    assert _decide(candidate_truncated=one_more, live_truncated=live_cut,
+                   config=GateConfig(min_win_rate=0.55, max_truncated_increase=0.2)).passed

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.models import LoraSettings, load_tokenizer
-from training.preferences import answer_span, encode_pairs, split_by_conversation
+from training.preferences import answer_span, encode_pairs, split_by_conversation, split_heldout
 from training.reward_model import RewardModel
 from training.reward_training import (
     NotEnoughVotesError,
@@ -201,11 +201,20 @@ def test_split_by_conversation_never_by_row():
     assert {p["conversation_id"] for p in again_held} == held_ids  # deterministic, order-free
     # a conversation keeps its side when more conversations arrive
     more = pairs + [_pair(f"new{i}", "a", "b") for i in range(20)]
-    _, held_more = split_by_conversation(more, 0.3, seed=1)
-    assert held_ids <= {p["conversation_id"] for p in held_more}
-    # two conversations: one each side
+    train_more, held_more = split_by_conversation(more, 0.3, seed=1)
+    side = {p["conversation_id"]: "held" for p in held_more} | {p["conversation_id"]: "train" for p in train_more}
+    # membership never changes as data grows, in either direction (no side is ever filled up)
+    for n in (1, 2, 3, 12, 60):
+        small_train, small_held = split_by_conversation(pairs[:n], 0.3, seed=1)
+        assert all(side[p["conversation_id"]] == "train" for p in small_train)
+        assert all(side[p["conversation_id"]] == "held" for p in small_held)
     t2, h2 = split_by_conversation([_pair("a", "x", "y"), _pair("b", "x", "y")], 0.01, seed=0)
-    assert len(t2) == 1 and len(h2) == 1
+    assert len(t2) == 2 and h2 == []  # neither hashes below 0.01: none is forced out
+    # the held-out pairs split again, stably, into the half that selects and the half that judges
+    select, judge = split_heldout(held_more, 0.3, seed=1)
+    assert select and judge and len(select) + len(judge) == len(held_more)
+    assert not {p["conversation_id"] for p in select} & {p["conversation_id"] for p in judge}
+    assert split_heldout(held, 0.3, seed=1)[1] == [p for p in judge if p in held]
 
 
 def test_too_few_votes_raises(tiny_model_dir, tok):

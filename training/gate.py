@@ -5,17 +5,23 @@ On held-out prompts, the candidate must
 1. win against the live version, as judged by the reward model (wins + ½ ties over n), at a rate
    of at least ``min_win_rate``;
 2. stay close to the reference: mean KL per answer (k1, nats) at most ``max_kl``;
-3. not collapse: distinct answers across different prompts at least ``min_distinct`` of them;
+3. not collapse, across prompts: distinct answers to different prompts at least
+   ``min_distinct`` of them; nor within a prompt: each prompt is sampled
+   ``samples_per_prompt`` times, and the share of a prompt's extra samples that differ from
+   the ones before, ``(distinct − 1) / (samples − 1)`` averaged over prompts, must keep at least
+   ``min_within_ratio`` of live's (a policy with one fixed answer per prompt scores 0);
 4. not grow long: mean answer length at most ``max_length_ratio`` × the live version's
    (+ ``length_slack_tokens``), the classic reward-hacking symptom (Singhal et al. 2023,
-   "A Long Way to Go: Investigating Length Correlations in RLHF");
+   "A Long Way to Go: Investigating Length Correlations in RLHF"); and not run into the
+   length limit more often: its share of answers cut at ``max_new_tokens`` at most live's +
+   ``max_truncated_increase`` (a mean length says nothing of answers that never end);
 5. have been trained against a reward model that is right on held-out votes more often than
    ``min_rm_accuracy`` (default ½: better than chance), with confidence: the bar applies to the
-   lower bound ``acc − z·sqrt(acc·(1 − acc)/n)`` over the ``n`` held-out A/B votes (normal
-   approximation, ``z = rm_accuracy_z``), so a handful of held-out votes neither passes a
-   reward model by luck nor fails a good one by noise (:func:`rm_accuracy_check`, called by
-   ``training.round``, which knows the RM's figures). PPO against a reward model at chance only
-   drifts, and the same model would judge check 1.
+   Wilson score interval's lower bound (Wilson 1927; Brown, Cai & DasGupta 2001) at
+   ``z = rm_accuracy_z`` over the ``n`` held-out A/B votes, so one held-out vote, or a handful,
+   neither passes a reward model by luck nor fails a good one by noise (:func:`rm_accuracy_check`,
+   called by ``training.round`` with the RM's accuracy on held-out votes it was *not* selected
+   on). PPO against a reward model at chance only drifts, and the same model would judge check 1.
 
 :func:`gate_decision` is the pure rule on precomputed figures; :func:`run_gate` samples both
 adapters of one ``PeftModel`` and applies it. Library only; ``training.round`` records the
@@ -29,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from scipy.stats import norm
+from statsmodels.stats.proportion import proportion_confint
 
 from training.flags import help_field
 from training.models import requires_grad_flags, restore_requires_grad
@@ -45,11 +53,17 @@ class GateConfig:
         "model (trained on more votes than live's) judges no worse than live is promoted")
     max_kl: float = help_field(5.0, help="largest mean KL per answer to the reference, nats")
     min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
+    min_within_ratio: float = help_field(
+        0.5, help="smallest share of live's diversity within a prompt the candidate keeps (the share of a "
+        "prompt's extra samples that differ; 0: not checked)")
+    samples_per_prompt: int = help_field(2, help="answers sampled per held-out prompt and version (>= 2: the within-prompt check)")
     max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
     length_slack_tokens: float = help_field(4.0, help="tokens allowed on top of the length ratio")
-    min_rm_accuracy: float = help_field(0.5, help="the reward model's held-out pairwise accuracy, lower confidence bound, must exceed this before its candidate can be promoted (no held-out votes: not checked)")
-    rm_accuracy_z: float = help_field(1.0, help="z of that lower bound (1 ≈ 84 %% one-sided; 0: the plain accuracy)")
-    n_prompts: int = help_field(128, help="paired answers sampled per version; fewer distinct held-out prompts are cycled (new seed per row)")
+    max_truncated_increase: float = help_field(
+        0.1, help="largest rise over live's share of answers cut at the length limit (0.1: ten points)")
+    min_rm_accuracy: float = help_field(0.5, help="the reward model's held-out pairwise accuracy, Wilson lower bound, must exceed this before its candidate can be promoted (no held-out votes: not checked)")
+    rm_accuracy_z: float = help_field(1.28, help="z of that lower bound (1.28: a 90 percent one-sided bound; 0: the plain accuracy)")
+    n_prompts: int = help_field(128, help="answers sampled per version: n-prompts / samples-per-prompt distinct held-out prompts, fewer cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     seed: int = help_field(0, help="sampling seed (the same for both versions; row i uses seed + i)")
 
@@ -60,8 +74,11 @@ class GateConfig:
             raise ValueError(f"GateConfig.min_rm_accuracy must be in [0, 1], got {self.min_rm_accuracy}")
         if self.rm_accuracy_z < 0:
             raise ValueError(f"GateConfig.rm_accuracy_z must be >= 0, got {self.rm_accuracy_z}")
-        if not 0.0 <= self.min_distinct <= 1.0:
-            raise ValueError(f"GateConfig.min_distinct must be in [0, 1], got {self.min_distinct}")
+        for name in ("min_distinct", "min_within_ratio", "max_truncated_increase"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"GateConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"GateConfig.samples_per_prompt must be >= 1, got {self.samples_per_prompt}")
         for name in ("max_kl", "max_length_ratio", "n_prompts", "max_new_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"GateConfig.{name} must be > 0, got {getattr(self, name)!r}")
@@ -78,6 +95,26 @@ class GateResult:
     metrics: dict = field(default_factory=dict)
 
 
+def wilson_interval(successes: float, n: float, z: float) -> tuple[float, float]:
+    """The Wilson score interval ``(low, high)`` of a proportion: ``successes`` of ``n`` trials
+    (a tie may count ½, so ``successes`` may be fractional), each bound one-sided at ``z``
+    standard deviations (z = 1.645: 95 % one-sided; 0: the plain share). Unlike the normal
+    approximation it never claims certainty from a few trials: 1 of 1 at z = 1.28 gives
+    (0.38, 1). Wilson 1927; Brown, Cai & DasGupta 2001. ``n = 0`` gives (0, 1).
+
+    Raises:
+        ValueError: ``successes`` outside [0, n] or ``z < 0``.
+    """
+    if z < 0:
+        raise ValueError(f"z must be >= 0, got {z}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must be in [0, n], got {successes} of {n}")
+    if n == 0:
+        return 0.0, 1.0
+    low, high = proportion_confint(successes, n, alpha=2.0 * float(norm.sf(z)), method="wilson")
+    return float(low), float(high)
+
+
 def rm_accuracy_check(accuracy: float | None, n: int, config: GateConfig) -> str:
     """Check 5: ``""`` when the reward model in use is accurate enough, else the reason.
 
@@ -86,43 +123,62 @@ def rm_accuracy_check(accuracy: float | None, n: int, config: GateConfig) -> str
             like the voter; None or NaN (no held-out votes): not checked.
         n: how many held-out A/B votes that share is over.
 
-    The bar applies to ``accuracy − z·sqrt(accuracy·(1 − accuracy)/n)`` (the normal
-    approximation's lower confidence bound, ``z = config.rm_accuracy_z``); it must be above
+    The bar applies to the Wilson lower bound (:func:`wilson_interval`, ``z =
+    config.rm_accuracy_z``) of ``accuracy·n`` right of ``n``; it must be above
     ``config.min_rm_accuracy``.
     """
     if accuracy is None or math.isnan(accuracy) or n <= 0:
         return ""
-    bound = accuracy - config.rm_accuracy_z * math.sqrt(accuracy * (1.0 - accuracy) / n)
+    bound, _ = wilson_interval(min(max(accuracy * n, 0.0), n), n, config.rm_accuracy_z)
     if bound > config.min_rm_accuracy:
         return ""
     return (f"reward model not yet reliably better than {config.min_rm_accuracy:.2f} on held-out votes: "
             f"accuracy {accuracy:.2f} over {n} A/B votes, lower bound {bound:.2f}")
 
 
+def within_prompt_diversity(answers: list[str], prompt_ids: list[int]) -> float | None:
+    """How much a policy still varies its answer to one prompt: for each prompt with at least
+    two samples, ``(distinct answers − 1) / (samples − 1)`` (0: always the same answer; 1: every
+    sample differs), averaged over those prompts; None when no prompt has two samples."""
+    by_prompt: dict[int, list[str]] = {}
+    for pid, answer in zip(prompt_ids, answers, strict=True):
+        by_prompt.setdefault(pid, []).append(answer.strip())
+    shares = [(len(set(a)) - 1) / (len(a) - 1) for a in by_prompt.values() if len(a) >= 2]
+    return sum(shares) / len(shares) if shares else None
+
+
 def gate_decision(
     candidate_scores: torch.Tensor, live_scores: torch.Tensor, candidate_answers: list[str],
     candidate_kl: torch.Tensor, candidate_lengths: torch.Tensor, live_lengths: torch.Tensor,
-    config: GateConfig, prompt_ids: list[int] | None = None,
+    config: GateConfig, prompt_ids: list[int] | None = None, live_answers: list[str] | None = None,
+    candidate_truncated: torch.Tensor | None = None, live_truncated: torch.Tensor | None = None,
 ) -> GateResult:
-    """Apply the gate to figures measured on N held-out prompts (one answer each, paired).
+    """Apply the gate to figures measured on N held-out rows (one answer each, paired).
 
     Args:
         candidate_scores, live_scores: (N,) reward-model scores of the paired answers.
         candidate_answers: N candidate answers, to different prompts (or see ``prompt_ids``).
         prompt_ids: (N,) which prompt each row answers, when prompts repeat; the collapse check
-            then counts distinct answers over the first answer to each prompt.
+            across prompts then counts distinct answers over the first answer to each prompt,
+            and the check within a prompt compares the candidate's
+            :func:`within_prompt_diversity` with live's (``live_answers``, the same rows).
         candidate_kl: (N,) KL per candidate answer to the reference, nats.
         candidate_lengths, live_lengths: (N,) answer lengths, tokens.
+        candidate_truncated, live_truncated: (N,) bool, the answer was cut at the length limit
+            (it never ended); both given: the truncation check.
 
     Returns:
         :class:`GateResult` with metrics ``gate/win_rate``, ``gate/kl``, ``gate/distinct``,
-        ``gate/length_tokens``, ``gate/live_length_tokens``, ``gate/n``.
+        ``gate/length_tokens``, ``gate/live_length_tokens``, ``gate/n``, and when measured
+        ``gate/within_diversity``, ``gate/live_within_diversity``, ``gate/truncated``,
+        ``gate/live_truncated``.
 
     Raises:
         ValueError: empty or mismatched inputs.
     """
     n = len(candidate_answers)
     sizes = {len(candidate_scores), len(live_scores), len(candidate_kl), len(candidate_lengths), len(live_lengths)}
+    sizes |= {len(x) for x in (prompt_ids, live_answers, candidate_truncated, live_truncated) if x is not None}
     if n == 0 or sizes != {n}:
         raise ValueError(f"gate inputs must all hold the same N > 0 entries, got {sizes | {n}}")
     diff = torch.as_tensor(candidate_scores, dtype=torch.float64) - torch.as_tensor(live_scores, dtype=torch.float64)
@@ -136,6 +192,8 @@ def gate_decision(
     length = float(torch.as_tensor(candidate_lengths, dtype=torch.float64).mean())
     live_length = float(torch.as_tensor(live_lengths, dtype=torch.float64).mean())
     max_length = config.max_length_ratio * live_length + config.length_slack_tokens
+    metrics = {"gate/win_rate": win_rate, "gate/kl": kl, "gate/distinct": distinct,
+               "gate/length_tokens": length, "gate/live_length_tokens": live_length, "gate/n": n}
     reasons = []
     if win_rate < config.min_win_rate:
         reasons.append(f"win rate {win_rate:.3f} vs live is below {config.min_win_rate:.3f}")
@@ -144,11 +202,24 @@ def gate_decision(
     if distinct < config.min_distinct:
         reasons.append(f"collapsed: only {distinct:.0%} distinct answers across {len(firsts)} prompts "
                        f"(need {config.min_distinct:.0%})")
+    if prompt_ids is not None and live_answers is not None:
+        within = within_prompt_diversity(candidate_answers, prompt_ids)
+        live_within = within_prompt_diversity(live_answers, prompt_ids)
+        if within is not None and live_within is not None:
+            metrics.update({"gate/within_diversity": within, "gate/live_within_diversity": live_within})
+            if within < config.min_within_ratio * live_within:
+                reasons.append(f"collapsed within prompts: {within:.0%} of repeated samples differ, live "
+                               f"{live_within:.0%} (need {config.min_within_ratio:.0%} of live's)")
     if length > max_length:
         reasons.append(f"answers grew: mean {length:.1f} tokens vs live {live_length:.1f} "
                        f"(limit {max_length:.1f})")
-    metrics = {"gate/win_rate": win_rate, "gate/kl": kl, "gate/distinct": distinct,
-               "gate/length_tokens": length, "gate/live_length_tokens": live_length, "gate/n": n}
+    if candidate_truncated is not None and live_truncated is not None:
+        cut = float(torch.as_tensor(candidate_truncated, dtype=torch.float64).mean())
+        live_cut = float(torch.as_tensor(live_truncated, dtype=torch.float64).mean())
+        metrics.update({"gate/truncated": cut, "gate/live_truncated": live_cut})
+        if cut > live_cut + config.max_truncated_increase:
+            reasons.append(f"answers cut at the length limit: {cut:.0%} vs live {live_cut:.0%} "
+                           f"(at most {config.max_truncated_increase:.0%} more)")
     return GateResult(not reasons, "; ".join(reasons), metrics)
 
 
@@ -159,9 +230,9 @@ def run_gate(
     live_adapter: str | None = None,
 ) -> GateResult:
     """Sample the candidate and the live adapter of ``policy`` on held-out ``prompts`` (the
-    first ``config.n_prompts`` distinct ones, cycled to ``config.n_prompts`` rows when fewer,
-    each row with its own seed, the same for both versions), score both with ``reward_fn`` and apply
-    :func:`gate_decision`. ``live_adapter=None`` compares against the reference (adapters
+    first ``config.n_prompts // config.samples_per_prompt`` distinct ones, cycled to
+    ``config.n_prompts`` rows, each row with its own seed, the same for both versions), score
+    both with ``reward_fn`` and apply :func:`gate_decision`. ``live_adapter=None`` compares against the reference (adapters
     disabled). The active adapter and every ``requires_grad`` flag are restored afterwards.
 
     Raises:
@@ -173,7 +244,7 @@ def run_gate(
         if key not in seen:
             seen.add(key)
             chosen.append(p)
-        if len(chosen) == config.n_prompts:
+        if len(chosen) == max(1, config.n_prompts // config.samples_per_prompt):
             break
     if not chosen:
         raise ValueError("run_gate needs at least one held-out prompt")
@@ -202,4 +273,5 @@ def run_gate(
     cand_scores = torch.as_tensor(reward_fn(chosen, cand.answers), dtype=torch.float32).flatten()
     live_scores = torch.as_tensor(reward_fn(chosen, live.answers), dtype=torch.float32).flatten()
     return gate_decision(cand_scores, live_scores, cand.answers, kl, cand.lengths.float(),
-                         live.lengths.float(), config, prompt_ids=prompt_ids)
+                         live.lengths.float(), config, prompt_ids=prompt_ids, live_answers=live.answers,
+                         candidate_truncated=~cand.ended, live_truncated=~live.ended)

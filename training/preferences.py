@@ -106,21 +106,27 @@ def _in_heldout(conversation_id: str, seed: int) -> float:
 def split_by_conversation(pairs: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Split pairs into ``(train, heldout)`` by ``conversation_id``, never by row.
 
-    A conversation is held out when a hash of (seed, id) falls below ``heldout_fraction``, so
-    the split is deterministic and a conversation keeps its side as data grows. With at least
-    two conversations and a fraction > 0, at least one is held out and one kept for training."""
+    A conversation is held out exactly when a hash of (seed, id), uniform in [0, 1), falls
+    below ``heldout_fraction``: the split is deterministic, order-free, and a conversation keeps
+    its side however much data arrives (no rule ever moves one to fill an empty side; with few
+    conversations a side may be empty)."""
     if heldout_fraction <= 0:
         return list(pairs), []
-    ids = sorted({str(p["conversation_id"]) for p in pairs})
-    u = {c: _in_heldout(c, seed) for c in ids}
-    held = {c for c in ids if u[c] < heldout_fraction}
-    if len(ids) >= 2 and not held:
-        held = {min(ids, key=u.get)}
-    if len(ids) >= 2 and held == set(ids):
-        held.discard(max(ids, key=u.get))
+    held = {c for c in {str(p["conversation_id"]) for p in pairs} if _in_heldout(c, seed) < heldout_fraction}
     train = [p for p in pairs if str(p["conversation_id"]) not in held]
     heldout = [p for p in pairs if str(p["conversation_id"]) in held]
     return train, heldout
+
+
+def split_heldout(heldout: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """The held-out pairs of :func:`split_by_conversation` (same fraction and seed) in two halves
+    by the same hash, ``(select, judge)``: *select* picks among reward models, *judge* measures
+    the one picked (its accuracy on the votes it was selected on would be biased upwards).
+    Stable as data grows, like the split itself."""
+    judge = {c for c in {str(p["conversation_id"]) for p in heldout}
+             if _in_heldout(c, seed) < heldout_fraction / 2}
+    return ([p for p in heldout if str(p["conversation_id"]) not in judge],
+            [p for p in heldout if str(p["conversation_id"]) in judge])
 
 
 def _text(value) -> str:
