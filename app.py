@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from chatapp.service import PairConfig
 from training.flags import (
     add_dataclass_args,
     dataclass_from_args,
@@ -26,6 +27,7 @@ from training.flags import (
 )
 from training.models import LoadConfig
 from training.round import RoundConfig
+from training.user_gate import UserGateConfig
 
 log = logging.getLogger("app")
 
@@ -51,9 +53,12 @@ class AppConfig:
     max_new_tokens: int = help_field(128, help="reply length limit in tokens")
     threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one by default)")
     load: LoadConfig = nested(LoadConfig, flat=True, help="how the base is loaded, for serving and for training rounds")
+    pairs: PairConfig = nested(PairConfig, flat=True, help="which two answers a comparison shows")
+    user_gate: UserGateConfig = nested(UserGateConfig, flat=True, help="users' votes decide whether a candidate goes live")
     round: RoundConfig = nested(
         RoundConfig, help="every training round (python -m training.jobs, run by the app in a child process); "
-        "e.g. --round.min-votes 20 --round.gate.enabled false --round.rs.n 8", set_by_parent=("data_dir", "model", "load"))
+        "e.g. --round.min-votes 20 --round.gate.enabled false --round.rs.n 8",
+        set_by_parent=("data_dir", "model", "load", "user_gate"))
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -72,8 +77,10 @@ class AppConfig:
     def round_argv(self, data_dir: str, model: str) -> list[str]:
         """The flags of ``python -m training.jobs`` for the app's rounds: ``self.round`` on
         ``data_dir`` and base ``model`` loaded as the app loads it (``self.load``; absolute
-        paths: the child runs in the project directory)."""
-        return to_argv(replace(self.round, data_dir=data_dir, model=model, load=self.load))
+        paths: the child runs in the project directory); with ``--user-gate`` a passing candidate
+        is published for users' votes."""
+        return to_argv(replace(self.round, data_dir=data_dir, model=model, load=self.load,
+                               user_gate=self.user_gate.user_gate))
 
 
 def torch_threads(n: int) -> None:
@@ -94,7 +101,7 @@ def chat_service(config: AppConfig, model, tokenizer, registry, store):
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
     return ChatService(engine, store, sampling, compare_sampling=compare_sampling,
-                       distinct_redraws=config.distinct_redraws)
+                       distinct_redraws=config.distinct_redraws, user_gate=config.user_gate, pairs=config.pairs)
 
 
 def build_app(config: AppConfig):

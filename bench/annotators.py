@@ -295,3 +295,43 @@ def prefers_concise(messages: list[dict], answer_a: str, answer_b: str) -> str:
     if abs(la - lb) <= max(3, 0.15 * max(la, lb)):
         return "tie"
     return "a" if la < lb else "b"
+
+
+class Population:
+    """Simulated users with different tastes: annotators ``(function, weight)``; each vote is
+    cast by one of them, drawn by weight (:meth:`draw`), and the gold judgement of the whole
+    population is the weight-averaged judgement of its members (``bench.gold.judge_pair``).
+
+    Built from specs ``MODULE:FUNCTION`` or ``MODULE:FUNCTION=WEIGHT`` (weight 1 when left out).
+
+    Raises:
+        ValueError: a malformed spec, a non-positive weight or no member.
+    """
+
+    def __init__(self, specs: list[str]):
+        import importlib
+
+        self.members: list[tuple[str, object, float]] = []
+        for spec in specs:
+            name, _, weight = spec.partition("=")
+            module, colon, func = name.partition(":")
+            if not colon or not module or not func:
+                raise ValueError(f"--annotator must be MODULE:FUNCTION[=WEIGHT], got {spec!r}")
+            fn = getattr(importlib.import_module(module), func, None)
+            if not callable(fn):
+                raise ValueError(f"{spec}: {module} has no function {func!r}")
+            w = float(weight) if weight else 1.0
+            if not w > 0:
+                raise ValueError(f"{spec}: the weight must be > 0")
+            self.members.append((name, fn, w))
+        if not self.members:
+            raise ValueError("give at least one --annotator")
+        total = sum(w for _, _, w in self.members)
+        self.members = [(n, f, w / total) for n, f, w in self.members]
+
+    def draw(self, rng):
+        """One member's function, drawn by weight."""
+        return rng.choices([f for _, f, _ in self.members], weights=[w for _, _, w in self.members])[0]
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n}={w:.2f}" for n, _, w in self.members)

@@ -27,7 +27,10 @@ def standard_error(outcomes: list[float]) -> float:
 
 
 def judge_pair(annotator, messages, x: str, y: str, rng: random.Random) -> float:
-    """1 if the annotator prefers ``x`` over ``y``, ½ on a tie, else 0 (x shown as A or B at random)."""
+    """1 if the annotator prefers ``x`` over ``y``, ½ on a tie, else 0 (x shown as A or B at
+    random); for a :class:`bench.annotators.Population`, its members' judgements averaged by weight."""
+    if hasattr(annotator, "members"):
+        return sum(w * judge_pair(fn, messages, x, y, rng) for _, fn, w in annotator.members)
     if rng.random() < 0.5:
         verdict = annotator(messages, x, y)
         return {"a": 1.0, "tie": 0.5}.get(verdict, 0.0)

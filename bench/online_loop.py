@@ -2,6 +2,8 @@
 train, and a gold judgement scores the result (Ziegler et al. 2019; AlpacaFarm, Dubois et al. 2023).
 
     python -m bench.online_loop --votes 300 --noise 0.1 --annotator bench.annotators:prefers_correct
+    python -m bench.online_loop --annotator bench.annotators:prefers_correct=0.5 \
+        --annotator bench.annotators:prefers_concise=0.5      # a population of two tastes
 
 What it does:
   1. launches ``python app.py`` on 127.0.0.1 (a temporary data dir unless ``--data-dir``; the
@@ -9,7 +11,9 @@ What it does:
   2. simulated users (one ``gradio_client.Client`` — one browser session — each) take prompts in
      turn: earlier user turns are sent as plain chat, the last one as a side-by-side comparison,
      and the annotator votes (with probability ``--noise`` the vote is flipped: A↔B, a tie becomes
-     A or B at random);
+     A or B at random); ``--annotator`` given several times (``MODULE:FUNCTION=WEIGHT``) is a
+     population: each vote is cast by one member drawn by weight, and the gold judgement is the
+     members' judgements averaged by weight (``bench.annotators.Population``);
   3. every ``--round-every`` votes a round is started with "Train now" and awaited (the app
      trains in its child process: reward model → PPO → gate → publish);
   4. the app is stopped and the result evaluated in-process on held-out prompts that no user
@@ -18,7 +22,12 @@ What it does:
      reward model vs version 0, judged the same way), ``kl_nats`` (mean per answer, k1, live vs
      reference). Answers are sampled with pure temperature-1 sampling (the distribution PPO
      optimises and whose KL is measured). Each win rate comes with its standard error
-     (``gold_win_rate_se``, ``gold_win_rate_bon4_se``; ``bench.gold``).
+     (``gold_win_rate_se``, ``gold_win_rate_bon4_se``; ``bench.gold``). Also: ``gold_win_rate_at``
+     (the version live when the vote count reached each of ``--checkpoints``, against version 0),
+     ``regressions_promoted`` (promoted versions that the gold judgement finds worse than the
+     version they replaced, with every promotion's figure in ``promotions``), ``candidate_votes``
+     (votes spent on candidate-vs-live comparisons) and ``selection_share`` (the share of votes
+     by the rule that chose the pair).
 
 Prints progress, then one JSON object (also written to ``--json``). Every wait is bounded and
 the app (with any training child) is always stopped.
@@ -28,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import importlib
 import json
 import os
 import random
@@ -54,7 +62,9 @@ from training.seeds import derive_seed
 class BenchConfig:
     """Flags of ``python -m bench.online_loop``."""
 
-    annotator: str = help_field("bench.annotators:prefers_correct", help="MODULE:FUNCTION, (messages, a, b) -> 'a'|'b'|'tie'")
+    annotator: str = help_field("bench.annotators:prefers_correct", help="MODULE:FUNCTION[=WEIGHT], (messages, a, b) -> 'a'|'b'|'tie'; "
+                                "give it several times for a population (kept here comma-joined)")
+    checkpoints: str = help_field("150,300", help="vote counts at which the live version is kept for a gold evaluation (comma-separated)")
     votes: int = help_field(300, help="comparisons voted through the app")
     round_every: int = help_field(100, help="votes between training rounds (Train now, then wait for the round)")
     noise: float = help_field(0.0, help="probability that a vote is flipped")
@@ -81,6 +91,12 @@ class BenchConfig:
     def __post_init__(self):
         if ":" not in self.annotator:
             raise ValueError(f"--annotator must be MODULE:FUNCTION, got {self.annotator!r}")
+        try:
+            points = [int(c) for c in self.checkpoints.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--checkpoints must be comma-separated vote counts, got {self.checkpoints!r}") from None
+        if any(c < 1 for c in points):
+            raise ValueError(f"--checkpoints must be >= 1, got {self.checkpoints!r}")
         if self.round_threads < 0:
             raise ValueError(f"--round-threads must be >= 0, got {self.round_threads}")
         for name in ("votes", "round_every", "users", "eval_prompts", "eval_max_new_tokens", "max_new_tokens"):
@@ -91,12 +107,14 @@ class BenchConfig:
 
 
 def load_annotator(spec: str):
-    """``"module:function"`` → the function."""
-    module, _, name = spec.partition(":")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"{spec}: {module} has no function {name!r}")
-    return fn
+    """``"module:function[=weight],..."`` → a :class:`bench.annotators.Population`.
+
+    Raises:
+        ValueError: a malformed spec or a missing function.
+    """
+    from bench.annotators import Population
+
+    return Population([s for s in spec.split(",") if s.strip()])
 
 
 def load_prompts(config: BenchConfig) -> tuple[list[list[dict]], list[list[dict]]]:
@@ -133,6 +151,7 @@ class App:
         self.url = f"http://127.0.0.1:{port}/"
         from storage.paths import DataDir
 
+        self.data_dir = data_dir
         self.log_path = DataDir(data_dir).app_log
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         # the users wait for each round, so it may use every core (a --round.threads given wins)
@@ -230,6 +249,11 @@ def user_turn(client, messages: list[dict], annotator, noise: float, rng: random
     return choice, flipped
 
 
+def _annotator_of(annotator, rng: random.Random):
+    """The function that casts this vote: a population's member drawn by weight."""
+    return annotator.draw(rng) if hasattr(annotator, "draw") else annotator
+
+
 def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], log) -> dict:
     """Simulated users chat, compare and vote through HTTP, ``config.users`` of them at once
     (each its own browser session); after every ``round_every`` votes a round is started and
@@ -244,14 +268,25 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
     state = {"votes": 0, "errors": 0, "flipped": 0, "attempts": 0}
     tally = {"a": 0, "b": 0, "tie": 0}
     rounds: list[dict] = []
+    live_at: dict[int, int] = {}
+    checkpoints = sorted(int(c) for c in config.checkpoints.split(",") if c.strip())
     t0 = time.time()
+
+    def keep_checkpoints() -> None:  # the version live once the vote count reached each checkpoint
+        from storage.store import open_store
+
+        with open_store(app.data_dir) as store:
+            for c in checkpoints:
+                if c not in live_at and state["votes"] >= c:
+                    live_at[c] = store.live_version()
 
     def task(i: int) -> None:
         with lock:
             k = free.pop()
         rng = random.Random(derive_seed(config.seed, "bench/user", i))
         try:
-            choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], annotator, config.noise, rng)
+            choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], _annotator_of(annotator, rng),
+                                        config.noise, rng)
         except Exception as exc:  # noqa: BLE001 - a failed turn is counted and skipped
             with lock:
                 state["errors"] += 1
@@ -280,6 +315,7 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
                 list(pool.map(task, range(first, first + n)))
             since = state["votes"] - sum(r.get("new_votes", 0) for r in rounds)
             if state["votes"] < target or since < config.round.min_votes:
+                keep_checkpoints()
                 continue
             rec = train_round(clients[0], config.round_timeout_s)
             rec.update({"votes": state["votes"], "new_votes": since})
@@ -287,8 +323,10 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
             log(f"round {rec.get('round')} after {state['votes']} votes: {rec['status']} {rec.get('reason') or ''} "
                 f"rm_acc={rec.get('rm_accuracy')} reward={rec.get('reward')} kl={rec.get('kl')} "
                 f"version={rec.get('version')} ({rec['seconds']}s)")
+            keep_checkpoints()
+    keep_checkpoints()
     return {"votes": state["votes"], "errors": state["errors"], "flipped": state["flipped"],
-            "tally": tally, "rounds": rounds, "drive_s": time.time() - t0}
+            "tally": tally, "rounds": rounds, "drive_s": time.time() - t0, "live_at": live_at}
 
 
 def train_round(client, timeout_s: float) -> dict:
@@ -305,8 +343,11 @@ def train_round(client, timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------ gold evaluation -------------
-def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, prompts: list[list[dict]], log) -> dict:
-    """Gold figures of the live version against version 0 (see the module docstring)."""
+def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, prompts: list[list[dict]], log,
+             live_at: dict[int, int] | None = None) -> dict:
+    """Gold figures of the live version against version 0 (see the module docstring), of the
+    version live at each checkpoint (``live_at``: vote count → version) against version 0, and
+    of every promoted version against the version it replaced (its parent; half the prompts)."""
     import torch
 
     from storage.paths import DataDir
@@ -320,13 +361,50 @@ def evaluate(config: BenchConfig, model_ref: str, data_dir: Path, annotator, pro
     registry = AdapterRegistry(DataDir(data_dir), store)
     live = store.live_version()
     model, tokenizer = load_model_and_tokenizer(model_ref)
-    policy = load_lora(model, registry.path(live), adapter_name="live")
-    load_lora(policy, registry.path(0), adapter_name="v0")
+    policy = load_lora(model, registry.path(0), adapter_name="v0")
+    loaded = {0}
+
+    def adapter(version: int) -> str:
+        if version not in loaded:
+            load_lora(policy, registry.path(version), adapter_name=f"v{version}")
+            loaded.add(version)
+        return f"v{version}"
+
     rm_dir = RewardModelRegistry(DataDir(data_dir)).latest()
     rm = RewardModel.load(model_ref, rm_dir) if rm_dir is not None else None
-    result = gold_figures(policy, tokenizer, annotator, prompts, "live", "v0", rm=rm, seed=config.seed,
+    result = gold_figures(policy, tokenizer, annotator, prompts, adapter(live), "v0", rm=rm, seed=config.seed,
                           max_new_tokens=config.eval_max_new_tokens)
     result["live_version"] = live
+    at = {}
+    for votes, version in sorted((live_at or {}).items()):
+        if version == live:
+            fig = result
+        elif version == 0:
+            fig = {"gold_win_rate": 0.5, "gold_win_rate_se": 0.0, "kl_nats": 0.0}
+        else:
+            fig = gold_figures(policy, tokenizer, annotator, prompts, adapter(version), "v0", seed=config.seed,
+                               max_new_tokens=config.eval_max_new_tokens)
+        at[str(votes)] = {"version": version, "gold_win_rate": fig["gold_win_rate"],
+                          "gold_win_rate_se": fig["gold_win_rate_se"], "kl_nats": fig["kl_nats"]}
+        log(f"after {votes} votes: version {version}, gold {fig['gold_win_rate']:.3f} ± {fig['gold_win_rate_se']:.3f}")
+    result["gold_win_rate_at"] = at
+    promotions = []
+    half = prompts[: max(1, len(prompts) // 2)]
+    for v in store.versions():
+        if v["version"] == 0 or v["status"] not in ("live", "retired") or v.get("parent") is None:
+            continue
+        fig = gold_figures(policy, tokenizer, annotator, half, adapter(v["version"]), adapter(v["parent"]),
+                           seed=config.seed, max_new_tokens=config.eval_max_new_tokens)
+        promotions.append({"version": v["version"], "replaced": v["parent"], "note": v.get("note"),
+                           "gold_win_rate": fig["gold_win_rate"], "gold_win_rate_se": fig["gold_win_rate_se"]})
+        log(f"promotion of version {v['version']} over {v['parent']}: gold {fig['gold_win_rate']:.3f} "
+            f"± {fig['gold_win_rate_se']:.3f}")
+    result["promotions"] = promotions
+    result["regressions_promoted"] = sum(p["gold_win_rate"] < 0.5 for p in promotions)
+    counts = store.selection_counts()
+    total = sum(counts.values()) or 1
+    result["candidate_votes"] = counts.get("candidate", 0)
+    result["selection_share"] = {str(k): n / total for k, n in counts.items()}
     return result
 
 
@@ -338,7 +416,7 @@ def _round_summary(data_dir: Path) -> dict:
     rounds = store.rounds(limit=1000)
     trained = [r for r in rounds if r["status"] in TRAINED_STATUSES]
     last_acc = next(((r.get("metrics") or {}).get("rm/accuracy") for r in trained), None)
-    promoted = [v for v in store.versions() if v["version"] > 0 and v.get("status") != "rejected"]
+    promoted = [v for v in store.versions() if v["version"] > 0 and v.get("status") in ("live", "retired")]
     return {"rounds": len(trained), "rounds_all": len(rounds), "promoted": len(promoted),
             "rm_accuracy": last_acc,
             "rejections": [r.get("reason") for r in rounds if r["status"] == "rejected"]}
@@ -386,11 +464,11 @@ def run(config: BenchConfig) -> dict:
         log("app stopped")
     summary = _round_summary(data_dir)
     log(f"evaluating on {len(eval_prompts)} held-out prompts")
-    gold = evaluate(config, model_ref, data_dir, annotator, eval_prompts, log)
+    gold = evaluate(config, model_ref, data_dir, annotator, eval_prompts, log, driven["live_at"])
     log(f"gold win rate {gold['gold_win_rate']:.3f} ± {gold['gold_win_rate_se']:.3f} (best of 4: "
         f"{gold['gold_win_rate_bon4']:.3f} ± {gold['gold_win_rate_bon4_se']:.3f}), KL {gold['kl_nats']:.2f} nats")
     result = {
-        "annotator": config.annotator, "noise": config.noise,
+        "annotator": str(annotator), "noise": config.noise,
         "votes": driven["votes"], "rounds": summary["rounds"], "promoted": summary["promoted"],
         "gold_win_rate": gold["gold_win_rate"], "gold_win_rate_bon4": gold["gold_win_rate_bon4"],
         "kl_nats": gold["kl_nats"], "rm_accuracy": summary["rm_accuracy"],
@@ -404,10 +482,27 @@ def run(config: BenchConfig) -> dict:
     return result
 
 
+def _join_annotators(argv: list[str]) -> list[str]:
+    """``--annotator`` given several times → one ``--annotator A,B,...`` (a population)."""
+    specs, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--annotator" and i + 1 < len(argv):
+            specs.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--annotator="):
+            specs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest + (["--annotator", ",".join(specs)] if specs else [])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_dataclass_args(parser, BenchConfig)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_annotators(list(sys.argv[1:] if argv is None else argv)))
     try:
         config = dataclass_from_args(BenchConfig, args)
         load_annotator(config.annotator)

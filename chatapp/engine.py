@@ -27,7 +27,7 @@ import torch
 
 from chatapp.batching import Batcher, Request
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
-from storage.registry import AdapterRegistry
+from storage.registry import AdapterRegistry, RewardModelRegistry
 from training.chat_format import end_of_turn_ids, fit_messages, render_prompt
 from training.models import add_lora, context_window, load_lora, save_adapter
 
@@ -119,6 +119,9 @@ class ChatEngine:
         self.batcher = Batcher(
             self.model, pad_id, max_batch=max_batch, prepare=self._prepare, set_adapter=self._set_adapter
         )
+        self._rm = None  # the reward model that scores comparison answers (an adapter on self.model)
+        self._rm_dir = None  # the directory it was loaded from
+        self._rm_lock = threading.Lock()
 
     # ---- adapters -------------------------------------------------------------------------
     @staticmethod
@@ -219,18 +222,7 @@ class ChatEngine:
         version = self.live_version() if version is None else version
         stop_event = stop_event or threading.Event()
         ids = self.prompt_ids(messages, sampling.max_new_tokens)
-        generator = None if sampling.seed is None else torch.Generator().manual_seed(sampling.seed)
-        req = Request(
-            prompt=ids,
-            adapter=self.adapter_name(version),
-            stop_ids=self.stop_ids,
-            stop_event=stop_event,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            max_new_tokens=sampling.max_new_tokens,
-            min_new_tokens=sampling.min_new_tokens,
-            generator=generator,
-        )
+        req = self._request(ids, sampling, version, stop_event, sampling.seed)
         text = ReplyText(self.tokenizer)
         shown, finish, yielded_any, last_yield = "", None, False, 0.0
         self.batcher.submit(req)
@@ -265,18 +257,109 @@ class ChatEngine:
         finally:
             if finish is None:  # the consumer went away (closed tab) or an error: end it now
                 stop_event.set()
-        answer, reasoning = split_reasoning(text.finish(), partial=False)
+        reply = self._reply(req, text, sampling, version)
         if not yielded_any:  # a stream yields at least once (an empty or unprintable reply: "")
-            yield answer.strip()
+            yield reply.text
+        return reply
+
+    def _request(self, ids: list[int], sampling: Sampling, version: int, stop_event: threading.Event,
+                 seed: int | None) -> Request:
+        """A decode-loop request for prompt ``ids`` with version ``version``'s adapter."""
+        return Request(
+            prompt=ids,
+            adapter=self.adapter_name(version),
+            stop_ids=self.stop_ids,
+            stop_event=stop_event,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            generator=None if seed is None else torch.Generator().manual_seed(seed),
+        )
+
+    @staticmethod
+    def _reply(req: Request, text: ReplyText, sampling: Sampling, version: int) -> Reply:
+        """The :class:`Reply` of a finished request whose tokens ``text`` has read."""
+        answer, reasoning = split_reasoning(text.finish(), partial=False)
         return Reply(
             text=answer.strip(),
             version=version,
-            stopped=finish == "stopped",
+            stopped=req.finish == "stopped",
             sampling=sampling.as_dict(),
             tokens=list(req.tokens),
-            finish=finish,
+            finish=req.finish,
             reasoning=reasoning,
         )
+
+    def sample_many(self, messages: list[dict], versions: list[int], sampling: Sampling | None = None,
+                    stop_event: threading.Event | None = None, timeout_s: float = 600.0) -> list[Reply]:
+        """One reply per entry of ``versions`` to ``messages``, all submitted at once so the decode
+        loop generates them in one batch (n answers cost about one answer's time, not n); waits
+        for all. ``stop_event`` ends every one of them (``stopped=True``). With
+        ``sampling.seed``, reply i uses ``seed + i``.
+
+        Raises:
+            training.chat_format.ContextTooLongError: the newest message alone does not fit.
+            RuntimeError: the decode loop failed a request or ended without finishing it.
+            TimeoutError: not finished within ``timeout_s`` (the requests are stopped).
+        """
+        sampling = sampling or Sampling()
+        stop_event = stop_event or threading.Event()
+        ids = self.prompt_ids(messages, sampling.max_new_tokens)
+        reqs = [self._request(ids, sampling, v, stop_event, None if sampling.seed is None else sampling.seed + i)
+                for i, v in enumerate(versions)]
+        deadline = time.monotonic() + timeout_s
+        try:
+            for req in reqs:
+                self.batcher.submit(req)
+            for req in reqs:
+                while not req.ended.wait(1.0):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{len(reqs)} answers not finished within {timeout_s:.0f} s")
+                    if not self.batcher.alive() and not req.ended.is_set():
+                        raise RuntimeError("the decode loop ended without finishing this reply")
+        finally:
+            if any(r.finish is None for r in reqs):
+                stop_event.set()
+        replies = []
+        for req, version in zip(reqs, versions, strict=True):
+            text = ReplyText(self.tokenizer)
+            while not req.out.empty():
+                kind, value = req.out.get_nowait()
+                if kind == "error":
+                    raise RuntimeError(f"generating an answer failed: {value}") from value
+                if kind == "token":
+                    text.add(value)
+            replies.append(self._reply(req, text, sampling, version))
+        return replies
+
+    # ---- the reward model, for choosing which answers to compare --------------------------
+    def member_scores(self, messages: list[dict], answers: list[str]) -> torch.Tensor | None:
+        """(K, n) the ensemble members' scores of ``answers`` to ``messages`` under the newest
+        published reward model (``DATA/reward``), loaded as one more adapter on the serving base
+        (no second copy of the weights) and reloaded when a round publishes a newer one; None
+        while there is no reward model with an ensemble. Runs with the decode loop held between
+        two steps, so the adapter switch never meets a running forward pass."""
+        from training.reward_model import RewardModel
+        from training.reward_training import score
+
+        if not self.registry.data_dir.reward_models.is_dir():  # no round has published one (and none is made here)
+            return None
+        latest = RewardModelRegistry(self.registry.data_dir).latest()
+        if latest is None:
+            return None
+        with self._rm_lock, self.batcher.paused():
+            if self._rm_dir != latest:
+                if self._rm is not None:
+                    self._rm.release()
+                    self._rm = None
+                self._rm = RewardModel.load(self.model, latest, adapter=f"reward_{latest.name}")
+                self._rm_dir = latest
+                log.info("comparison pairs are chosen with the reward model in %s (%d members)",
+                         latest, self._rm.members)
+            if not self._rm.members:
+                return None
+            return score(self._rm, self.tokenizer, [messages] * len(answers), answers, members=True)
 
     def reply(self, messages: list[dict], sampling: Sampling | None = None, version: int | None = None) -> Reply:
         """The whole reply at once (no streaming); see :meth:`stream`."""

@@ -12,10 +12,38 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import torch
+
 from chatapp.engine import ChatEngine, Reply, Sampling
 from storage.store import CHOICES, Store
+from training.ensemble import PAIR_RULES, select_pair
+from training.flags import help_field
+from training.user_gate import UserGateConfig, review_candidate
 
 MAX_MESSAGE_CHARS = 200_000  # longer messages are refused before they are tokenized
+
+
+@dataclass
+class PairConfig:
+    """Which two answers a comparison shows (flags of ``python app.py``)."""
+
+    compare_samples: int = help_field(
+        4, help="answers sampled together (one batch) for a comparison; the reward model's ensemble shows the "
+        "two it is least sure about (2: two answers, no choice)")
+    pair_rule: str = help_field("variance", choices=list(PAIR_RULES),
+                                help="how the pair is chosen: variance (most uncertain preference), dts (double "
+                                "Thompson sampling) or random")
+    pair_random_share: float = help_field(
+        0.25, help="share of comparisons that show two plain samples (live vs its parent once one exists), "
+        "not chosen by the reward model: an unbiased sample of what users think")
+
+    def __post_init__(self):
+        if self.compare_samples < 2:
+            raise ValueError(f"--compare-samples must be >= 2, got {self.compare_samples}")
+        if self.pair_rule not in PAIR_RULES:
+            raise ValueError(f"--pair-rule must be one of {', '.join(PAIR_RULES)}, got {self.pair_rule!r}")
+        if not 0.0 <= self.pair_random_share <= 1.0:
+            raise ValueError(f"--pair-random-share must be in [0, 1], got {self.pair_random_share}")
 
 
 class UserInputError(ValueError):
@@ -60,6 +88,10 @@ class ChatService:
             again up to this many times (0: never). Two identical answers tell the user nothing
             and give the reward model nothing to learn (identical pairs are left out of its
             loss); a sharpened policy writes many of them for short factual questions.
+        user_gate: the users' promotion rule (:mod:`training.user_gate`); None or
+            ``user_gate=False``: no candidate is shown and no vote decides one.
+        pairs: how a comparison's two answers are chosen (:class:`PairConfig`; default: its
+            defaults).
     """
 
     def __init__(
@@ -70,6 +102,8 @@ class ChatService:
         seed=None,
         compare_sampling: Sampling | None = None,
         distinct_redraws: int = 2,
+        user_gate: UserGateConfig | None = None,
+        pairs: PairConfig | None = None,
     ):
         if distinct_redraws < 0:
             raise ValueError(f"distinct_redraws must be >= 0, got {distinct_redraws}")
@@ -80,8 +114,15 @@ class ChatService:
         self.compare_sampling = compare_sampling or Sampling(
             temperature=1.0, top_p=1.0, max_new_tokens=self.sampling.max_new_tokens
         )
+        self.user_gate = user_gate if user_gate is not None and user_gate.user_gate else None
+        self.pairs = pairs or PairConfig()
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
+
+    def _draw(self) -> random.Random:
+        """A private RNG seeded from the service's (so concurrent sessions never share one)."""
+        with self._rng_lock:
+            return random.Random(self._rng.getrandbits(64))
 
     # ---- helpers ----------------------------------------------------------------------------
     @staticmethod
@@ -165,20 +206,44 @@ class ChatService:
     ) -> Iterator[tuple[str, str]]:
         """Answer ``text`` twice and stream ``(answer_a, answer_b)`` as they grow.
 
-        The two answers are two samples of the live policy, or the live and the previous
-        version once one exists, in random order. When B comes out the same text as A it is
-        drawn again (at most ``distinct_redraws`` times; B's stream starts over, and its stored
-        sampling settings count the redraws). The comparison is stored when both ended
-        normally; a stopped comparison is never offered for voting (its partial A answer
-        continues the conversation instead).
+        Which two answers (stored with the comparison as its ``selection``):
+
+        * ``candidate``: while a candidate waits for users (:mod:`training.user_gate`), a share
+          ``user_gate_share`` of comparisons shows it against the live version;
+        * ``variance`` / ``dts``: otherwise, except for a share ``pair_random_share``,
+          ``compare_samples`` answers of the live version are generated in one batch and the
+          reward model's ensemble picks the pair (:func:`training.ensemble.select_pair`; only
+          pairs of different texts). These are shown when all are done; before the first reward
+          model with an ensemble, two of them at random (``random``);
+        * ``random``: two samples, of the live and the previous version once one exists, streamed
+          one after the other; when B comes out the same text as A it is drawn again (at most
+          ``distinct_redraws`` times; B's stream starts over, and its stored sampling settings
+          count the redraws). Also used while there is no reward model with an ensemble.
+
+        Either way the order is random, and the comparison is stored when both ended normally; a
+        stopped comparison is never offered for voting (its partial A answer continues the
+        conversation instead).
         """
         context = self._begin_turn(session, text)
+        rng = self._draw()
         live = self.engine.live_version()
-        previous = self.engine.previous_version()
-        versions = [live, live if previous is None else previous]
-        with self._rng_lock:
-            self._rng.shuffle(versions)
+        candidate = self.store.candidate_version() if self.user_gate is not None else None
         stop_event = stop_event or threading.Event()
+        if candidate is not None and candidate != live and rng.random() < self.user_gate.user_gate_share:
+            versions, selection = [candidate, live], "candidate"
+        elif (self.pairs.compare_samples > 2 and self.pairs.pair_rule != "random"
+              and rng.random() >= self.pairs.pair_random_share):
+            yield "", ""
+            replies = self.engine.sample_many(context, [live] * self.pairs.compare_samples,
+                                              self.compare_sampling, stop_event)
+            if any(r.stopped for r in replies):
+                self._append_reply(session, replies[0])
+                return None
+            return (yield from self._offer(session, context, *self._chosen_pair(context, replies, rng)))
+        else:
+            previous = self.engine.previous_version()
+            versions, selection = [live, live if previous is None else previous], "random"
+        rng.shuffle(versions)
         replies: list[Reply] = []
         shown = ["", ""]
         for i, version in enumerate(versions):
@@ -194,7 +259,28 @@ class ChatService:
             if reply.stopped:
                 self._append_reply(session, replies[0])
                 return None
-        a, b = replies
+        return (yield from self._offer(session, context, replies[0], replies[1], selection))
+
+    def _chosen_pair(self, context: list[dict], replies: list[Reply],
+                     rng: random.Random) -> tuple[Reply, Reply, str]:
+        """The two of ``replies`` the reward model's ensemble picks by ``pair_rule``, among pairs
+        of different texts, in random order, with the rule's name; two at random (``"random"``)
+        while no reward model with an ensemble exists; the first two when all texts are the same."""
+        texts = [r.text for r in replies]
+        allowed = [(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts)) if texts[i] != texts[j]]
+        rule = self.pairs.pair_rule
+        if not allowed:
+            allowed, rule = [(0, 1)], "random"
+        scores = self.engine.member_scores(context, texts) if rule != "random" else None  # (K, n)
+        if scores is None:
+            rule = "random"
+        i, j = select_pair(scores if scores is not None else torch.zeros(1, len(texts)), rule, rng, allowed)
+        a, b = (replies[i], replies[j]) if rng.random() < 0.5 else (replies[j], replies[i])
+        return a, b, rule
+
+    def _offer(self, session: ChatSession, context: list[dict], a: Reply, b: Reply,
+               selection: str) -> Iterator[tuple[str, str]]:
+        """Store answers ``a`` and ``b`` as the session's comparison awaiting a vote and show them."""
         comparison_id = self.store.add_comparison(
             session.conversation_id,
             session.session_id,
@@ -205,6 +291,7 @@ class ChatService:
             b.version,
             a.sampling,
             b.sampling,
+            selection=selection,
         )
         session.pending = PendingComparison(comparison_id, (a, b))
         yield a.text, b.text
@@ -212,7 +299,8 @@ class ChatService:
 
     def vote(self, session: ChatSession, choice: str) -> dict:
         """Record the vote on the pending comparison; the chosen answer (A on a tie or when
-        both are bad) continues the conversation.
+        both are bad) continues the conversation. A vote on a candidate-vs-live comparison may
+        settle the candidate (:func:`training.user_gate.review_candidate`).
 
         Raises:
             UserInputError: no comparison is pending, or ``choice`` is not one of CHOICES.
@@ -227,4 +315,6 @@ class ChatService:
         chosen = pending.replies[1] if choice == "b" else pending.replies[0]
         session.pending = None
         self._append_reply(session, chosen)
+        if self.user_gate is not None and result.get("selection") == "candidate":
+            review_candidate(self.store, self.user_gate)  # promotes or retires it once the votes allow
         return result

@@ -25,6 +25,7 @@ from storage.store import AlreadyVoted
 from training.chat_format import ContextTooLongError
 from training.progress import describe as describe_progress
 from training.scheduler import TrainingScheduler
+from training.user_gate import UserGateConfig, candidate_verdict
 
 ROUND_COLUMNS = [
     "round", "trigger", "status", "reason", "rm/accuracy", "objective/reward",
@@ -80,10 +81,22 @@ def status_markdown(parts: UIParts) -> str:
     running = parts.scheduler is not None and parts.scheduler.busy or store.running_round() is not None
     return (
         f"**Live policy version:** {live}  \n"
+        f"**Candidate:** {candidate_line(parts)}  \n"
         f"**Votes:** {counts['total']} (A {counts['a']}, B {counts['b']}, tie {counts['tie']}, "
         f"both bad {counts['both_bad']}; {counts['pending']} comparisons awaiting a vote)  \n"
         f"**Training:** {'a round is running' if running else 'idle'}"
     )
+
+
+def candidate_line(parts: UIParts) -> str:
+    """The waiting candidate, its votes against live and its Wilson bounds, or why there is none."""
+    store = parts.service.store
+    gate = parts.service.user_gate
+    version = store.candidate_version()
+    if version is None:
+        return "none waiting" if gate is not None else "none (--user-gate false: a passing candidate goes live at once)"
+    rule = gate or UserGateConfig()
+    return f"version {version}, {candidate_verdict(store, version, rule).note}"
 
 
 def build_ui(parts: UIParts) -> gr.Blocks:
@@ -146,7 +159,7 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         return [], "", "", hidden, hidden, session
 
     def refresh_training():
-        versions = [str(v["version"]) for v in store.versions() if v.get("status") != "rejected"]
+        versions = [str(v["version"]) for v in store.versions() if v.get("status") not in ("rejected", "candidate")]
         live = store.live_version()
         return (
             status_markdown(parts),
@@ -185,6 +198,19 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         except (KeyError, ValueError) as exc:
             raise gr.Error(str(exc)) from exc
         gr.Info(f"Version {version} is live; the next reply uses it.")
+        return status_markdown(parts)
+
+    def decide(promote: bool, user=None, password=None):
+        action = "Promoting the candidate" if promote else "Retiring the candidate"
+        _require_admin(user, password, action)
+        version = store.candidate_version()
+        if version is None:
+            raise gr.Error("No candidate is waiting.")
+        note = ("promoted by an admin" if promote else "retired by an admin") + \
+            f" ({candidate_verdict(store, version, service.user_gate or UserGateConfig()).note})"
+        if not store.decide_candidate(version, promote, note):
+            raise gr.Error(f"Version {version} was decided meanwhile; refresh.")
+        gr.Info(f"Version {version} is live; the next reply uses it." if promote else f"Version {version} is retired.")
         return status_markdown(parts)
 
     with gr.Blocks(title="RLHF chat") as demo:
@@ -226,6 +252,9 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             with gr.Row():
                 version_pick = gr.Dropdown(label="Policy version", choices=[], interactive=True)
                 rollback_btn = gr.Button("Make this version live (rollback)")
+            with gr.Row():
+                promote_btn = gr.Button("Promote the candidate now")
+                retire_btn = gr.Button("Retire the candidate")
             timer = gr.Timer(5.0)
 
         send_outputs = [chatbot, text, answer_a, answer_b, compare_box, vote_row, state]
@@ -248,4 +277,6 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         train_btn.click(train_now, admin, status, api_name="train_now")
         export_btn.click(export_votes, admin, export_file, api_name="export_votes")
         rollback_btn.click(rollback, [version_pick, *admin], status, api_name="rollback")
+        promote_btn.click(lambda u, p: decide(True, u, p), admin, status, api_name="promote_candidate")
+        retire_btn.click(lambda u, p: decide(False, u, p), admin, status, api_name="retire_candidate")
     return demo

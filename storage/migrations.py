@@ -120,11 +120,20 @@ def m004_round_progress(db: sqlite_utils.Database) -> None:
     db["training_rounds"].add_column("progress", str)
 
 
+def m005_pair_selection_and_version_notes(db: sqlite_utils.Database) -> None:
+    """Which rule chose a comparison's two answers (``comparisons.selection``: ``candidate``,
+    ``variance``, ``dts``, ``random``; NULL for older rows), and why a version's status changed
+    (``policy_versions.note``: e.g. the users' verdict on a candidate)."""
+    db["comparisons"].add_column("selection", str)
+    db["policy_versions"].add_column("note", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_initial_schema,
     m002_indexes,
     m003_round_settings,
     m004_round_progress,
+    m005_pair_selection_and_version_notes,
 ]
 
 

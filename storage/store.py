@@ -211,11 +211,13 @@ class Store(RoundsMixin, VersionsMixin):
         version_b: int | None,
         sampling_a: dict | None,
         sampling_b: dict | None,
+        selection: str | None = None,
     ) -> str:
         """Store two answers shown side by side, awaiting a vote; returns the comparison uuid.
 
         ``context`` is the list of ``{role, content}`` messages before the answers (other keys
-        are dropped). Raises ``ValueError`` for malformed context or non-str answers,
+        are dropped); ``selection`` names the rule that chose the pair (``candidate``,
+        ``variance``, ``dts``, ``random``). Raises ``ValueError`` for malformed context or non-str answers,
         ``UnknownConversation`` if the conversation does not exist.
         """
         context = _check_messages(context, "context")
@@ -239,6 +241,7 @@ class Store(RoundsMixin, VersionsMixin):
                     "choice": None,
                     "created_at": self._now(),
                     "voted_at": None,
+                    "selection": selection,
                 }
             )
         except sqlite3.IntegrityError as e:
@@ -308,6 +311,27 @@ class Store(RoundsMixin, VersionsMixin):
                 counts[choice] = n
                 counts["total"] += n
         return counts
+
+    def candidate_tally(self, version: int) -> dict[str, int]:
+        """Votes on comparisons that showed ``version`` against another version (the live one,
+        when ``version`` is a candidate): ``{"wins", "losses", "ties", "both_bad"}`` from
+        ``version``'s side."""
+        row = self.db.execute(
+            "SELECT "
+            "SUM(CASE WHEN (choice = 'a' AND version_a = :v) OR (choice = 'b' AND version_b = :v) THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN (choice = 'a' AND version_b = :v) OR (choice = 'b' AND version_a = :v) THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN choice = 'tie' THEN 1 ELSE 0 END), "
+            "SUM(CASE WHEN choice = 'both_bad' THEN 1 ELSE 0 END) "
+            "FROM comparisons WHERE choice IS NOT NULL AND (version_a = :v) + (version_b = :v) = 1",
+            {"v": version},
+        ).fetchone()
+        return dict(zip(("wins", "losses", "ties", "both_bad"), (int(x or 0) for x in row), strict=True))
+
+    def selection_counts(self) -> dict[str, int]:
+        """Voted comparisons by the rule that chose their pair (``None``: rows older than the rule)."""
+        rows = self.db.execute(
+            "SELECT selection, COUNT(*) FROM comparisons WHERE choice IS NOT NULL GROUP BY selection")
+        return {sel: n for sel, n in rows}
 
     def new_votes_since_last_round(self) -> int:
         """Votes cast after the start of the newest round that trained (status

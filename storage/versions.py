@@ -1,7 +1,8 @@
 """Registry of policy versions: which adapter directories exist and which one is live.
 
 Each version is one row in ``policy_versions`` with status ``'live' | 'candidate' |
-'rejected' | 'retired'``. Exactly one version is live once any has been made live: a partial
+'rejected' | 'retired'`` (candidate: passed the automatic gate, waiting for users' votes;
+retired: was live once) and a ``note`` saying why its status last changed. Exactly one version is live once any has been made live: a partial
 unique index forbids two, and ``set_live`` retires the previous one in the same transaction.
 Mixed into ``storage.store.Store``; uses its ``db`` (per-thread handle) and ``_now()``.
 """
@@ -139,6 +140,32 @@ class VersionsMixin:
                 "UPDATE policy_versions SET status = ? WHERE version = ?", [status, version]
             )
         return self.version(version)
+
+    def candidate_version(self) -> int | None:
+        """The newest version waiting for users' votes (status ``'candidate'``), or ``None``."""
+        row = self.db.execute(
+            "SELECT MAX(version) FROM policy_versions WHERE status = 'candidate'"
+        ).fetchone()
+        return row[0]
+
+    def decide_candidate(self, version: int, promote: bool, note: str = "") -> bool:
+        """Settle a candidate once: ``promote`` makes it live (the live version is retired),
+        else it is marked ``'rejected'``; ``note`` (why) is kept on its row. Atomic and
+        first-wins: a version no longer ``'candidate'`` (already decided, by users or an admin)
+        is left as it is and False is returned.
+
+        Raises ``UnknownVersion`` if not registered.
+        """
+        with write_transaction(self.db) as db:
+            if self.version(version)["status"] != "candidate":
+                return False
+            if promote:
+                db.execute("UPDATE policy_versions SET status = 'retired' WHERE status = 'live'")
+            db.execute(
+                "UPDATE policy_versions SET status = ?, note = ? WHERE version = ?",
+                ["live" if promote else "rejected", note, version],
+            )
+        return True
 
     def _known_versions(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT version FROM policy_versions ORDER BY 1")]

@@ -71,3 +71,26 @@ def test_concise():
     assert prefers_concise(messages, "42.", "41.") == "tie"
     assert prefers_concise(messages, "", "42.") == "b"
     assert prefers_concise(messages, "   ", "") == "tie"
+
+
+def test_a_population_votes_by_weight_and_its_gold_judgement_averages_its_members():
+    import random
+
+    from bench.annotators import Population
+    from bench.gold import judge_pair
+    from bench.online_loop import _join_annotators, load_annotator
+
+    argv = _join_annotators(["--annotator", "bench.annotators:prefers_correct=3",
+                             "--annotator=bench.annotators:prefers_concise", "--votes", "5"])
+    population = load_annotator(argv[argv.index("--annotator") + 1])
+    assert [round(w, 2) for _, _, w in population.members] == [0.75, 0.25]
+    rng = random.Random(0)
+    drawn = [population.draw(rng) for _ in range(2000)]
+    assert 0.7 < drawn.count(prefers_correct) / 2000 < 0.8
+    # tastes that disagree: the correct answer is the longer one here
+    messages = [{"role": "user", "content": "What is 12 + 30?"}]
+    right, wrong = "12 + 30 = 42. The answer is 42.", "It is 41."
+    assert prefers_correct(messages, right, wrong) == "a" and prefers_concise(messages, right, wrong) == "b"
+    assert judge_pair(population, messages, right, wrong, random.Random(1)) == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="weight"):
+        Population(["bench.annotators:prefers_correct=0"])

@@ -56,7 +56,14 @@ def hostile_model_output(monkeypatch):
         yield text
         return dataclasses.replace(reply, text=text)
 
+    real_many = ChatEngine.sample_many
+
+    def sample_many(self, *args, **kwargs):  # the answers a comparison picks its pair from
+        return [dataclasses.replace(r, text=f"{r.text} {i}{HOSTILE_REPLY}")
+                for i, r in enumerate(real_many(self, *args, **kwargs))]
+
     monkeypatch.setattr(ChatEngine, "stream", stream)
+    monkeypatch.setattr(ChatEngine, "sample_many", sample_many)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from chatapp.engine import ChatEngine, Sampling
-from chatapp.service import ChatService, ChatSession, UserInputError
+from chatapp.service import ChatService, ChatSession, PairConfig, UserInputError
 from storage.paths import DataDir
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted, open_store
@@ -27,7 +27,8 @@ def service(tiny_model_dir, tmp_path):
     registry = AdapterRegistry(DataDir(tmp_path / "data"), store)
     model, tok = load_model_and_tokenizer(tiny_model_dir)
     engine = ChatEngine(model, tok, registry)
-    return ChatService(engine, store, Sampling(max_new_tokens=8), seed=0)
+    # two plain samples per comparison (the reward model's choice of pairs: test_pairs.py)
+    return ChatService(engine, store, Sampling(max_new_tokens=8), seed=0, pairs=PairConfig(compare_samples=2))
 
 
 def _drain(gen):

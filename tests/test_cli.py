@@ -77,9 +77,12 @@ def test_app_round_settings_are_a_nested_config_and_reach_the_round(tmp_path, mo
     assert config.round.ptx_data == str(tmp_path / "my demos.jsonl")  # absolute: the round runs elsewhere
     argv = config.round_argv("/data", "/models/base")
     child = dataclass_from_args(RoundConfig, build_parser().parse_args(argv))
-    assert child == replace(config.round, data_dir="/data", model="/models/base")
+    assert child == replace(config.round, data_dir="/data", model="/models/base", user_gate=True)
     assert (child.rs.n, child.ppo.ptx_coef, child.gate.enabled, child.seed) == (8, 0.1, False, 3)
-    for flag in ("--round.data-dir", "--round.model", "--round.reward.min-votes", "--round.ppo.seed"):
+    # the app's --user-gate decides whether its rounds publish a passing candidate for users' votes
+    off = dataclass_from_args(AppConfig, parser.parse_args(["--user-gate", "false"]))
+    assert dataclass_from_args(RoundConfig, build_parser().parse_args(off.round_argv("/d", "/m"))).user_gate is False
+    for flag in ("--round.data-dir", "--round.model", "--round.reward.min-votes", "--round.ppo.seed", "--round.user-gate"):
         with pytest.raises(SystemExit):  # the app sets these itself
             parser.parse_args([flag, "1"])
     for bad, message in ((["--round.rs.n", "0"], "RejectionConfig.n"), (["--round.ptx-data", "missing.jsonl"], "no such file"),

@@ -19,6 +19,7 @@ from tests.conftest import free_port, served_app
 from training.gate import GateConfig
 from training.ppo import PPOConfig
 from training.round import RoundConfig
+from training.user_gate import UserGateConfig
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +39,7 @@ def running_app(tiny_model_dir, tmp_path):
         data_dir=str(tmp_path / "data"),
         port=port,
         min_new_votes=10,
+        user_gate=UserGateConfig(user_gate=False),  # a trained round goes live at once (users' gate: test_user_gate)
         max_new_tokens=12,
         temperature=1.0,
         # every trained round is published (the gate has its own tests); a short round, passed to the child

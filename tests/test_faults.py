@@ -21,6 +21,7 @@ from storage.store import open_store
 from tests.conftest import add_votes, free_port, served_app
 from training.gate import GateConfig
 from training.round import RoundConfig
+from training.user_gate import UserGateConfig
 
 pytestmark = pytest.mark.slow
 WAIT_S = 300  # a deadline against hangs only
@@ -57,6 +58,7 @@ def app_config(tiny_model_dir, tmp_path):
     return AppConfig(
         model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         max_new_tokens=4, round=RoundConfig(min_votes=6, gate=GateConfig(enabled=False)),
+        user_gate=UserGateConfig(user_gate=False),
     )  # fmt: skip
 
 

@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -151,9 +152,14 @@ class PPOConfig:
             )
 
 
+VALUE_HEAD_FILE = "value_head.safetensors"  # beside the adapter it was trained with
+
+
 class ValueHead(torch.nn.Module):
     """V(s_t) = w·h_t + b on the policy's last hidden state h_t; (B, T, H) → (B, T).
-    Zero-initialised, so the first values are 0."""
+    Zero-initialised, so the first values are 0. Saved beside the policy's adapter
+    (:meth:`save`), so the next round's PPO continues with the values the policy was trained
+    with instead of learning them again from zero while the policy moves."""
 
     def __init__(self, hidden_size: int):
         super().__init__()
@@ -163,6 +169,29 @@ class ValueHead(torch.nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+    def save(self, directory) -> None:
+        """Write ``directory/value_head.safetensors`` (float32)."""
+        from safetensors.torch import save_file
+
+        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.summary.state_dict().items()}
+        save_file(tensors, str(Path(directory) / VALUE_HEAD_FILE))
+
+    @classmethod
+    def load(cls, directory, hidden_size: int) -> ValueHead | None:
+        """The value head saved in ``directory``, or None when there is none or it was trained
+        on another hidden size (a fresh one is then the only honest start)."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / VALUE_HEAD_FILE
+        if not path.is_file():
+            return None
+        state = load_file(str(path))
+        if tuple(state.get("weight", torch.zeros(0)).shape) != (1, hidden_size):
+            return None
+        head = cls(hidden_size)
+        head.summary.load_state_dict(state)
+        return head
 
 
 # ---------------------------------------------------------------- the loop

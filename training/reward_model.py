@@ -18,6 +18,11 @@ They Know"). The last hidden state alone cannot see how surprising earlier token
 few hundred votes are too few to learn it. The weights are kept ≥ 0, so votes that do not
 reward confidence (e.g. a preference for brevity) drive them to ~0 rather than rewarding
 unlikely text. The features are computed without gradient (the reference is frozen).
+
+Ensemble (optional, :mod:`training.ensemble`): K further linear heads on the same last hidden
+state, each fitted on a bootstrap resample of the votes; member k scores ``w_k · h + b_k`` plus
+the same feature term. Their spread says how sure the votes make the reward model about an
+answer; the mean is close to the main head's score.
 """
 
 from __future__ import annotations
@@ -120,13 +125,20 @@ class RewardModel(torch.nn.Module):
     """
 
     def __init__(self, backbone, head: torch.nn.Linear, base_name: str = "",
-                 feature_weight: torch.nn.Parameter | None = None, adapter: str = "default"):
+                 feature_weight: torch.nn.Parameter | None = None, adapter: str = "default",
+                 ensemble: torch.nn.Linear | None = None):
         super().__init__()
         self.backbone = backbone  # peft PeftModel
         self.head = head  # Linear(hidden, 1), float32
         self.base_name = str(base_name)
         self.feature_weight = feature_weight  # (len(FEATURES),) raw; the weight is softplus(raw)
         self.adapter = adapter
+        self.ensemble = ensemble  # Linear(hidden, K), float32, frozen: member heads; None: no ensemble
+
+    @property
+    def members(self) -> int:
+        """How many ensemble heads the model has (0: none)."""
+        return 0 if self.ensemble is None else int(self.ensemble.out_features)
 
     def release(self) -> None:
         """Delete this reward model's adapter from a shared backbone (a round that drops a
@@ -211,6 +223,12 @@ class RewardModel(torch.nn.Module):
         backbone = load_lora(model, directory, adapter_name=adapter, trainable=trainable)
         state = load_file(str(directory / HEAD_FILE))
         raw = state.pop("feature_weight", None)
+        ensemble = None
+        if "ensemble.weight" in state:
+            members = state.pop("ensemble.weight")
+            ensemble = torch.nn.Linear(members.shape[1], members.shape[0])
+            ensemble.load_state_dict({"weight": members, "bias": state.pop("ensemble.bias")})
+            ensemble.requires_grad_(False)
         head = torch.nn.Linear(state["weight"].shape[1], 1)
         head.load_state_dict(state)
         head.requires_grad_(trainable)
@@ -218,7 +236,8 @@ class RewardModel(torch.nn.Module):
         if raw is not None:
             weight = torch.nn.Parameter(raw.float().clone(), requires_grad=trainable)
         device = _device(model)
-        return cls(backbone, head.to(device), _base_name(base), _on(weight, device), adapter)
+        return cls(backbone, head.to(device), _base_name(base), _on(weight, device), adapter,
+                   None if ensemble is None else ensemble.to(device))
 
     def save(self, directory) -> None:
         """Write the adapter, the head (and feature weights) and a small JSON note to
@@ -231,8 +250,11 @@ class RewardModel(torch.nn.Module):
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
         if self.feature_weight is not None:
             tensors["feature_weight"] = self.feature_weight.detach().contiguous().cpu()
+        if self.ensemble is not None:
+            tensors["ensemble.weight"] = self.ensemble.weight.detach().contiguous().cpu()
+            tensors["ensemble.bias"] = self.ensemble.bias.detach().contiguous().cpu()
         save_file(tensors, str(directory / HEAD_FILE))
-        meta = {"base": self.base_name, "features": self.feature_weights()}
+        meta = {"base": self.base_name, "features": self.feature_weights(), "members": self.members}
         (directory / META_FILE).write_text(json.dumps(meta) + "\n")
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -284,9 +306,11 @@ class RewardModel(torch.nn.Module):
         lowest = token_logp.masked_fill(~answer, float("inf")).min(dim=1).values
         return torch.stack([mean, lowest], dim=1)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, T), (B, T)[, (B, T)] → (B,) scores at the last real token of each row.
+    def parts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              answer_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T), (B, T)[, (B, T)] → ``(h, offset)``: (B, H) float32 last hidden state at each
+        row's last real token, and (B,) the weighted reference features (zeros without them).
+        The main score is ``head(h) + offset``; member k's is ``ensemble(h)[:, k] + offset``.
 
         Raises:
             ValueError: the model uses reference features and ``answer_mask`` is None.
@@ -299,10 +323,33 @@ class RewardModel(torch.nn.Module):
             hidden = self._decoder_hidden(input_ids, mask, positions)  # (B, T, H)
             T = mask.shape[1]
             last = (mask * torch.arange(T, device=mask.device)).argmax(dim=1)  # (B,) last real index
-            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-            scores = self.head(h.to(self.head.weight.dtype)).squeeze(-1)
+            h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last].to(self.head.weight.dtype)
+            offset = torch.zeros(h.shape[0], dtype=h.dtype, device=h.device)
             if self.feature_weight is not None:
                 feats = self.reference_features(input_ids, mask, answer_mask)  # (B, F)
                 weight = torch.nn.functional.softplus(self.feature_weight)  # (F,) >= 0
-                scores = scores + (feats.to(weight.dtype) * weight).sum(dim=-1).to(scores.dtype)
-        return scores
+                offset = (feats.to(weight.dtype) * weight).sum(dim=-1).to(h.dtype)
+        return h, offset
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T), (B, T)[, (B, T)] → (B,) scores at the last real token of each row.
+
+        Raises:
+            ValueError: the model uses reference features and ``answer_mask`` is None.
+        """
+        h, offset = self.parts(input_ids, attention_mask, answer_mask)
+        return self.head(h).squeeze(-1) + offset
+
+    @torch.no_grad()
+    def member_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      answer_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T), (B, T)[, (B, T)] → (K, B) the ensemble members' scores.
+
+        Raises:
+            ValueError: the model has no ensemble (or see :meth:`parts`).
+        """
+        if self.ensemble is None:
+            raise ValueError("this reward model has no ensemble (RewardConfig.ensemble.members = 0)")
+        h, offset = self.parts(input_ids, attention_mask, answer_mask)
+        return (self.ensemble(h) + offset[:, None]).T

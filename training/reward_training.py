@@ -11,7 +11,12 @@ reference policy's log-probs of the answer — is :class:`training.reward_model.
 
 The held-out split is by conversation (a stable hash of ``conversation_id`` and the seed), so a
 conversation never moves between splits as votes accumulate and successive reward models can be
-compared on the same held-out pairs (:func:`split_by_conversation`, :func:`evaluate_pairs`).
+compared on the same held-out pairs (:func:`split_by_conversation`, :func:`evaluate_pairs`). The
+held-out pairs are halved the same way (:func:`training.preferences.split_heldout`): reward
+models compete on the *select* half (``rm/accuracy``), and the one kept is judged on the
+*judge* half (``rm/judge_accuracy``), votes it was not selected on.
+
+After training, the ensemble heads are fitted on the training pairs (:mod:`training.ensemble`).
 
 Scores are normalised before PPO to mean 0, std 1 over the reference policy's answers and
 clipped (:class:`RewardNormalizer`; Ziegler et al. 2019, InstructGPT).
@@ -32,15 +37,23 @@ import logging
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from training.flags import add_dataclass_args, dataclass_from_args, help_field
+from training.ensemble import EnsembleConfig, conservative_scores, fit_heads
+from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested
 from training.models import LoraSettings, eval_with_checkpointing, using_adapter
-from training.preferences import answer_span, encode_pairs, load_pairs_jsonl, split_by_conversation
+from training.preferences import (
+    answer_span,
+    encode_pairs,
+    load_pairs_jsonl,
+    split_by_conversation,
+    split_heldout,
+)
 from training.reward_model import RewardModel
 from training.rollout import right_pad
+from training.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +69,7 @@ class RewardConfig:
     epochs: int = help_field(4, help="passes over the training pairs")
     batch_size: int = help_field(8, help="pairs per gradient step")
     max_length: int = help_field(512, help="tokens of prompt ⧺ answer kept (the prompt is cut from the left)")
-    heldout_fraction: float = help_field(0.2, help="share of conversations held out for accuracy")
+    heldout_fraction: float = help_field(0.25, help="share of conversations held out: half selects among reward models, half judges the one kept")
     seed: int = help_field(0, help="split, shuffling and head initialisation")
     min_votes: int = help_field(10, help="fewer usable pairs than this: NotEnoughVotesError")
     max_grad_norm: float = help_field(1.0, help="gradient clipping (global L2 norm)")
@@ -65,6 +78,7 @@ class RewardConfig:
         True, help="add learned, non-negative weights on the reference policy's mean and min token "
         "log-prob of the answer to the score (a new model only; a warm start keeps its own choice)")
     feature_lr: float = help_field(0.1, help="AdamW learning rate of the reference-feature weights")
+    ensemble: EnsembleConfig = nested(EnsembleConfig, help="ensemble heads on bootstrap resamples", set_by_parent=("seed",))
 
     def __post_init__(self):
         for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "feature_lr"):
@@ -78,6 +92,9 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.min_votes must be >= 1, got {self.min_votes}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if isinstance(self.ensemble, dict):
+            self.ensemble = EnsembleConfig(**self.ensemble)
+        self.ensemble = replace(self.ensemble, seed=derive_seed(self.seed, "ensemble"))
 
 
 def pairwise_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor, tie: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,14 +130,48 @@ def _pad_right(rows: list[list[int]], pad_id: int, answer_lens: list[int]) -> tu
     return ids, mask, answer
 
 
-def _pair_scores(rm: RewardModel, batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected scores (B,), (B,) from one forward of 2B right-padded rows."""
+def _pair_rows(rm: RewardModel, batch: list[dict], pad_id: int) -> tuple[torch.Tensor, ...]:
+    """(ids, attention mask, answer mask), each (2B, T) on the model's device: the B chosen
+    rows, then the B rejected ones, right-padded."""
     ids, mask, answer = _pad_right(
         [p["chosen_ids"] for p in batch] + [p["rejected_ids"] for p in batch], pad_id,
         [p["chosen_answer_len"] for p in batch] + [p["rejected_answer_len"] for p in batch])
     device = rm.head.weight.device
-    scores = rm(ids.to(device), mask.to(device), answer.to(device))  # (2B,)
+    return ids.to(device), mask.to(device), answer.to(device)
+
+
+def _pair_scores(rm: RewardModel, batch: list[dict], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected scores (B,), (B,) from one forward of 2B right-padded rows."""
+    scores = rm(*_pair_rows(rm, batch, pad_id))  # (2B,)
     return scores[: len(batch)], scores[len(batch):]
+
+
+@torch.no_grad()
+def fit_ensemble(rm: RewardModel, tokenizer, encoded: list[dict], config: EnsembleConfig,
+                 batch_size: int = 16) -> None:
+    """Give ``rm`` ``config.members`` ensemble heads fitted on the encoded training pairs
+    (:func:`training.ensemble.fit_heads` on the frozen last hidden states); with no members or
+    no pairs, ``rm`` keeps no ensemble."""
+    rm.ensemble = None
+    if config.members == 0 or not encoded:
+        return
+    _eval(rm)
+    hc, hr, off, ties = [], [], [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        h, offset = rm.parts(*_pair_rows(rm, batch, tokenizer.pad_token_id))  # (2B, H), (2B,)
+        B = len(batch)
+        hc.append(h[:B].cpu())
+        hr.append(h[B:].cpu())
+        off.append((offset[:B] - offset[B:]).cpu())
+        ties += [p["tie"] for p in batch]
+    weights = fit_heads(torch.cat(hc), torch.cat(hr), torch.cat(off), torch.tensor(ties),
+                        rm.head.weight.detach()[0].cpu(), config)  # (K, H)
+    heads = torch.nn.Linear(weights.shape[1], weights.shape[0])
+    with torch.no_grad():
+        heads.weight.copy_(weights)
+        heads.bias.fill_(float(rm.head.bias.detach()[0]))
+    rm.ensemble = heads.requires_grad_(False).to(rm.head.weight.device)
 
 
 @torch.no_grad()
@@ -179,11 +230,13 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         init_dir: a previous reward model (:meth:`RewardModel.save`) to warm-start from.
 
     Returns:
-        ``(rm, metrics)``: ``rm/accuracy`` (held-out, non-tie pairs; NaN if none),
-        ``rm/heldout_loss``, ``rm/loss`` (mean train loss of the last epoch), ``rm/train_pairs``,
-        ``rm/heldout_pairs``, ``rm/heldout_conversations``, ``rm/ties``, ``rm/dropped_pairs``,
-        ``rm/prev_accuracy`` (the ``init_dir`` model on the same held-out pairs before training,
-        NaN without one: keep the new RM only if ``rm/accuracy >= rm/prev_accuracy``),
+        ``(rm, metrics)``: ``rm/accuracy`` (the *select* half of the held-out pairs, non-tie;
+        NaN if none), ``rm/heldout_loss``, ``rm/heldout_decisive``, ``rm/judge_accuracy`` and
+        ``rm/judge_decisive`` (the *judge* half), ``rm/loss`` (mean train loss of the last
+        epoch), ``rm/train_pairs``, ``rm/heldout_pairs``, ``rm/heldout_conversations``,
+        ``rm/ties``, ``rm/dropped_pairs``, ``rm/prev_accuracy`` and ``rm/prev_judge_accuracy``
+        (the ``init_dir`` model on the same halves before training, NaN without one: keep the
+        new RM only if ``rm/accuracy >= rm/prev_accuracy``), ``rm/ensemble_members``,
         ``rm/train_s``.
 
     Raises:
@@ -197,11 +250,16 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
             f"identical or both-bad); at least {config.min_votes} are needed (min_votes)"
         )
     train, heldout = split_by_conversation(encoded, config.heldout_fraction, config.seed)
+    if not train:  # every conversation so far hashed to the held-out side: train on them, judge none
+        train, heldout = heldout, []
+    select, judge = split_heldout(heldout, config.heldout_fraction, config.seed)
     heldout_ids = [p["conversation_id"] for p in heldout]
     prev: dict = {}
+    prev_judge: dict = {}
     if init_dir is not None:
         rm = RewardModel.load(base, init_dir, trainable=True, adapter=adapter)
-        prev = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)  # same split, before training
+        prev = evaluate_pairs(rm, tokenizer, select, config.batch_size)  # same split, before training
+        prev_judge = evaluate_pairs(rm, tokenizer, judge, config.batch_size)
     else:
         rm = RewardModel.from_base(base, config.lora, seed=config.seed,
                                    reference_features=config.reference_features, adapter=adapter)
@@ -218,8 +276,14 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
     with using_adapter(rm.backbone, rm.adapter):
         epoch_loss = _train_epochs(rm, tokenizer, train, config, optimizer, params)
     optimizer.zero_grad(set_to_none=True)
-    metrics = evaluate_pairs(rm, tokenizer, heldout, config.batch_size)
+    fit_ensemble(rm, tokenizer, train, config.ensemble, config.batch_size)
+    metrics = evaluate_pairs(rm, tokenizer, select, config.batch_size)
+    judged = evaluate_pairs(rm, tokenizer, judge, config.batch_size)
     metrics.update({
+        "rm/judge_accuracy": judged["rm/accuracy"],
+        "rm/judge_decisive": judged["rm/heldout_decisive"],
+        "rm/prev_judge_accuracy": prev_judge.get("rm/accuracy", float("nan")),
+        "rm/ensemble_members": rm.members,
         "rm/loss": epoch_loss,
         "rm/train_pairs": len(train),
         "rm/heldout_pairs": len(heldout),
@@ -237,12 +301,12 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
 
 @torch.no_grad()
 def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], answers: list[str],
-          batch_size: int = 16, max_length: int = 512) -> torch.Tensor:
+          batch_size: int = 16, max_length: int = 512, members: bool = False) -> torch.Tensor:
     """Raw reward-model scores (B,) of ``answers`` to ``prompts`` (answers rendered as an
-    assistant turn ending with the end-of-turn token).
+    assistant turn ending with the end-of-turn token); with ``members``, the ensemble's (K, B).
 
     Raises:
-        ValueError: ``prompts`` and ``answers`` differ in length.
+        ValueError: ``prompts`` and ``answers`` differ in length; ``members`` and no ensemble.
     """
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -253,14 +317,23 @@ def score(rm: RewardModel, tokenizer, prompts: list[list[dict]], answers: list[s
     for start in range(0, len(spans), batch_size):
         chunk = spans[start:start + batch_size]
         ids, mask, answer = _pad_right([r for r, _ in chunk], tokenizer.pad_token_id, [n for _, n in chunk])
-        out.append(rm(ids.to(device), mask.to(device), answer.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        forward = rm.member_scores if members else rm
+        out.append(forward(ids.to(device), mask.to(device), answer.to(device)).float().cpu())
+    if not out:
+        return torch.zeros((rm.members, 0) if members else 0)
+    return torch.cat(out, dim=-1)
 
 
-def make_reward_fn(rm: RewardModel, tokenizer, batch_size: int = 16, max_length: int = 512):
-    """``reward_fn(prompts, answers) -> (B,)`` raw scores, the callable :func:`training.ppo.ppo_train` takes."""
+def make_reward_fn(rm: RewardModel, tokenizer, batch_size: int = 16, max_length: int = 512,
+                   conservative: float = 0.0):
+    """``reward_fn(prompts, answers) -> (B,)`` raw scores, the callable :func:`training.ppo.ppo_train`
+    takes. With ``conservative`` = λ > 0 and an ensemble: the members' mean − λ·std
+    (:func:`training.ensemble.conservative_scores`) instead of the main head's score."""
 
     def reward_fn(prompts: list[list[dict]], answers: list[str]) -> torch.Tensor:
+        if conservative > 0 and rm.members:
+            members = score(rm, tokenizer, prompts, answers, batch_size, max_length, members=True)
+            return conservative_scores(members, conservative)
         return score(rm, tokenizer, prompts, answers, batch_size, max_length)
 
     return reward_fn

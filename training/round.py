@@ -15,13 +15,15 @@
                                 and (``--rm-fresh-candidate``) one from the base weights: the
                                 more accurate on the held-out votes is the candidate; it replaces
                                 the one in use only if at least as accurate;
-  4. :func:`policy_step`        β carried over from the last round, then rejection
-                                sampling (``--rs.n`` > 1) and PPO against the reward model
-                                (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations);
+  4. :func:`policy_step`        β and the value head carried over from the live version, then
+                                rejection sampling (``--rs.n`` > 1) and PPO against the reward
+                                model (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations);
   5. :func:`gate_step`          the candidate against live on held-out prompts, and the reward
                                 model's held-out accuracy (:mod:`training.gate`);
-  6. :func:`publish_step`       the adapter renamed into place as version N+1 (live, or rejected),
-                                the new reward model as the one in use (``storage.registry``).
+  6. :func:`publish_step`       the adapter (and PPO's value head beside it) renamed into place as
+                                version N+1 (live; a candidate for users' votes with
+                                ``--user-gate``, :mod:`training.user_gate`; or rejected), the new
+                                reward model (with its ensemble) as the one in use.
 
 A round that raises is recorded as failed with the reason; nothing half-written is published.
 Run one with ``python -m training.jobs`` (:mod:`training.jobs`).
@@ -50,9 +52,10 @@ from training.models import (
     enable_gradient_checkpointing,
     load_lora,
     save_adapter,
+    text_config,
     unused_adapter_name,
 )
-from training.ppo import PPOConfig, ppo_train
+from training.ppo import PPOConfig, ValueHead, ppo_train
 from training.preferences import split_by_conversation
 from training.progress import RoundProgress
 from training.rejection_sampling import RejectionConfig, rejection_sampling_finetune
@@ -96,6 +99,14 @@ class RoundConfig:
     max_minutes: float = help_field(
         0.0, help="time budget of the round in minutes (0: none): PPO ends at the iteration boundary where the "
         "next iteration would overrun it, and the round gates and publishes what was trained")
+    user_gate: bool = help_field(
+        False, help="a candidate that passes the gate is published as a candidate, not live: users' votes "
+        "against live decide (the app sets this from its --user-gate)")
+    carry_value_head: bool = help_field(
+        True, help="PPO's value head continues from the one saved with the starting adapter (false: a fresh "
+        "zero head every round)")
+    conservative_reward: float = help_field(
+        0.0, help="λ: PPO's reward is the reward-model ensemble's mean − λ·std (0: the main head's score)")
     load: LoadConfig = nested(LoadConfig, flat=True, help="how the base is loaded (the app passes its own)")
     reward: RewardConfig = nested(RewardConfig, set_by_parent=("min_votes", "seed"))
     rs: RejectionConfig = nested(RejectionConfig, set_by_parent=("seed",))
@@ -113,6 +124,8 @@ class RoundConfig:
             raise ValueError(f"ptx_examples must be >= 1, got {self.ptx_examples}")
         if self.max_minutes < 0:
             raise ValueError(f"max_minutes must be >= 0 (0: no budget), got {self.max_minutes}")
+        if self.conservative_reward < 0:
+            raise ValueError(f"conservative_reward must be >= 0, got {self.conservative_reward}")
         if self.init_policy not in ("reference", "live"):
             raise ValueError(f"init_policy must be 'reference' or 'live', got {self.init_policy!r}")
         if self.ptx_data:
@@ -152,8 +165,8 @@ class RewardStep:
     rm: RewardModel
     reward_fn: object  # (prompts, answers) -> (B,) raw scores
     metrics: dict  # rm/* figures
-    accuracy: float | None  # held-out accuracy of the model in use (NaN: no held-out votes)
-    decisive: int  # held-out A/B votes that accuracy is over
+    accuracy: float | None  # accuracy of the model in use on the judge half of the held-out votes (NaN: none)
+    decisive: int  # judge-half A/B votes that accuracy is over
     staging: Path | None = field(default=None)  # a new model to publish with the round; None: keep the one in use
 
 
@@ -180,12 +193,17 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         policy = starting_policy(model, config, registry, inputs.live)  # every adapter goes on this one base
         progress.stage("reward model")
         reward = reward_model_step(config, policy, tokenizer, inputs.pairs, reward_models)
-        metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress)
+        value_head = starting_value_head(config, registry, inputs.live, policy)
+        metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress, value_head)
         progress.stage("gate")
         passed, reason, gate_metrics = gate_step(config, registry, policy, tokenizer, reward, inputs)
         metrics = {**reward.metrics, **metrics, **gate_metrics}
         progress.stage("publish")
-        version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed)
+        as_candidate = passed and config.user_gate
+        version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed,
+                               value_head, as_candidate)
+        if as_candidate:
+            reason = f"version {version} is a candidate: users' votes against live decide"
         store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
                            version=version, votes_used=len(inputs.pairs))
     except SkipRound as skip:
@@ -269,7 +287,8 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
     same held-out votes, since a warm start keeps fitting the earliest votes round after round;
     the more accurate is the candidate. The candidate replaces the model in use only if at least
     as accurate on those votes (``rm/replaced``); it is then saved to staging, published with the
-    round's adapter.
+    round's adapter. These choices are made on the *select* half of the held-out votes; the
+    gate judges the model kept on the other half (:class:`RewardStep` ``accuracy``).
 
     Raises:
         SkipRound: fewer usable pairs than ``config.reward.min_votes``.
@@ -298,8 +317,9 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
     else:
         rm.release()
         rm = RewardModel.load(base, init_dir, adapter=unused_adapter_name(base, "reward_prev"))
-    return RewardStep(rm, make_reward_fn(rm, tokenizer), metrics, new if keep_new else prev,
-                      int(metrics.get("rm/heldout_decisive", 0)), staging)
+    judged = metrics.get("rm/judge_accuracy") if keep_new else metrics.get("rm/prev_judge_accuracy")
+    return RewardStep(rm, make_reward_fn(rm, tokenizer, conservative=config.conservative_reward), metrics,
+                      judged, int(metrics.get("rm/judge_decisive", 0)), staging)
 
 
 def _more_accurate(warm: RewardModel, warm_metrics: dict, fresh: RewardModel, fresh_metrics: dict):
@@ -311,25 +331,40 @@ def _more_accurate(warm: RewardModel, warm_metrics: dict, fresh: RewardModel, fr
         warm.release()
         # the previous model's accuracy was measured on the same split before the warm start
         return fresh, {**fresh_metrics, **both, "rm/prev_accuracy": warm_metrics["rm/prev_accuracy"],
-                       "rm/from_scratch": 1.0}
+                       "rm/prev_judge_accuracy": warm_metrics["rm/prev_judge_accuracy"], "rm/from_scratch": 1.0}
     fresh.release()
     return warm, {**warm_metrics, **both, "rm/from_scratch": 0.0}
 
 
 # ------------------------------------------------------------------ 4 policy -------------------
 def policy_step(config: RoundConfig, store: Store, policy, tokenizer, reward: RewardStep,
-                inputs: RoundInputs, window: int, progress: RoundProgress | None = None) -> dict:
+                inputs: RoundInputs, window: int, progress: RoundProgress | None = None,
+                value_head: ValueHead | None = None) -> dict:
     """Step 4: the round's policy (:func:`starting_policy`, adapter ``"policy"`` active)
     improved in place against the reward model (:func:`improve_policy`). β starts where the
     last round that trained left it (when the KL controller adapts), so across rounds the KL to
     the reference stays near its target; the caller's ``config`` is left as it is. ``progress``
-    hears of each stage and PPO iteration, and ends PPO at the round's time budget. Returns the
-    metrics."""
+    hears of each stage and PPO iteration, and ends PPO at the round's time budget.
+    ``value_head`` (:func:`starting_value_head`) is trained in place. Returns the metrics."""
     previous_beta = last_kl_coef(store)
     if previous_beta is not None and config.ppo.adaptive_kl:
         config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
-    metrics = improve_policy(policy, tokenizer, reward.reward_fn, inputs.ppo_prompts, config, window, progress)
+    metrics = improve_policy(policy, tokenizer, reward.reward_fn, inputs.ppo_prompts, config, window, progress,
+                             value_head)
     return {**metrics, "objective/kl_coef_start": config.ppo.init_kl_coef}
+
+
+def starting_value_head(config: RoundConfig, registry: AdapterRegistry, live: int, policy) -> ValueHead:
+    """PPO's value head for this round: the one saved with version ``live``'s adapter when the
+    round continues that adapter (``init_policy == "live"``) and ``config.carry_value_head``;
+    else (or when none was saved, or for another hidden size) a fresh zero head."""
+    hidden = int(text_config(policy).hidden_size)
+    if config.carry_value_head and config.init_policy == "live":
+        carried = ValueHead.load(registry.path(live), hidden)
+        if carried is not None:
+            log.info("value head carried over from version %s", live)
+            return carried
+    return ValueHead(hidden)
 
 
 def last_kl_coef(store: Store) -> float | None:
@@ -356,7 +391,8 @@ def starting_policy(model, config: RoundConfig, registry: AdapterRegistry, live:
 
 
 def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], config: RoundConfig,
-                   window: int | None = None, progress: RoundProgress | None = None) -> dict:
+                   window: int | None = None, progress: RoundProgress | None = None,
+                   value_head: ValueHead | None = None) -> dict:
     """Rejection-sampling fine-tuning (when ``config.rs.n`` > 1), then PPO against
     ``reward_fn``, both on the active adapter of ``policy`` (trained in place).
 
@@ -367,6 +403,7 @@ def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], conf
         prompts: conversations ending with a user turn (already fitted to the context window).
         window: the model's context window in tokens (longer PPO-ptx demonstrations are left out).
         progress: told of the stages and PPO iterations; may end PPO early (time budget).
+        value_head: PPO's value head, trained in place (None: a fresh one, discarded).
 
     Returns:
         the ``rs/*`` metrics (if any) and :func:`training.ppo.ppo_train`'s metrics.
@@ -382,8 +419,8 @@ def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], conf
     ptx = ptx_demonstrations(config, tokenizer, max_tokens=window)
     if progress is not None:
         progress.stage("ppo", total=ppo_config.steps)
-    ppo_metrics = ppo_train(policy, tokenizer, reward_fn, prompts, ppo_config, ptx_examples=ptx,
-                            on_iteration=progress.ppo_iteration if progress is not None else None)
+    ppo_metrics = ppo_train(policy, tokenizer, reward_fn, prompts, ppo_config, value_head=value_head,
+                            ptx_examples=ptx, on_iteration=progress.ppo_iteration if progress is not None else None)
     return {**rs_metrics, **ppo_metrics}
 
 
@@ -432,21 +469,34 @@ def gate_step(config: RoundConfig, registry: AdapterRegistry, policy, tokenizer,
 
 
 def publish_step(registry: AdapterRegistry, reward_models: RewardModelRegistry, policy, reward: RewardStep,
-                 round_id: int, live: int, metrics: dict, passed: bool) -> int:
+                 round_id: int, live: int, metrics: dict, passed: bool, value_head: ValueHead | None = None,
+                 as_candidate: bool = False) -> int:
     """Step 6: publish the new reward model, if the round made one, as the one in use, then save
-    the candidate adapter to staging and publish it as version N+1 (live when it ``passed``,
-    else recorded as rejected; the live version keeps serving). Returns N+1. A failure leaves no
-    staging, and never a live adapter in a round recorded as failed (the adapter goes last)."""
+    the candidate adapter (and PPO's ``value_head`` beside it) to staging and publish it as
+    version N+1: live when it ``passed``; a *candidate* when it passed and ``as_candidate``
+    (users' votes decide, :mod:`training.user_gate`; an older candidate still waiting is
+    rejected as superseded); else recorded as rejected (the live version keeps serving).
+    Returns N+1. A failure leaves no staging, and never a live adapter in a round recorded as
+    failed (the adapter goes last)."""
     if reward.staging is not None:
         reward_models.publish(reward.staging)
         reward.staging = None
     staging = registry.staging_dir()
     try:
         save_adapter(policy, "policy", staging)
-        version = registry.publish(staging, parent=live, round_id=round_id, metrics=metrics, live=passed)
+        if value_head is not None:
+            value_head.save(staging)
+        version = registry.publish(staging, parent=live, round_id=round_id, metrics=metrics,
+                                   live=passed and not as_candidate)
     except BaseException:
         registry.discard(staging)
         raise
+    store = registry.store
     if not passed:
-        registry.store.set_version_status(version, "rejected")
+        store.set_version_status(version, "rejected")
+    elif as_candidate:
+        for older in store.versions():
+            if older["status"] == "candidate" and older["version"] != version:
+                store.decide_candidate(older["version"], promote=False,
+                                       note=f"superseded by version {version} before users decided")
     return version
