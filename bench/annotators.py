@@ -335,3 +335,20 @@ class Population:
 
     def __str__(self) -> str:
         return ", ".join(f"{n}={w:.2f}" for n, _, w in self.members)
+
+
+def join_annotator_flags(argv: list[str]) -> list[str]:
+    """``--annotator`` given several times → one ``--annotator A,B,...`` (a population)."""
+    specs, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--annotator" and i + 1 < len(argv):
+            specs.append(argv[i + 1])
+            i += 2
+            continue
+        if arg.startswith("--annotator="):
+            specs.append(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+        i += 1
+    return rest + (["--annotator", ",".join(specs)] if specs else [])

@@ -51,6 +51,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from bench.annotators import Population, join_annotator_flags
 from bench.gold import gold_figures
 from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested, to_argv
 from training.round import RoundConfig
@@ -112,8 +113,6 @@ def load_annotator(spec: str):
     Raises:
         ValueError: a malformed spec or a missing function.
     """
-    from bench.annotators import Population
-
     return Population([s for s in spec.split(",") if s.strip()])
 
 
@@ -249,11 +248,6 @@ def user_turn(client, messages: list[dict], annotator, noise: float, rng: random
     return choice, flipped
 
 
-def _annotator_of(annotator, rng: random.Random):
-    """The function that casts this vote: a population's member drawn by weight."""
-    return annotator.draw(rng) if hasattr(annotator, "draw") else annotator
-
-
 def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], log) -> dict:
     """Simulated users chat, compare and vote through HTTP, ``config.users`` of them at once
     (each its own browser session); after every ``round_every`` votes a round is started and
@@ -285,7 +279,7 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
             k = free.pop()
         rng = random.Random(derive_seed(config.seed, "bench/user", i))
         try:
-            choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], _annotator_of(annotator, rng),
+            choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], annotator.draw(rng),
                                         config.noise, rng)
         except Exception as exc:  # noqa: BLE001 - a failed turn is counted and skipped
             with lock:
@@ -482,27 +476,10 @@ def run(config: BenchConfig) -> dict:
     return result
 
 
-def _join_annotators(argv: list[str]) -> list[str]:
-    """``--annotator`` given several times → one ``--annotator A,B,...`` (a population)."""
-    specs, rest, i = [], [], 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--annotator" and i + 1 < len(argv):
-            specs.append(argv[i + 1])
-            i += 2
-            continue
-        if arg.startswith("--annotator="):
-            specs.append(arg.split("=", 1)[1])
-        else:
-            rest.append(arg)
-        i += 1
-    return rest + (["--annotator", ",".join(specs)] if specs else [])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_dataclass_args(parser, BenchConfig)
-    args = parser.parse_args(_join_annotators(list(sys.argv[1:] if argv is None else argv)))
+    args = parser.parse_args(join_annotator_flags(list(sys.argv[1:] if argv is None else argv)))
     try:
         config = dataclass_from_args(BenchConfig, args)
         load_annotator(config.annotator)

@@ -76,11 +76,11 @@ def test_concise():
 def test_a_population_votes_by_weight_and_its_gold_judgement_averages_its_members():
     import random
 
-    from bench.annotators import Population
+    from bench.annotators import Population, join_annotator_flags
     from bench.gold import judge_pair
-    from bench.online_loop import _join_annotators, load_annotator
+    from bench.online_loop import load_annotator
 
-    argv = _join_annotators(["--annotator", "bench.annotators:prefers_correct=3",
+    argv = join_annotator_flags(["--annotator", "bench.annotators:prefers_correct=3",
                              "--annotator=bench.annotators:prefers_concise", "--votes", "5"])
     population = load_annotator(argv[argv.index("--annotator") + 1])
     assert [round(w, 2) for _, _, w in population.members] == [0.75, 0.25]

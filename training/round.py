@@ -202,8 +202,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         as_candidate = passed and config.user_gate
         version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed,
                                value_head, as_candidate)
-        if as_candidate:
-            reason = f"version {version} is a candidate: users' votes against live decide"
+        reason = f"version {version} is a candidate: users' votes against live decide" if as_candidate else reason
         store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
                            version=version, votes_used=len(inputs.pairs))
     except SkipRound as skip:
@@ -344,8 +343,8 @@ def policy_step(config: RoundConfig, store: Store, policy, tokenizer, reward: Re
     improved in place against the reward model (:func:`improve_policy`). β starts where the
     last round that trained left it (when the KL controller adapts), so across rounds the KL to
     the reference stays near its target; the caller's ``config`` is left as it is. ``progress``
-    hears of each stage and PPO iteration, and ends PPO at the round's time budget.
-    ``value_head`` (:func:`starting_value_head`) is trained in place. Returns the metrics."""
+    hears of each stage and PPO iteration, and ends PPO at the round's time budget; ``value_head``
+    (:func:`starting_value_head`) is trained in place. Returns the metrics."""
     previous_beta = last_kl_coef(store)
     if previous_beta is not None and config.ppo.adaptive_kl:
         config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
@@ -355,9 +354,8 @@ def policy_step(config: RoundConfig, store: Store, policy, tokenizer, reward: Re
 
 
 def starting_value_head(config: RoundConfig, registry: AdapterRegistry, live: int, policy) -> ValueHead:
-    """PPO's value head for this round: the one saved with version ``live``'s adapter when the
-    round continues that adapter (``init_policy == "live"``) and ``config.carry_value_head``;
-    else (or when none was saved, or for another hidden size) a fresh zero head."""
+    """PPO's value head: the one saved with version ``live``'s adapter when the round continues
+    it (``init_policy == "live"``, ``carry_value_head``), else (none saved, another hidden size) a zero head."""
     hidden = int(text_config(policy).hidden_size)
     if config.carry_value_head and config.init_policy == "live":
         carried = ValueHead.load(registry.path(live), hidden)
