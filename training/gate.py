@@ -54,7 +54,7 @@ class GateConfig:
     max_kl: float = help_field(5.0, help="largest mean KL per answer to the reference, nats")
     min_distinct: float = help_field(0.5, help="smallest share of distinct answers across prompts")
     min_within_ratio: float = help_field(
-        0.5, help="smallest share of live's diversity within a prompt the candidate keeps (the share of a "
+        0.25, help="smallest share of live's diversity within a prompt the candidate keeps (the share of a "
         "prompt's extra samples that differ; 0: not checked)")
     samples_per_prompt: int = help_field(2, help="answers sampled per held-out prompt and version (>= 2: the within-prompt check)")
     max_length_ratio: float = help_field(1.5, help="largest mean answer length relative to live")
