@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from chatapp.service import PairConfig
+from chatapp.service import LimitConfig, PairConfig
 from training.flags import (
     add_dataclass_args,
     dataclass_from_args,
@@ -54,6 +54,7 @@ class AppConfig:
     threads: int = help_field(1, help="torch CPU threads for chat (the training child uses all cores but one by default)")
     load: LoadConfig = nested(LoadConfig, flat=True, help="how the base is loaded, for serving and for training rounds")
     pairs: PairConfig = nested(PairConfig, flat=True, help="which two answers a comparison shows")
+    limits: LimitConfig = nested(LimitConfig, flat=True, help="message, system prompt and conversation sizes; vote rates")
     user_gate: UserGateConfig = nested(UserGateConfig, flat=True, help="users' votes decide whether a candidate goes live")
     round: RoundConfig = nested(
         RoundConfig, help="every training round (python -m training.jobs, run by the app in a child process); "
@@ -101,7 +102,8 @@ def chat_service(config: AppConfig, model, tokenizer, registry, store):
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
     return ChatService(engine, store, sampling, compare_sampling=compare_sampling,
-                       distinct_redraws=config.distinct_redraws, user_gate=config.user_gate, pairs=config.pairs)
+                       distinct_redraws=config.distinct_redraws, user_gate=config.user_gate, pairs=config.pairs,
+                       limits=config.limits)
 
 
 def build_app(config: AppConfig):

@@ -58,6 +58,9 @@ from training.round import RoundConfig
 from training.scheduler import PROJECT_ROOT
 from training.seeds import derive_seed
 
+# simulated users vote as fast as the app answers, all from 127.0.0.1: no human rate applies
+UNLIMITED_VOTES = ("--session-vote-rate", "1000000/minute", "--client-vote-rate", "1000000/minute")
+
 
 @dataclass
 class BenchConfig:
@@ -159,7 +162,7 @@ class App:
         cmd = [sys.executable, "app.py", "--data-dir", str(data_dir), "--model", model_ref,
                "--host", "127.0.0.1", "--port", str(port), "--train-every", "100000",
                "--min-new-votes", "1000000", "--max-new-tokens", str(config.max_new_tokens),
-               "--temperature", str(config.temperature),
+               "--temperature", str(config.temperature), *UNLIMITED_VOTES,
                *to_argv(round_config, "round.", ("data_dir", "model"))]  # fmt: skip
         self._log = open(self.log_path, "ab")
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",

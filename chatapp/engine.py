@@ -28,7 +28,7 @@ import torch
 from chatapp.batching import Batcher, Request
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
 from storage.registry import AdapterRegistry, RewardModelRegistry
-from training.chat_format import end_of_turn_ids, fit_messages, render_prompt
+from training.chat_format import end_of_turn_ids, fit_messages, inert_text, render_prompt
 from training.models import add_lora, context_window, load_lora, save_adapter
 
 log = logging.getLogger(__name__)
@@ -277,12 +277,13 @@ class ChatEngine:
             generator=None if seed is None else torch.Generator().manual_seed(seed),
         )
 
-    @staticmethod
-    def _reply(req: Request, text: ReplyText, sampling: Sampling, version: int) -> Reply:
-        """The :class:`Reply` of a finished request whose tokens ``text`` has read."""
+    def _reply(self, req: Request, text: ReplyText, sampling: Sampling, version: int) -> Reply:
+        """The :class:`Reply` of a finished request whose tokens ``text`` has read; its text is
+        inert (:func:`training.chat_format.inert_text`): a special token the model spelled out
+        in ordinary pieces never becomes one when the answer is stored, trained on or exported."""
         answer, reasoning = split_reasoning(text.finish(), partial=False)
         return Reply(
-            text=answer.strip(),
+            text=inert_text(self.tokenizer, answer.strip()),
             version=version,
             stopped=req.finish == "stopped",
             sampling=sampling.as_dict(),

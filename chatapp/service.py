@@ -13,14 +13,46 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+from limits import RateLimitItem, parse, storage, strategies
 
 from chatapp.engine import ChatEngine, Reply, Sampling
 from storage.store import CHOICES, Store
+from training.chat_format import inert_text
 from training.ensemble import PAIR_RULES, select_pair
 from training.flags import help_field
 from training.user_gate import UserGateConfig, review_candidate
 
-MAX_MESSAGE_CHARS = 200_000  # longer messages are refused before they are tokenized
+MAX_MESSAGE_CHARS = 100_000  # default --max-message-chars: longer messages are refused before they are tokenized
+
+
+@dataclass
+class LimitConfig:
+    """How much one user may send (flags of ``python app.py``): sizes are checked before any
+    tokenizing (so an oversized request costs nothing), rates with a moving window (the
+    ``limits`` library; ``"N/second|minute|hour|day"``)."""
+
+    max_message_chars: int = help_field(MAX_MESSAGE_CHARS, help="longest message accepted, in characters")
+    max_system_prompt_chars: int = help_field(8_000, help="longest system prompt accepted, in characters")
+    max_conversation_chars: int = help_field(
+        300_000, help="a conversation whose messages add up to more characters takes no more turns (start a new one)")
+    session_vote_rate: str = help_field("30/minute", help="most votes one browser session may cast, e.g. 30/minute")
+    client_vote_rate: str = help_field(
+        "300/minute", help="most votes one client address may cast, all its sessions together (a shared proxy or NAT counts as one)")
+
+    def __post_init__(self):
+        for name in ("max_message_chars", "max_system_prompt_chars", "max_conversation_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("session_vote_rate", "client_vote_rate"):
+            try:
+                parse(getattr(self, name))
+            except ValueError:
+                raise ValueError(f"--{name.replace('_', '-')} must look like 20/minute, got "
+                                 f"{getattr(self, name)!r}") from None
+
+    def rates(self) -> tuple[RateLimitItem, RateLimitItem]:
+        """``(per session, per client)`` vote rates."""
+        return parse(self.session_vote_rate), parse(self.client_vote_rate)
 
 
 @dataclass
@@ -92,6 +124,10 @@ class ChatService:
             ``user_gate=False``: no candidate is shown and no vote decides one.
         pairs: how a comparison's two answers are chosen (:class:`PairConfig`; default: its
             defaults).
+        limits: sizes and vote rates (:class:`LimitConfig`; default: its defaults).
+
+    One turn at a time per session: a message sent while the session's previous reply is still
+    being written is refused (:class:`UserInputError`), never interleaved with it.
     """
 
     def __init__(
@@ -104,6 +140,7 @@ class ChatService:
         distinct_redraws: int = 2,
         user_gate: UserGateConfig | None = None,
         pairs: PairConfig | None = None,
+        limits: LimitConfig | None = None,
     ):
         if distinct_redraws < 0:
             raise ValueError(f"distinct_redraws must be >= 0, got {distinct_redraws}")
@@ -118,6 +155,10 @@ class ChatService:
         self.pairs = pairs or PairConfig()
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
+        self.limits = limits or LimitConfig()
+        self._vote_limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
+        self._busy: set[str] = set()  # sessions with a turn in progress
+        self._busy_lock = threading.Lock()
 
     def _draw(self) -> random.Random:
         """A private RNG seeded from the service's (so concurrent sessions never share one)."""
@@ -125,22 +166,44 @@ class ChatService:
             return random.Random(self._rng.getrandbits(64))
 
     # ---- helpers ----------------------------------------------------------------------------
-    @staticmethod
-    def _check_text(text: str | None) -> str:
-        """Refuse empty messages, and messages so long that tokenizing them would only burn
-        CPU (the context window check then gives the precise limit for the rest)."""
+    def _check_text(self, text: str | None, session: ChatSession) -> str:
+        """Refuse empty messages, messages so long that tokenizing them would only burn CPU
+        (the context window check then gives the precise limit for the rest), and turns beyond
+        the conversation's size limit; returns the text made inert
+        (:func:`training.chat_format.inert_text`: typed template tokens stay text)."""
         if text is None or not text.strip():
             raise UserInputError("Type a message first: empty messages are not sent.")
-        if len(text) > MAX_MESSAGE_CHARS:
+        limit = self.limits.max_message_chars
+        if len(text) > limit:
             raise UserInputError(
-                f"The message is too long: {len(text):,} characters, at most "
-                f"{MAX_MESSAGE_CHARS:,} are accepted. Shorten it."
+                f"The message is too long: {len(text):,} characters, at most {limit:,} are accepted. Shorten it."
             )
-        return text
+        total = len(text) + sum(len(m["content"]) for m in session.messages) + len(session.system_prompt or "")
+        if total > self.limits.max_conversation_chars:
+            raise UserInputError(
+                f"This conversation is too long ({total:,} characters with this message, at most "
+                f"{self.limits.max_conversation_chars:,}): start a new conversation."
+            )
+        return inert_text(self.engine.tokenizer, text)
+
+    def _claim(self, session: ChatSession) -> None:
+        """Mark ``session`` as answering a message.
+
+        Raises:
+            UserInputError: it already is (a second send while the reply is written).
+        """
+        with self._busy_lock:
+            if session.session_id in self._busy:
+                raise UserInputError("The previous reply is still being written: wait for it, or press Stop.")
+            self._busy.add(session.session_id)
+
+    def _release(self, session: ChatSession) -> None:
+        with self._busy_lock:
+            self._busy.discard(session.session_id)
 
     def _begin_turn(self, session: ChatSession, text: str) -> list[dict]:
         """Validate, store the user message and return the context to answer."""
-        self._check_text(text)
+        text = self._check_text(text, session)
         if session.pending is not None:
             raise UserInputError("Vote on the two answers first (or start a new conversation).")
         context = session.context() + [{"role": "user", "content": text}]
@@ -180,8 +243,19 @@ class ChatService:
 
     # ---- chat -------------------------------------------------------------------------------
     def new_conversation(self, session: ChatSession, system_prompt: str | None = None) -> ChatSession:
-        """A fresh conversation in the same browser session (pending comparison dropped)."""
-        return ChatSession(session_id=session.session_id, system_prompt=system_prompt or None)
+        """A fresh conversation in the same browser session (pending comparison dropped), with
+        ``system_prompt`` made inert (:func:`training.chat_format.inert_text`).
+
+        Raises:
+            UserInputError: the system prompt is longer than ``limits.max_system_prompt_chars``
+                (checked before anything else: a huge one costs nothing).
+        """
+        limit = self.limits.max_system_prompt_chars
+        if system_prompt and len(system_prompt) > limit:
+            raise UserInputError(f"The system prompt is too long: {len(system_prompt):,} characters, at most "
+                                 f"{limit:,} are accepted. Shorten it.")
+        system_prompt = inert_text(self.engine.tokenizer, system_prompt) if system_prompt else None
+        return ChatSession(session_id=session.session_id, system_prompt=system_prompt)
 
     def chat(
         self, session: ChatSession, text: str, stop_event: threading.Event | None = None
@@ -192,14 +266,19 @@ class ChatService:
         with the version that produced it.
 
         Raises:
-            UserInputError: empty message or a comparison awaiting its vote.
+            UserInputError: empty or oversized message, a comparison awaiting its vote, or this
+                session's previous reply still being written.
             training.chat_format.ContextTooLongError: the message alone does not fit the window.
         """
-        context = self._begin_turn(session, text)
-        gen = self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)
-        reply = yield from gen
-        self._append_reply(session, reply)
-        return reply
+        self._claim(session)
+        try:
+            context = self._begin_turn(session, text)
+            gen = self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)
+            reply = yield from gen
+            self._append_reply(session, reply)
+            return reply
+        finally:
+            self._release(session)
 
     def compare(
         self, session: ChatSession, text: str, stop_event: threading.Event | None = None
@@ -223,7 +302,18 @@ class ChatService:
         Either way the order is random, and the comparison is stored when both ended normally; a
         stopped comparison is never offered for voting (its partial A answer continues the
         conversation instead).
+
+        Raises:
+            UserInputError: as :meth:`chat`.
         """
+        self._claim(session)
+        try:
+            return (yield from self._compare(session, text, stop_event))
+        finally:
+            self._release(session)
+
+    def _compare(self, session: ChatSession, text: str,
+                 stop_event: threading.Event | None) -> Iterator[tuple[str, str]]:
         context = self._begin_turn(session, text)
         rng = self._draw()
         live = self.engine.live_version()
@@ -297,19 +387,25 @@ class ChatService:
         yield a.text, b.text
         return session.pending
 
-    def vote(self, session: ChatSession, choice: str) -> dict:
+    def vote(self, session: ChatSession, choice: str, client: str | None = None) -> dict:
         """Record the vote on the pending comparison; the chosen answer (A on a tie or when
         both are bad) continues the conversation. A vote on a candidate-vs-live comparison may
         settle the candidate (:func:`training.user_gate.review_candidate`).
 
+        Args:
+            client: the voter's address (None: unknown, only the session's rate applies).
+
         Raises:
-            UserInputError: no comparison is pending, or ``choice`` is not one of CHOICES.
+            UserInputError: no comparison is pending, ``choice`` is not one of CHOICES, or the
+                session (``limits.session_vote_rate``) or client (``limits.client_vote_rate``)
+                voted too often; a refused vote leaves the comparison pending.
             storage.store.AlreadyVoted: this comparison already has a vote (the first is kept).
         """
         if choice not in CHOICES:
             raise UserInputError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
         if session.pending is None:
             raise UserInputError("There is no comparison to vote on.")
+        self._count_vote(session, client)
         pending = session.pending
         result = self.store.vote(pending.comparison_id, choice)
         chosen = pending.replies[1] if choice == "b" else pending.replies[0]
@@ -318,3 +414,18 @@ class ChatService:
         if self.user_gate is not None and result.get("selection") == "candidate":
             review_candidate(self.store, self.user_gate)  # promotes or retires it once the votes allow
         return result
+
+    def _count_vote(self, session: ChatSession, client: str | None) -> None:
+        """Count one vote against the session's and the client's rate.
+
+        Raises:
+            UserInputError: either rate is used up (nothing is counted then).
+        """
+        per_session, per_client = self.limits.rates()
+        keys = [(per_session, "session", session.session_id)] + ([(per_client, "client", client)] if client else [])
+        for rate, kind, key in keys:
+            if not self._vote_limiter.test(rate, kind, key):
+                raise UserInputError(f"Too many votes from this {kind}: at most {rate} "
+                                     f"({'--session-vote-rate' if kind == 'session' else '--client-vote-rate'}); wait a moment.")
+        for rate, kind, key in keys:
+            self._vote_limiter.hit(rate, kind, key)

@@ -99,6 +99,15 @@ def candidate_line(parts: UIParts) -> str:
     return f"version {version}, {candidate_verdict(store, version, rule).note}"
 
 
+def _voter(vote, choice: str):
+    """The click handler of one vote button (Gradio passes the request, for the client's address)."""
+
+    def handler(state, request: gr.Request):
+        return vote(choice, state, request)
+
+    return handler
+
+
 def build_ui(parts: UIParts) -> gr.Blocks:
     """Build the Blocks app. Launch it with ``demo.queue().launch(...)``."""
     service = parts.service
@@ -144,17 +153,21 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         if state is not None and state.session_id in stops:
             stops[state.session_id].set()
 
-    def vote(choice, state):
+    def vote(choice, state, request: gr.Request | None = None):
         session = _session(state)
+        client = getattr(getattr(request, "client", None), "host", None)
         try:
-            service.vote(session, choice)
+            service.vote(session, choice, client=client)
         except (UserInputError, AlreadyVoted) as exc:
             raise gr.Error(str(exc)) from exc
         hidden = gr.update(visible=False)
         return _display(session.messages), "", "", hidden, hidden, session
 
     def new_conversation(system_prompt, state):
-        session = service.new_conversation(_session(state), system_prompt)
+        try:
+            session = service.new_conversation(_session(state), system_prompt)
+        except UserInputError as exc:
+            raise gr.Error(str(exc)) from exc
         hidden = gr.update(visible=False)
         return [], "", "", hidden, hidden, session
 
@@ -264,7 +277,7 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         stop_btn.click(stop, [state], None, api_name="stop", queue=False)
         vote_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
         for button, choice in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "both_bad")):
-            button.click(lambda s, c=choice: vote(c, s), [state], vote_outputs, api_name=f"vote_{choice}")
+            button.click(_voter(vote, choice), [state], vote_outputs, api_name=f"vote_{choice}")
         new_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
         new_btn.click(new_conversation, [system_prompt, state], new_outputs, api_name="new_conversation")
         # the Chatbot's own trash icon starts over too (not just an empty display)

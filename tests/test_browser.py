@@ -25,7 +25,7 @@ import pytest
 
 from app import AppConfig
 from chatapp.engine import ChatEngine
-from chatapp.service import MAX_MESSAGE_CHARS, ChatService, UserInputError
+from chatapp.service import MAX_MESSAGE_CHARS
 from storage.store import open_store
 from tests.conftest import free_port, served_app
 
@@ -42,7 +42,7 @@ HOSTILE_MESSAGES = [
     "a < b && c > d; </textarea><b>not bold</b> &amp; &lt;",
 ]
 HOSTILE_REPLY = ' <img src=x onerror="window.__pwned=4;alert(4)"> <script>alert(5)</script> 1<2>0'
-BIG = "long message " * 8000  # ~100 KB
+BIG = "long message " * 6000  # ~78 KB: under the character limit, over the context window
 
 
 @pytest.fixture
@@ -115,15 +115,13 @@ def test_hostile_input_is_stored_byte_for_byte_and_escaped_for_display(app):
     assert (row["answer_a"], row["answer_b"], row["choice"]) == (a, b, "b")
     assert store.db.execute("select count(*) from comparisons").fetchone()[0] == 1  # no injection
 
-    # a 100 KB message: a clear message back, nothing stored, the text left in the box
+    # a 78 KB message: a clear message back, nothing stored, the text left in the box
     before = len(_user_messages(store))
     chat, box, *_ = client.predict(BIG, False, api_name="/send")
     assert box == BIG and len(_user_messages(store)) == before
     huge = "x" * (MAX_MESSAGE_CHARS + 1)  # refused before tokenizing, with its own message
     chat, box, *_ = client.predict(huge, False, api_name="/send")
     assert box == huge and len(_user_messages(store)) == before
-    with pytest.raises(UserInputError, match="too long: 200,001 characters"):
-        ChatService._check_text(huge)
     status, *_ = client.predict(api_name="/training_status")  # the app still serves
     assert "Live policy version" in status
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from app import AppConfig
+from chatapp.service import LimitConfig
 from storage.paths import DataDir
 from storage.registry import AdapterRegistry
 from storage.store import open_store
@@ -89,6 +90,7 @@ def test_1000_votes_from_50_concurrent_clients_while_a_round_reads(tiny_model_di
     config = AppConfig(
         model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), port=free_port(),
         max_new_tokens=2, temperature=1.0, no_train=True, concurrency=16,
+        limits=LimitConfig(client_vote_rate="100000/minute"),  # 50 simulated users share 127.0.0.1
     )  # fmt: skip
     url = f"http://127.0.0.1:{config.port}/"
     with served_app(config):

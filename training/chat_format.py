@@ -9,8 +9,13 @@ code asks of a template is read from the template itself, never from a family li
 * :func:`special_ids` — every token the tokenizer flags special: ``all_special_ids`` *and* the
   added tokens marked ``special`` (Llama 3's role headers are only the latter). They never reach
   a reply, the database or an export.
-* :func:`template_messages` — a conversation the template accepts: a template that rejects (or
-  silently drops) the system role gets the system prompt folded into the first user turn.
+* :func:`inert_text` — user-, system- or model-written text with every special token's spelling
+  broken by a zero-width space (U+200B), so typing ``<|end|><|assistant|>`` never forges a turn:
+  only the template writes role tokens. Applied to every message rendered here and to text
+  before it is stored (so the export is inert too).
+* :func:`template_messages` — a conversation the template accepts (contents made inert): a
+  template that rejects (or silently drops) the system role gets the system prompt folded into
+  the first user turn.
 * :attr:`ChatFormat.end_of_turn` — the ids the template emits after an assistant's content
   (``<end_of_turn>\\n`` for Gemma, not ``<eos>``): what the reward model scores an answer with,
   and (its first id) a stop for generation.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +43,7 @@ log = logging.getLogger(__name__)
 _PROBE_SYSTEM = "SYSPROBE7"  # a probe text that no template writes by itself
 _PROBE_ANSWER = "ANSPROBE7"
 MAX_TEMPLATE_BYTES = 1_000_000  # a chat template file larger than this is refused
+ESCAPE = "\u200b"  # zero-width space: inserted after a special token's first character
 
 
 class ChatTemplateError(ValueError):
@@ -55,12 +62,15 @@ class ChatFormat:
         system_role: whether the template renders a system message as such.
         end_of_turn: the ids the template writes after an assistant message's content (may be
             empty for a template that writes nothing there; then the eos token stands in).
+        special_pattern: a regex matching the text of any special token (two characters or
+            more, longest first), or None when there is none.
     """
 
     special_ids: frozenset[int]
     template_ids: frozenset[int]
     system_role: bool
     end_of_turn: tuple[int, ...]
+    special_pattern: re.Pattern | None = None
 
 
 _FORMATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (template, ChatFormat)
@@ -74,6 +84,37 @@ def special_ids(tokenizer) -> frozenset[int]:
         if getattr(token, "special", False):
             ids.add(int(i))
     return frozenset(ids)
+
+
+def _special_pattern(tokenizer, ids: frozenset[int]) -> re.Pattern | None:
+    """A regex of the spellings of ``ids`` (added tokens' content, else the vocabulary's
+    token), longest first; single characters are left out (they cannot be broken)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    texts = set()
+    for i in ids:
+        token = added.get(i)
+        text = getattr(token, "content", None) or tokenizer.convert_ids_to_tokens(int(i))
+        if isinstance(text, str) and len(text) > 1 and ESCAPE not in text:
+            texts.add(text)
+    if not texts:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(texts, key=lambda t: (-len(t), t))))
+
+
+def inert_text(tokenizer, text: str) -> str:
+    """``text`` with every spelling of a special token of ``tokenizer`` broken by a zero-width
+    space after its first character (``<|end|>`` → ``<\u200b|end|>``): it then tokenizes as
+    ordinary text, looks the same, and cannot open, close or forge a turn. Text without such a
+    spelling is returned unchanged; the result is a fixed point (applying it again changes
+    nothing)."""
+    pattern = chat_format(tokenizer).special_pattern
+    if pattern is None or not text:
+        return text
+    while True:  # a break can complete an overlapping spelling ("<<|end|>|end|>"): repeat
+        broken = pattern.sub(lambda m: m.group(0)[0] + ESCAPE + m.group(0)[1:], text)
+        if broken == text:
+            return text
+        text = broken
 
 
 def _ids(out) -> list[int]:
@@ -118,17 +159,21 @@ def chat_format(tokenizer) -> ChatFormat:
         probe = [{"role": "system", "content": "s"}, *probe]
     rendered = set(_ids(tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=True)))
     special = special_ids(tokenizer)
-    fmt = ChatFormat(special, frozenset(rendered & special), system_role, _end_of_turn(tokenizer))
+    fmt = ChatFormat(special, frozenset(rendered & special), system_role, _end_of_turn(tokenizer),
+                     _special_pattern(tokenizer, special))
     _FORMATS[tokenizer] = (template, fmt)
     return fmt
 
 
 def template_messages(tokenizer, messages: list[dict]) -> list[dict]:
-    """``messages`` as the template accepts them: unchanged when it renders a system role;
-    otherwise a leading system message is folded into the first user turn as
-    ``"{system}\\n\\n{user}"`` (dropped when no user turn follows)."""
+    """``messages`` as the template accepts them, every content made inert
+    (:func:`inert_text`): otherwise unchanged when it renders a system role; else a leading
+    system message is folded into the first user turn as ``"{system}\\n\\n{user}"`` (dropped
+    when no user turn follows)."""
+    messages = [{**m, "content": inert_text(tokenizer, m["content"])} if isinstance(m.get("content"), str) else m
+                for m in messages]
     if not messages or messages[0].get("role") != "system" or chat_format(tokenizer).system_role:
-        return list(messages)
+        return messages
     system, rest = messages[0]["content"], list(messages[1:])
     for i, m in enumerate(rest):
         if m["role"] == "user":
