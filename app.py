@@ -140,9 +140,10 @@ def build_app(config: AppConfig):
     model, tokenizer = config.load.load(model_ref)
     data_dir.record_model(model_ref)
     store = open_store(data_dir)
-    store.fail_stale_rounds("the app stopped while this round was running")
+    store.fail_stale_rounds("the app stopped while this round was running")  # not one a live process runs
     registry = AdapterRegistry(data_dir, store)
-    clean_staging(data_dir)
+    if store.running_round() is None:  # what a live round is writing stays
+        clean_staging(data_dir)
     service = chat_service(config, model, tokenizer, registry, store)
     scheduler = None
     if not config.no_train:

@@ -40,3 +40,8 @@ class AlreadyVoted(ValueError):
 
 class RoundAlreadyRunning(RuntimeError):
     """A training round is still marked 'running'."""
+
+
+class RoundOwnedElsewhere(RoundAlreadyRunning):
+    """The round is being run by another live process (it holds the data dir's round lock):
+    only that process may finish it."""

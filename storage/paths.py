@@ -11,6 +11,7 @@ One data dir holds one app's whole state::
     DATA/logs/training.log        the training child's output
     DATA/logs/app.log             the app's output when a benchmark runs it
     DATA/scheduler.lock           flock of the one scheduler of this data dir
+    DATA/round.lock               flock held by the process running a training round
     DATA/model.json               the base model the adapters were trained on
 
 Adapters fit only the base they were trained on, so a data dir records its base model once
@@ -86,6 +87,11 @@ class DataDir:
     def scheduler_lock(self) -> Path:
         """The file whose ``flock`` makes one scheduler the owner of this data dir."""
         return self.root / "scheduler.lock"
+
+    @property
+    def round_lock(self) -> Path:
+        """The file whose ``flock`` the process running a training round holds (storage.rounds)."""
+        return self.root / "round.lock"
 
     @property
     def model_marker(self) -> Path:

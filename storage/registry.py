@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from storage.errors import RoundOwnedElsewhere
 from storage.paths import STAGING_DIRNAME, DataDir
 from storage.store import Store
 
@@ -250,12 +251,17 @@ class AdapterRegistry:
         ``N`` is ``store.next_version()``, or the next number whose directory is free (a
         ``v{N}`` left by a crash between rename and register is skipped, never overwritten).
         With ``live=True`` the new version is served and the previous live one retired, in
-        one transaction; otherwise it is registered as ``'candidate'``.
+        one transaction; otherwise it is registered as ``'candidate'``. A ``round_id`` must be
+        the running round this store holds (:meth:`storage.store.Store.owns_round`).
         Raises ``ValueError`` if ``staging`` is not a directory under the staging root or is
-        incomplete. If registering fails the directory is moved back to ``staging``.
+        incomplete, ``RoundOwnedElsewhere`` if ``round_id`` is not this store's running round.
+        If registering fails the directory is moved back to ``staging``.
         """
 
         def register(number: int, target: Path) -> None:
+            if round_id is not None and not self.store.owns_round(round_id):
+                raise RoundOwnedElsewhere(f"round {round_id} is not this process's running round (it ended or another "
+                                          "process runs it): its adapter is not published")
             self.store.register_version(
                 number, self.data_dir.relative(target), parent=parent, round_id=round_id,
                 metrics=metrics, status="live" if live else "candidate",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -95,6 +96,7 @@ class Store(RoundsMixin, VersionsMixin):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._clock = UtcClock()
+        self._round_locks = (threading.Lock(), {})  # round id -> its held round.lock file (storage.rounds)
         db = self.db
         db.enable_wal()
         migrate(db)
@@ -107,7 +109,9 @@ class Store(RoundsMixin, VersionsMixin):
         return self._connections.get()
 
     def close(self) -> None:
-        """Close every thread's connection (the store reopens lazily if used again)."""
+        """Close every thread's connection (the store reopens lazily if used again) and let go
+        of any round lock it holds (its rounds then count as stale)."""
+        self.release_round_locks()
         self._connections.close()
 
     def __enter__(self) -> Store:

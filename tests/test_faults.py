@@ -120,6 +120,7 @@ def test_restart_after_a_crash_cleans_staging_and_fails_the_stale_round(app_conf
     scheduler.shutdown()
     store = open_store(data)
     stale = store.start_round("schedule")
+    store.release_round_locks()  # the crashed process is gone: the OS released its round lock
     registry = AdapterRegistry(DataDir(data), store)
     staging = registry.staging_dir()
     (staging / "adapter_config.json").write_text("{}")

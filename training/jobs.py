@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 import torch
@@ -33,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trigger", default="manual", help="who started the round, recorded with it (default: manual)")
     add_dataclass_args(parser, RoundConfig)
     return parser
+
+
+class Terminated(RuntimeError):
+    """SIGTERM arrived (the app stopped or died): the round ends as failed, its staging removed."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(f"stopped by signal {signal.Signals(signum).name} (the app stopped or died)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_optional_kernel_notice()
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
     store = open_store(data_dir)
+    signal.signal(signal.SIGTERM, _terminate)  # recorded as a failed round, never a half-published one
     result = run_round(config, store, AdapterRegistry(data_dir, store), trigger=args.trigger)
     print(f"round {result['id']}: {result['status']} {result['reason'] or ''} version={result['version']}")
     return 1 if result["status"] == "failed" else 0

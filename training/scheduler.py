@@ -16,7 +16,10 @@ rounds for these votes", and the operating system releases it when its holder di
 
 The round itself runs in a child process (``python -m training.jobs``) by default, so that a
 crash or out-of-memory in training cannot take the chat down; its adapter reaches serving only
-through the registry.
+through the registry. The child dies with the app (Linux: the parent-death signal, SIGTERM,
+which ``training.jobs`` turns into a failed round), and the data dir's round lock
+(:mod:`storage.rounds`) keeps any other process from starting a round beside one that runs,
+or from marking it failed while it lives.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +37,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from storage.errors import RoundOwnedElsewhere
 from storage.paths import DataDir
 from storage.registry import clean_staging
 from storage.store import Store
@@ -44,9 +49,25 @@ TRAINING_NICE = 10  # niceness of the training child process
 PROJECT_ROOT = Path(__file__).resolve().parents[1]  # where `python -m training.jobs` resolves
 
 
-def _lower_priority() -> None:
-    """Runs in the training child before exec: nice 10, so chat decoding gets the CPU first."""
-    os.nice(TRAINING_NICE)
+PR_SET_PDEATHSIG = 1  # prctl(2) option: the signal a process gets when its parent dies (Linux)
+
+
+def _child_setup(parent: int) -> Callable[[], None]:
+    """What runs in the training child before exec: nice 10, so chat decoding gets the CPU
+    first; on Linux, SIGTERM when the app dies (``prctl(PR_SET_PDEATHSIG)``, kept across exec),
+    so a ``kill -9`` of the app never leaves a round training behind it; if the app already died
+    between fork and here, the child exits at once."""
+
+    def setup() -> None:
+        os.nice(TRAINING_NICE)
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    return setup
 
 
 class SubprocessRound:
@@ -97,8 +118,9 @@ class SubprocessRound:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=PROJECT_ROOT,
-                # training yields the CPU to chat (bench.serving compares the priorities)
-                preexec_fn=_lower_priority if hasattr(os, "nice") else None,
+                # training yields the CPU to chat (bench.serving compares the priorities), and
+                # dies with the app
+                preexec_fn=_child_setup(os.getpid()) if hasattr(os, "nice") else None,
             )
             try:
                 code = self.proc.wait()
@@ -109,7 +131,10 @@ class SubprocessRound:
         for r in mine:
             if r["status"] == "running":
                 log.error("round %s: %s", r["id"], reason)
-                self.store.finish_round(r["id"], "failed", reason=reason)
+                try:
+                    self.store.finish_round(r["id"], "failed", reason=reason)
+                except (RoundOwnedElsewhere, ValueError):  # a live process runs it, or it ended meanwhile
+                    log.warning("round %s was not marked failed: another process runs or finished it", r["id"])
         if code != 0 and self.store.running_round() is None:
             removed = clean_staging(self.data_dir)
             if removed:
@@ -269,7 +294,10 @@ class TrainingScheduler:
             log.exception("could not record the failed round (%s)", trigger)
 
     def request_round(self) -> str:
-        """Start a round in the background now ("Train now"); returns a message for the UI."""
+        """Start a round in the background now ("Train now"); returns a message for the UI.
+        A round left ``'running'`` by a process that has died is marked failed first."""
+        if not self.busy:
+            self.store.fail_stale_rounds("interrupted: the process running it ended")
         if self.busy or self.store.running_round() is not None:
             return "A training round is already running."
         threading.Thread(target=self.run_now, args=("manual",), name="train-now", daemon=True).start()
