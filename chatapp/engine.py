@@ -8,6 +8,12 @@ Torn-free hot-swap: each reply resolves its version once, when it starts, and it
 that version's adapter name to its last token (peft mixed-adapter batches); a version published
 mid-reply is loaded by the decode loop for the *next* reply, never swapped under a running one.
 
+Nothing bad is served: a version is checked before its first reply — its files against the
+checksum recorded at publishing, its weights finite, and at startup a forward pass with finite
+logits. A live version that fails is taken out of service (``'rejected'``, with the reason as
+its note, logged) and the newest version that was live before and passes serves instead; when
+none does, a fresh adapter (the base model) is published, so the app always starts.
+
 Text: see :mod:`chatapp.text` (stop ids, special tokens never shown, ``<think>`` removed from the
 answer). Context: the oldest whole turns are dropped until prompt + ``max_new_tokens`` fits
 (:func:`training.chat_format.fit_messages`); a message too long on its own raises
@@ -24,14 +30,26 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors import SafetensorError
 
 from chatapp.batching import Batcher, Request
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
-from storage.registry import AdapterRegistry, RewardModelRegistry
+from storage.registry import AdapterRegistry, CorruptAdapter, RewardModelRegistry
 from training.chat_format import end_of_turn_ids, fit_messages, inert_text, render_prompt
-from training.models import add_lora, context_window, load_lora, save_adapter
+from training.models import (
+    NonFiniteAdapter,
+    add_lora,
+    check_adapter_weights,
+    context_window,
+    load_lora,
+    save_adapter,
+)
 
 log = logging.getLogger(__name__)
+
+# why a published version cannot be served: its files changed (checksum), are missing, truncated
+# or unreadable, its weights or logits are not finite, or peft/torch cannot load them
+UNSERVABLE = (CorruptAdapter, NonFiniteAdapter, OSError, ValueError, RuntimeError, SafetensorError)
 
 
 @dataclass
@@ -114,6 +132,8 @@ class ChatEngine:
         self.window = context_window(base_model)
         self.keep_loaded = keep_loaded
         self._loaded: list[int] = []  # adapter versions loaded into self.model, oldest first
+        self._vetted: set[int] = set()  # versions whose files passed the checks (_vet)
+        self._vet_lock = threading.Lock()
         self.model = self._ensure_version_zero(base_model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.batcher = Batcher(
@@ -129,36 +149,116 @@ class ChatEngine:
         return f"v{version}"
 
     def _ensure_version_zero(self, base_model):
-        """Wrap the base in a PeftModel holding the live adapter; on first run, publish a fresh
-        LoRA adapter (B = 0, so identical to the base) as version 0."""
+        """Wrap the base in a PeftModel holding the live adapter, checked (files, weights, one
+        forward pass with finite logits) and replaced by the last good version when it fails
+        (:meth:`_fall_back`). On first run, or when no published version can be served, publish
+        a fresh LoRA adapter (B = 0, so identical to the base) as the next version, live."""
+        model, tried = base_model, set()
         live = self.store.live_version()
-        if live is None:
-            peft_model = add_lora(base_model, adapter_name=self.adapter_name(0))
-            staging = self.registry.staging_dir()
-            save_adapter(peft_model, self.adapter_name(0), staging)
-            version = self.registry.publish(staging, parent=None, round_id=None, metrics={}, live=True)
-            if version != 0:
-                peft_model.delete_adapter(self.adapter_name(0))
-                load_lora(peft_model, self.registry.path(version), self.adapter_name(version))
-            self._loaded.append(version)
-            peft_model.eval()
-            return peft_model
-        peft_model = load_lora(base_model, self.registry.path(live), self.adapter_name(live))
-        self._loaded.append(live)
+        while live is not None:
+            try:
+                self._vet(live)
+                model = load_lora(model, self.registry.path(live), self.adapter_name(live))
+                self._probe(model, live)
+            except UNSERVABLE as exc:
+                live = self._fall_back(live, exc, tried)
+                continue
+            self._vetted.add(live)
+            self._loaded.append(live)
+            model.eval()
+            return model
+        name = self.adapter_name(self.store.next_version())
+        peft_model = add_lora(model, adapter_name=name)
+        staging = self.registry.staging_dir()
+        save_adapter(peft_model, name, staging)
+        version = self.registry.publish(staging, parent=None, round_id=None, metrics={}, live=True)
+        if self.adapter_name(version) != name:
+            peft_model.delete_adapter(name)
+            load_lora(peft_model, self.registry.path(version), self.adapter_name(version))
+        peft_model.set_adapter(self.adapter_name(version))
+        self._vetted.add(version)
+        self._loaded.append(version)
         peft_model.eval()
         return peft_model
 
+    def _vet(self, version: int) -> None:
+        """Check version ``version``'s files: the recorded checksum, finite weights.
+
+        Raises:
+            one of ``UNSERVABLE``: see the module docstring.
+        """
+        check_adapter_weights(self.registry.path(version))
+
+    @torch.no_grad()
+    def _probe(self, model, version: int) -> None:
+        """One forward pass with version ``version``'s adapter (loaded in ``model``) on a short
+        input; its logits must be finite. A failing adapter is removed from ``model``.
+
+        Raises:
+            NonFiniteAdapter: NaN or inf logits.
+        """
+        name = self.adapter_name(version)
+        model.set_adapter(name)
+        token = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eos_ids[0]
+        device = next(model.parameters()).device
+        logits = model(input_ids=torch.tensor([[token, token]], device=device)).logits
+        if not bool(torch.isfinite(logits).all()):
+            model.delete_adapter(name)
+            raise NonFiniteAdapter(f"policy version {version} gives NaN or inf logits")
+
+    def _fall_back(self, bad: int, exc: Exception, tried: set[int]) -> int | None:
+        """Take live version ``bad`` out of service for ``exc`` and return the version serving
+        instead: the newest one that was live before (``'retired'``) and not ``tried`` yet (it is
+        checked by the caller's next pass), or None (none is left)."""
+        tried.add(bad)
+        older = [v["version"] for v in reversed(self.store.versions())
+                 if v["status"] == "retired" and v["version"] not in tried]
+        fallback = older[0] if older else None
+        reason = f"{exc.__class__.__name__}: {exc}"
+        log.error("policy version %s cannot be served (%s); %s", bad, reason,
+                  f"version {fallback} serves instead" if fallback is not None else "a fresh adapter is published")
+        self.store.quarantine_version(bad, fallback, f"taken out of service: {reason}")
+        return fallback
+
     def live_version(self) -> int:
-        """The version that serves the next reply (read from the registry each time)."""
+        """The version that serves the next reply (read from the registry each time). A version
+        not served before is checked first (:meth:`_vet`) and, when it fails, replaced by the
+        last good one (:meth:`_fall_back`).
+
+        Raises:
+            RuntimeError: no version is live, or none can be served.
+        """
         live = self.store.live_version()
         if live is None:
             raise RuntimeError("no live policy version is registered")
+        if live in self._vetted:
+            return live
+        with self._vet_lock:
+            tried: set[int] = set()
+            while live is not None and live not in self._vetted:
+                try:
+                    self._vet(live)
+                    self._vetted.add(live)
+                except UNSERVABLE as exc:
+                    live = self._fall_back(live, exc, tried)
+        if live is None:
+            raise RuntimeError("no published policy version can be served (see the log); restart the app to "
+                               "publish a fresh one")
         return live
 
     def previous_version(self) -> int | None:
-        """The version the live one was trained from (its parent), if any."""
-        info = self.store.version(self.live_version())
-        return info.get("parent")
+        """The version the live one was trained from (its parent), if any and if it passes the
+        checks of :meth:`_vet` (else None: comparisons then show the live version twice)."""
+        parent = self.store.version(self.live_version()).get("parent")
+        if parent is None or parent in self._vetted:
+            return parent
+        try:
+            self._vet(parent)
+        except UNSERVABLE as exc:
+            log.warning("policy version %s (the live version's parent) is not compared: %s", parent, exc)
+            return None
+        self._vetted.add(parent)
+        return parent
 
     def _set_adapter(self, name: str) -> None:
         """Make ``name`` the active adapter (decode thread only)."""

@@ -128,12 +128,20 @@ def m005_pair_selection_and_version_notes(db: sqlite_utils.Database) -> None:
     db["policy_versions"].add_column("note", str)
 
 
+def m006_version_checksums(db: sqlite_utils.Database) -> None:
+    """``policy_versions.checksum``: the SHA-256 of a version's adapter directory when it was
+    published (:func:`storage.registry.tree_digest`), verified whenever it is loaded; NULL for
+    versions published before."""
+    db["policy_versions"].add_column("checksum", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_initial_schema,
     m002_indexes,
     m003_round_settings,
     m004_round_progress,
     m005_pair_selection_and_version_notes,
+    m006_version_checksums,
 ]
 
 

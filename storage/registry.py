@@ -15,6 +15,7 @@ Knows nothing of torch: a directory is complete when it holds ``adapter_config.j
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -46,6 +47,25 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class CorruptAdapter(ValueError):
+    """A published adapter's files no longer match the checksum recorded when it was published."""
+
+
+def tree_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of every file under ``path``: each file's path relative to ``path`` (POSIX,
+    sorted) and its bytes, so a flipped bit, a truncated, added, removed or renamed file all
+    change it."""
+    root = Path(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\0")
+    return digest.hexdigest()
 
 
 def is_complete(path: str | Path) -> bool:
@@ -258,28 +278,36 @@ class AdapterRegistry:
         If registering fails the directory is moved back to ``staging``.
         """
 
+        checksum = tree_digest(self.dirs.check_staging(Path(staging)))
+
         def register(number: int, target: Path) -> None:
             if round_id is not None and not self.store.owns_round(round_id):
                 raise RoundOwnedElsewhere(f"round {round_id} is not this process's running round (it ended or another "
                                           "process runs it): its adapter is not published")
             self.store.register_version(
                 number, self.data_dir.relative(target), parent=parent, round_id=round_id,
-                metrics=metrics, status="live" if live else "candidate",
+                metrics=metrics, status="live" if live else "candidate", checksum=checksum,
             )  # fmt: skip
 
         with self.dirs.lock:  # next_version() and the rename are one step
             number, _ = self.dirs.publish(staging, self.store.next_version(), commit=register)
         return number
 
-    def path(self, version: int) -> Path:
-        """Directory of a registered version, under this data dir.
+    def path(self, version: int, verify: bool = True) -> Path:
+        """Directory of a registered version, under this data dir; with ``verify`` its files are
+        checked against the checksum recorded at publishing (a version published before
+        checksums existed has none to check).
 
         Raises ``UnknownVersion`` (a ``KeyError``) if not registered, ``FileNotFoundError``
-        if its directory has gone missing.
+        if its directory has gone missing, ``CorruptAdapter`` if its files changed.
         """
-        stored = self.store.version(version)["path"]
+        row = self.store.version(version)
+        stored = row["path"]
         path = self.data_dir.resolve(stored)
         if path.is_dir():
+            if verify and row.get("checksum") and tree_digest(path) != row["checksum"]:
+                raise CorruptAdapter(f"policy version {version} ({stored}) does not match the checksum recorded "
+                                     "when it was published: its files were changed or damaged")
             return path
         raise FileNotFoundError(
             f"policy version {version} is registered at {stored}, which is not in {self.data_dir.root}; "

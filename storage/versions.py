@@ -33,11 +33,13 @@ class VersionsMixin:
         round_id: int | None = None,
         metrics: dict | None = None,
         status: str = "candidate",
+        checksum: str | None = None,
     ) -> dict:
         """Record a policy version stored at ``path`` and return its row.
 
         ``parent`` is the version it was trained from (``None`` for the base/starter),
-        ``round_id`` the training round that produced it, ``metrics`` a JSON-able dict.
+        ``round_id`` the training round that produced it, ``metrics`` a JSON-able dict,
+        ``checksum`` the SHA-256 of its directory (verified when it is loaded).
         With ``status='live'`` the previous live version is retired atomically.
         Raises ``ValueError`` for a negative or already registered version or an unknown
         status, ``UnknownRound`` for an unknown ``round_id``.
@@ -67,6 +69,7 @@ class VersionsMixin:
                     "metrics": dumps(metrics),
                     "status": status,
                     "created_at": self._now(),
+                    "checksum": checksum,
                 }
             )
         return self.version(version)
@@ -166,6 +169,22 @@ class VersionsMixin:
                 ["live" if promote else "rejected", note, version],
             )
         return True
+
+    def quarantine_version(self, version: int, fallback: int | None, note: str) -> None:
+        """Take ``version`` out of service for good: it becomes ``'rejected'`` with ``note`` (why:
+        damaged files, non-finite weights), and ``fallback`` (when given) is made live in the
+        same transaction, the previous live version retired. With ``fallback=None`` no version
+        is live afterwards (the caller publishes a fresh one).
+
+        Raises ``UnknownVersion`` if either is not registered.
+        """
+        with write_transaction(self.db) as db:
+            self.version(version)
+            if fallback is not None:
+                self.version(fallback)
+                db.execute("UPDATE policy_versions SET status = 'retired' WHERE status = 'live'")
+                db.execute("UPDATE policy_versions SET status = 'live' WHERE version = ?", [fallback])
+            db.execute("UPDATE policy_versions SET status = 'rejected', note = ? WHERE version = ?", [note, version])
 
     def _known_versions(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT version FROM policy_versions ORDER BY 1")]

@@ -165,3 +165,30 @@ def test_truncation_heavy_candidate_is_rejected():
     assert _decide(candidate_truncated=live_cut.clone(), live_truncated=live_cut).passed
     assert _decide(candidate_truncated=one_more, live_truncated=live_cut,
                    config=GateConfig(min_win_rate=0.55, max_truncated_increase=0.2)).passed
+
+
+def test_a_candidate_identical_to_live_is_rejected_without_sampling(tiny_model_dir, single_thread):
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    policy = add_lora(model, LoraSettings(r=4), adapter_name="live")  # fresh LoRA: B = 0, the base
+    policy.add_adapter("copy", LoraSettings(r=4).peft_config())  # other random A, B = 0 too
+    policy.add_adapter("moved", LoraSettings(r=4).peft_config())
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B.moved" in name:
+                p.fill_(1e-4)  # a small but real change
+    prompts = [[{"role": "user", "content": f"question {i}"}] for i in range(4)]
+    lenient = GateConfig(n_prompts=8, max_new_tokens=4, min_win_rate=0.0, max_kl=1e9, min_distinct=0.0,
+                         min_within_ratio=0.0, max_length_ratio=1e9, max_truncated_increase=1.0)
+    calls = []
+
+    def reward(p, a):
+        calls.append(len(a))
+        return torch.zeros(len(a))
+
+    for against in ("live", None):  # against live, and against the reference (no adapter)
+        same = run_gate(policy, tok, reward, prompts, lenient, candidate_adapter="copy", live_adapter=against)
+        assert not same.passed and "do not differ from live" in same.reason
+    assert calls == []  # rejected before any answer was sampled or scored
+    moved = run_gate(policy, tok, reward, prompts, lenient, candidate_adapter="moved", live_adapter="live")
+    assert moved.passed, moved.reason
+    assert moved.metrics["gate/weight_change"] > 0

@@ -11,7 +11,13 @@ import pytest
 
 from storage.errors import RejectedVersion, UnknownRound, UnknownVersion
 from storage.paths import DataDir, DataDirError
-from storage.registry import AdapterRegistry, RewardModelRegistry, clean_staging, is_complete
+from storage.registry import (
+    AdapterRegistry,
+    CorruptAdapter,
+    RewardModelRegistry,
+    clean_staging,
+    is_complete,
+)
 from storage.store import open_store
 
 
@@ -81,13 +87,15 @@ def test_a_copied_data_dir_serves_its_own_adapters(tmp_path):
     shutil.copytree(original.root, copy.root)
     write_adapter(copy.adapters / "v0", "c")  # the copy's own adapter differs
     with open_store(copy) as copied:
-        path = AdapterRegistry(copy, copied).path(0)
+        with pytest.raises(CorruptAdapter):  # its bytes differ from what was published
+            AdapterRegistry(copy, copied).path(0)
+        path = AdapterRegistry(copy, copied).path(0, verify=False)
     assert path == copy.adapters / "v0"
     assert (path / "adapter_model.safetensors").read_bytes() == b"c" * 64
     # rows written with absolute paths (older versions) resolve under the copy too
     with open_store(copy) as copied:
         copied.db.execute("UPDATE policy_versions SET path = ?", [str(original.adapters / "v0")])
-        assert AdapterRegistry(copy, copied).path(0) == copy.adapters / "v0"
+        assert AdapterRegistry(copy, copied).path(0, verify=False) == copy.adapters / "v0"
         shutil.rmtree(copy.adapters / "v0")
         with pytest.raises(FileNotFoundError, match="restore"):
             AdapterRegistry(copy, copied).path(0)  # never the original's directory

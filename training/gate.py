@@ -15,7 +15,11 @@ On held-out prompts, the candidate must
    "A Long Way to Go: Investigating Length Correlations in RLHF"); and not run into the
    length limit more often: its share of answers cut at ``max_new_tokens`` at most live's +
    ``max_truncated_increase`` (a mean length says nothing of answers that never end);
-5. have been trained against a reward model that is right on held-out votes more often than
+5. change something: a candidate whose LoRA update (``B·A·scaling`` of every layer) equals
+   live's — byte-identical weights, or an all-zero ``B`` against a live version that is the
+   base — serves exactly what live serves and is rejected before any sampling
+   (:func:`adapter_difference`);
+6. have been trained against a reward model that is right on held-out votes more often than
    ``min_rm_accuracy`` (default ½: better than chance), with confidence: the bar applies to the
    Wilson score interval's lower bound (Wilson 1927; Brown, Cai & DasGupta 2001) at
    ``z = rm_accuracy_z`` over the ``n`` held-out A/B votes, so one held-out vote, or a handful,
@@ -224,6 +228,32 @@ def gate_decision(
 
 
 @torch.no_grad()
+def adapter_difference(policy, candidate_adapter: str, live_adapter: str | None) -> float:
+    """The largest absolute entry of (candidate's − live's) weight update over every LoRA
+    layer of ``policy``, an update being ``lora_B · lora_A · scaling`` (Hu et al. 2021, LoRA);
+    ``live_adapter=None``: against the reference (no update). 0.0 exactly when the candidate
+    changes nothing that live serves. Layers where neither adapter is present count 0."""
+    from peft.tuners.lora import LoraLayer
+
+    def update(layer, name):
+        if name is None or name not in layer.lora_A:
+            return None
+        a, b = layer.lora_A[name].weight.float(), layer.lora_B[name].weight.float()
+        return (b @ a) * float(layer.scaling[name])
+
+    largest = 0.0
+    for layer in policy.modules():
+        if not isinstance(layer, LoraLayer):
+            continue
+        cand, live = update(layer, candidate_adapter), update(layer, live_adapter)
+        if cand is None and live is None:
+            continue
+        diff = (cand if cand is not None else 0) - (live if live is not None else 0)
+        largest = max(largest, float(torch.as_tensor(diff).abs().max()))
+    return largest
+
+
+@torch.no_grad()
 def run_gate(
     policy, tokenizer, reward_fn: Callable[[list[list[dict]], list[str]], torch.Tensor],
     prompts: list[list[dict]], config: GateConfig, candidate_adapter: str,
@@ -234,6 +264,9 @@ def run_gate(
     ``config.n_prompts`` rows, each row with its own seed, the same for both versions), score
     both with ``reward_fn`` and apply :func:`gate_decision`. ``live_adapter=None`` compares against the reference (adapters
     disabled). The active adapter and every ``requires_grad`` flag are restored afterwards.
+
+    A candidate whose weights change nothing (:func:`adapter_difference` is 0) is rejected
+    without sampling.
 
     Raises:
         ValueError: no prompts, or an adapter name the policy does not hold.
@@ -255,6 +288,10 @@ def run_gate(
     for name in (candidate_adapter, live_adapter):
         if name is not None and name not in names:
             raise ValueError(f"the policy has no adapter {name!r}; it holds {sorted(names)}")
+    change = adapter_difference(policy, candidate_adapter, live_adapter)
+    if change == 0.0:
+        return GateResult(False, "the candidate's weights do not differ from live's (identical LoRA updates): it "
+                          "would serve exactly what live serves", {"gate/weight_change": 0.0})
     active = policy.active_adapter
     flags = requires_grad_flags(policy)
     try:
@@ -272,6 +309,8 @@ def run_gate(
         restore_requires_grad(policy, flags)
     cand_scores = torch.as_tensor(reward_fn(chosen, cand.answers), dtype=torch.float32).flatten()
     live_scores = torch.as_tensor(reward_fn(chosen, live.answers), dtype=torch.float32).flatten()
-    return gate_decision(cand_scores, live_scores, cand.answers, kl, cand.lengths.float(),
-                         live.lengths.float(), config, prompt_ids=prompt_ids, live_answers=live.answers,
-                         candidate_truncated=~cand.ended, live_truncated=~live.ended)
+    result = gate_decision(cand_scores, live_scores, cand.answers, kl, cand.lengths.float(),
+                           live.lengths.float(), config, prompt_ids=prompt_ids, live_answers=live.answers,
+                           candidate_truncated=~cand.ended, live_truncated=~live.ended)
+    result.metrics["gate/weight_change"] = change
+    return result

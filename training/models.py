@@ -451,6 +451,26 @@ def load_lora(model, adapter_dir: str | Path, adapter_name: str = "default", tra
     )
 
 
+class NonFiniteAdapter(ValueError):
+    """An adapter's weights hold NaN or inf (it would make every reply fail)."""
+
+
+def check_adapter_weights(adapter_dir: str | Path) -> None:
+    """Read ``adapter_model.safetensors`` in ``adapter_dir`` and insist every floating tensor is
+    finite.
+
+    Raises:
+        NonFiniteAdapter: a tensor holds NaN or inf (the message names one).
+        OSError, safetensors.SafetensorError: the file is missing, truncated or not safetensors.
+    """
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NonFiniteAdapter(f"{len(bad)} of {len(tensors)} tensors in {adapter_dir} hold NaN or inf (e.g. {bad[0]})")
+
+
 def save_adapter(model, adapter_name: str, directory: str | Path) -> None:
     """Save one adapter of a ``PeftModel`` (safetensors) with its files at the top of
     ``directory`` (peft nests adapters not named "default" in a sub-folder; it is flattened)."""
