@@ -30,6 +30,7 @@ from training.round import RoundConfig
 from training.user_gate import UserGateConfig
 
 log = logging.getLogger("app")
+MAX_UPLOAD = "64kb"  # the largest file Gradio's upload route accepts (the UI has no upload)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def build_app(config: AppConfig):
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
-    data_dir = DataDir(config.data_dir)  # absolute: the training child runs in the project directory
+    data_dir = DataDir(config.data_dir).create()  # absolute: the training child runs in the project directory
     if config.model:
         model_ref = str(Path(config.model).resolve()) if Path(config.model).exists() else config.model
     else:
@@ -151,6 +152,7 @@ def build_app(config: AppConfig):
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes,
                                       lock_path=data_dir.scheduler_lock)
     demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, admin=admin))
+    demo.rlhf_store = store  # closed by main() on shutdown: chat.db then holds everything (no WAL left)
     return demo, scheduler
 
 
@@ -168,6 +170,9 @@ def launch(demo, config: AppConfig, block: bool = True):
     return demo.launch(
         server_name=config.host,
         server_port=config.port,
+        # the app's own routes (the one-time vote export) come before Gradio's
+        app_kwargs={"routes": list(getattr(demo, "rlhf_routes", []))},
+        max_file_size=MAX_UPLOAD,  # no component takes uploads: Gradio's upload route gets nothing big
         show_error=False,  # unexpected errors: a generic message to users, details in the log
         prevent_thread_lock=not block,
         quiet=not block,
@@ -221,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if scheduler is not None:
             scheduler.shutdown()
+        demo.rlhf_store.close()
     return 0
 
 

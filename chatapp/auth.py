@@ -13,8 +13,14 @@ compared in constant time.
 from __future__ import annotations
 
 import hmac
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from limits import parse, storage, strategies
+
+log = logging.getLogger(__name__)
+FAILED_LOGIN_RATE = "5/minute"  # failed admin logins allowed per client address (and per user name)
 
 
 class AdminRequired(PermissionError):
@@ -38,6 +44,9 @@ class AdminAuth:
     """The admins allowed to run admin actions: ``{user: password}``."""
 
     users: dict[str, str]
+    failed_login_rate: str = FAILED_LOGIN_RATE
+    _failures: strategies.MovingWindowRateLimiter = field(
+        default_factory=lambda: strategies.MovingWindowRateLimiter(storage.MemoryStorage()), repr=False, compare=False)
 
     def __post_init__(self):
         if not self.users:
@@ -75,10 +84,27 @@ class AdminAuth:
         ok = hmac.compare_digest(given, (expected if expected is not None else "\0").encode())
         return ok and expected is not None
 
-    def require(self, user: str | None, password: str | None, action: str) -> None:
-        """Raise :class:`AdminRequired` unless ``user``/``password`` is an admin."""
+    def require(self, user: str | None, password: str | None, action: str, client: str | None = None) -> None:
+        """Raise :class:`AdminRequired` unless ``user``/``password`` is an admin.
+
+        Failed attempts are counted per client address and per user name; past
+        ``failed_login_rate`` (moving window) further attempts are refused without checking the
+        password, so it cannot be guessed at speed. Each failure logs one line.
+        """
+        rate = parse(self.failed_login_rate)
+        keys = [("user", user or ""), *([("client", client)] if client else [])]
+        if not user and not password:  # no login typed: nothing guessed, nothing counted
+            raise AdminRequired(self._needs_login(action))
+        if not all(self._failures.test(rate, kind, key) for kind, key in keys):
+            log.warning("admin login for %s refused: too many failed attempts (user %r, client %s)", action, user, client)
+            raise AdminRequired(f"Too many failed admin logins (at most {self.failed_login_rate}): wait a minute.")
         if not self.check(user, password):
-            raise AdminRequired(
-                f"{action} needs an admin login: enter the admin user and password (set with "
-                "--auth or --auth-file) in the Training tab."
-            )
+            for kind, key in keys:
+                self._failures.hit(rate, kind, key)
+            log.warning("admin login for %s failed (user %r, client %s)", action, user, client)
+            raise AdminRequired(self._needs_login(action))
+
+    @staticmethod
+    def _needs_login(action: str) -> str:
+        return (f"{action} needs an admin login: enter the admin user and password (set with "
+                "--auth or --auth-file) in the Training tab.")

@@ -11,14 +11,13 @@ store keeps it byte for byte.
 from __future__ import annotations
 
 import html
-import tempfile
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
 from chatapp.auth import AdminAuth, AdminRequired
+from chatapp.exports import ExportDesk
 from chatapp.service import ChatService, ChatSession, UserInputError
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted
@@ -43,6 +42,7 @@ class UIParts:
     registry: AdapterRegistry
     scheduler: TrainingScheduler | None = None
     admin: AdminAuth | None = None  # None: admin actions are open (local use)
+    exports: ExportDesk | None = None  # None: one is made over the service's store
 
 
 def _display(messages: list[dict]) -> list[dict]:
@@ -99,6 +99,11 @@ def candidate_line(parts: UIParts) -> str:
     return f"version {version}, {candidate_verdict(store, version, rule).note}"
 
 
+def _client(request: gr.Request | None) -> str | None:
+    """The caller's address (None when unknown)."""
+    return getattr(getattr(request, "client", None), "host", None)
+
+
 def _voter(vote, choice: str):
     """The click handler of one vote button (Gradio passes the request, for the client's address)."""
 
@@ -108,10 +113,20 @@ def _voter(vote, choice: str):
     return handler
 
 
+def _decider(decide, promote: bool):
+    """The click handler of "Promote the candidate" (``promote``) or "Retire the candidate"."""
+
+    def handler(user, password, request: gr.Request):
+        return decide(promote, user, password, request)
+
+    return handler
+
+
 def build_ui(parts: UIParts) -> gr.Blocks:
     """Build the Blocks app. Launch it with ``demo.queue().launch(...)``."""
     service = parts.service
     store = service.store
+    exports = parts.exports or ExportDesk(store)
     stops: dict[str, threading.Event] = {}  # session id → stop event of its running reply
 
     def _session(state: ChatSession | None) -> ChatSession:
@@ -155,11 +170,10 @@ def build_ui(parts: UIParts) -> gr.Blocks:
 
     def vote(choice, state, request: gr.Request | None = None):
         session = _session(state)
-        client = getattr(getattr(request, "client", None), "host", None)
         try:
-            service.vote(session, choice, client=client)
+            service.vote(session, choice, client=_client(request))
         except (UserInputError, AlreadyVoted) as exc:
-            raise gr.Error(str(exc)) from exc
+            raise gr.Error(str(exc), print_exception=False) from None
         hidden = gr.update(visible=False)
         return _display(session.messages), "", "", hidden, hidden, session
 
@@ -167,7 +181,7 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         try:
             session = service.new_conversation(_session(state), system_prompt)
         except UserInputError as exc:
-            raise gr.Error(str(exc)) from exc
+            raise gr.Error(str(exc), print_exception=False) from None
         hidden = gr.update(visible=False)
         return [], "", "", hidden, hidden, session
 
@@ -180,49 +194,50 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             gr.update(choices=versions, value=str(live) if live is not None else None),
         )
 
-    def _require_admin(user, password, action: str) -> None:
+    def _require_admin(user, password, action: str, request: gr.Request | None = None) -> None:
         if parts.admin is None:
             return
         try:
-            parts.admin.require(user, password, action)
+            parts.admin.require(user, password, action, client=_client(request))
         except AdminRequired as exc:
-            raise gr.Error(str(exc), title="Admin login required") from exc
+            raise gr.Error(str(exc), title="Admin login required", print_exception=False) from None
 
-    def train_now(user=None, password=None):
-        _require_admin(user, password, "Train now")
+    def train_now(user=None, password=None, request: gr.Request = None):
+        _require_admin(user, password, "Train now", request)
         if parts.scheduler is None:
-            raise gr.Error("Training is not enabled in this app.")
+            raise gr.Error("Training is not enabled in this app.", print_exception=False)
         gr.Info(parts.scheduler.request_round())
         return status_markdown(parts)
 
-    def export_votes(user=None, password=None):
-        _require_admin(user, password, "Exporting the votes")
-        out = Path(tempfile.mkdtemp(prefix="votes-")) / "votes.jsonl"
-        n = store.export_jsonl(out)
+    def export_votes(user=None, password=None, request: gr.Request = None):
+        _require_admin(user, password, "Exporting the votes", request)
+        link, n = exports.create()
         gr.Info(f"Exported {n} preference pairs.")
-        return str(out)
+        minutes = max(1, round(exports.ttl_s / 60))
+        return (f"[Download votes.jsonl]({link}) ({n} preference pairs, TRL conversational format; "
+                f"the link works once, for {minutes} minutes)")
 
-    def rollback(version, user=None, password=None):
-        _require_admin(user, password, "Rollback")
+    def rollback(version, user=None, password=None, request: gr.Request = None):
+        _require_admin(user, password, "Rollback", request)
         if version in (None, ""):
-            raise gr.Error("Pick a version to make live.")
+            raise gr.Error("Pick a version to make live.", print_exception=False)
         try:
             store.set_live(int(version))
         except (KeyError, ValueError) as exc:
-            raise gr.Error(str(exc)) from exc
+            raise gr.Error(str(exc), print_exception=False) from None
         gr.Info(f"Version {version} is live; the next reply uses it.")
         return status_markdown(parts)
 
-    def decide(promote: bool, user=None, password=None):
+    def decide(promote: bool, user=None, password=None, request: gr.Request = None):
         action = "Promoting the candidate" if promote else "Retiring the candidate"
-        _require_admin(user, password, action)
+        _require_admin(user, password, action, request)
         version = store.candidate_version()
         if version is None:
-            raise gr.Error("No candidate is waiting.")
+            raise gr.Error("No candidate is waiting.", print_exception=False)
         note = ("promoted by an admin" if promote else "retired by an admin") + \
             f" ({candidate_verdict(store, version, service.user_gate or UserGateConfig()).note})"
         if not store.decide_candidate(version, promote, note):
-            raise gr.Error(f"Version {version} was decided meanwhile; refresh.")
+            raise gr.Error(f"Version {version} was decided meanwhile; refresh.", print_exception=False)
         gr.Info(f"Version {version} is live; the next reply uses it." if promote else f"Version {version} is retired.")
         return status_markdown(parts)
 
@@ -257,7 +272,7 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 train_btn = gr.Button("Train now", variant="primary", visible=parts.scheduler is not None)
                 refresh_btn = gr.Button("Refresh")
                 export_btn = gr.Button("Export votes (JSONL)")
-            export_file = gr.File(label="Preference pairs (TRL conversational format)", interactive=False)
+            export_link = gr.Markdown()
             rounds = gr.Dataframe(
                 headers=ROUND_COLUMNS, value=rounds_table(store), label="Training rounds", interactive=False,
                 wrap=True, column_widths=ROUND_COLUMN_WIDTHS,
@@ -288,8 +303,9 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         demo.load(refresh_training, None, training_outputs, api_visibility="private")
         admin = [admin_user, admin_password]  # checked in each admin handler
         train_btn.click(train_now, admin, status, api_name="train_now")
-        export_btn.click(export_votes, admin, export_file, api_name="export_votes")
+        export_btn.click(export_votes, admin, export_link, api_name="export_votes")
         rollback_btn.click(rollback, [version_pick, *admin], status, api_name="rollback")
-        promote_btn.click(lambda u, p: decide(True, u, p), admin, status, api_name="promote_candidate")
-        retire_btn.click(lambda u, p: decide(False, u, p), admin, status, api_name="retire_candidate")
+        promote_btn.click(_decider(decide, True), admin, status, api_name="promote_candidate")
+        retire_btn.click(_decider(decide, False), admin, status, api_name="retire_candidate")
+    demo.rlhf_routes = [exports.route()]  # served beside Gradio's own by app.launch
     return demo

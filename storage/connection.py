@@ -3,7 +3,9 @@
 SQLite connections must not be shared between threads mid-transaction, so ``Connections``
 hands every thread its own ``sqlite_utils.Database`` on the same file (WAL mode, 30 s busy
 timeout, foreign keys on). Gradio workers, the scheduler thread and HTTP handlers can all
-call the store concurrently; writers queue on SQLite's lock instead of failing.
+call the store concurrently; writers queue on SQLite's lock instead of failing. Worker
+threads come and go, so the connection of a thread that has ended is closed when the next one
+is opened: open connections never outnumber the live threads that used the store.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import math
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,8 +29,9 @@ BUSY_TIMEOUT_S = 30.0
 class Connections:
     """One ``sqlite_utils.Database`` per thread for the SQLite file at ``path``.
 
-    ``get()`` opens the calling thread's connection on first use; ``close()`` closes all of
-    them (a thread that calls ``get()`` afterwards gets a fresh one).
+    ``get()`` opens the calling thread's connection on first use, first closing those of
+    threads that have ended; ``close()`` closes all of them (a thread that calls ``get()``
+    afterwards gets a fresh one).
     """
 
     def __init__(self, path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S):
@@ -40,7 +44,7 @@ class Connections:
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._open: list[sqlite3.Connection] = []
+        self._open: list[tuple[weakref.ref, sqlite3.Connection]] = []  # (its thread, connection)
         self._generation = 0
 
     def get(self) -> sqlite_utils.Database:
@@ -60,16 +64,47 @@ class Connections:
         db.execute("PRAGMA foreign_keys = ON")
         db.execute("PRAGMA synchronous = NORMAL")  # durable across app crashes in WAL mode
         with self._lock:
-            self._open.append(conn)
+            ended = [c for t, c in self._open if not _alive(t)]
+            self._open = [(t, c) for t, c in self._open if _alive(t)]
+            self._open.append((weakref.ref(threading.current_thread()), conn))
+        for old in ended:  # no thread uses these any more
+            old.close()
         return db
+
+    def open_count(self) -> int:
+        """How many connections are open now."""
+        with self._lock:
+            return len(self._open)
+
+    def checkpoint(self, timeout_s: float = 2.0) -> bool:
+        """Copy the write-ahead log into the database file and empty it
+        (``PRAGMA wal_checkpoint(TRUNCATE)``, https://sqlite.org/pragma.html#pragma_wal_checkpoint)
+        on a connection of its own, waiting at most ``timeout_s`` seconds for other connections'
+        transactions; returns whether it completed (False while another process holds one)."""
+        if not self.path.exists():
+            return True
+        conn = sqlite3.connect(self.path, timeout=timeout_s)
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            conn.close()
+        return busy == 0
 
     def close(self) -> None:
         """Close every connection opened so far, from any thread."""
         with self._lock:
-            conns, self._open = self._open, []
+            conns, self._open = [c for _, c in self._open], []
             self._generation += 1
         for conn in conns:
             conn.close()
+
+
+def _alive(thread_ref: weakref.ref) -> bool:
+    """Whether the thread behind ``thread_ref`` still runs (a collected thread has ended)."""
+    thread = thread_ref()
+    return thread is not None and thread.is_alive()
 
 
 @contextlib.contextmanager

@@ -30,6 +30,12 @@ STAGING_DIRNAME = ".staging"
 STARTER_IDENTITY = "starter"  # how the offline starter is recorded as a data dir's base model
 
 
+def make_private_dir(path: Path) -> None:
+    """Create directory ``path`` (and its parents) if missing, the last one ``0700``: a data dir
+    holds every user's conversations, readable by the app's user only."""
+    Path(path).mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
 class DataDirError(ValueError):
     """The data dir is missing, not an app's data dir, or belongs to another base model."""
 
@@ -175,8 +181,13 @@ class DataDir:
     def record_model(self, model: str) -> None:
         """Tie the data dir to base model ``model`` (once; an existing record is kept)."""
         if not self.model_marker.is_file():
-            self.root.mkdir(parents=True, exist_ok=True)
+            self.create()
             self.model_marker.write_text(json.dumps({"model": self.model_identity(model)}))
+
+    def create(self) -> DataDir:
+        """Create the data dir (``0700``) if it does not exist; returns ``self``."""
+        make_private_dir(self.root)
+        return self
 
     def require(self) -> DataDir:
         """Return ``self`` if it is an app's data dir (it holds the database).

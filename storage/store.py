@@ -12,6 +12,7 @@ exactly as given. Inspect a database with ``python -m storage stats --data-dir D
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -31,7 +32,7 @@ from storage.connection import (
 )
 from storage.errors import AlreadyVoted, UnknownComparison, UnknownConversation
 from storage.migrations import migrate, schema_version
-from storage.paths import DataDir
+from storage.paths import DataDir, make_private_dir
 from storage.rounds import RoundsMixin
 from storage.versions import VersionsMixin
 
@@ -86,15 +87,19 @@ def _decode_comparison(row: dict) -> dict:
 class Store(RoundsMixin, VersionsMixin):
     """All persistent state of the app in one SQLite file; safe to share between threads.
 
-    ``path``: the database file (parent directories are created; ``':memory:'`` is refused
-    because every thread would get its own empty database). ``busy_timeout_s``: how long a
-    writer waits for the lock before ``sqlite3.OperationalError: database is locked``.
+    ``path``: the database file (parent directories are created, the last one private
+    (``0700``); a new database file is created ``0600``, since it holds every conversation;
+    ``':memory:'`` is refused because every thread would get its own empty database).
+    ``busy_timeout_s``: how long a writer waits for the lock before
+    ``sqlite3.OperationalError: database is locked``.
     """
 
     def __init__(self, path: str | Path, busy_timeout_s: float = 30.0):
         self._connections = Connections(Path(path), busy_timeout_s)
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
+        with contextlib.suppress(FileExistsError):  # SQLite's -wal and -shm files copy its mode
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         self._clock = UtcClock()
         self._round_locks = (threading.Lock(), {})  # round id -> its held round.lock file (storage.rounds)
         db = self.db
@@ -109,10 +114,13 @@ class Store(RoundsMixin, VersionsMixin):
         return self._connections.get()
 
     def close(self) -> None:
-        """Close every thread's connection (the store reopens lazily if used again) and let go
-        of any round lock it holds (its rounds then count as stale)."""
+        """Close every thread's connection (the store reopens lazily if used again), fold the
+        write-ahead log into ``chat.db`` (so the file alone holds everything; best effort while
+        another process reads or writes it) and let go of any round lock it holds (its rounds
+        then count as stale)."""
         self.release_round_locks()
         self._connections.close()
+        self._connections.checkpoint()
 
     def __enter__(self) -> Store:
         return self

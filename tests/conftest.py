@@ -98,3 +98,16 @@ def served_app(config):
         demo.close()
         if scheduler is not None:
             scheduler.shutdown()
+
+
+def fetch_export(url: str, answer: str) -> str:
+    """The JSONL behind the one-time link in ``/export_votes``'s ``answer`` (Markdown), fetched
+    over HTTP from the app at ``url``."""
+    import re
+
+    import httpx
+
+    (link,) = re.findall(r"\]\((/rlhf/export/[\w-]+)\)", answer)
+    response = httpx.get(url.rstrip("/") + link, timeout=30)
+    response.raise_for_status()
+    return response.text

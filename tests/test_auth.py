@@ -13,7 +13,7 @@ import torch
 
 from app import AppConfig, main
 from chatapp.auth import AdminAuth, parse_credential
-from tests.conftest import free_port, served_app
+from tests.conftest import fetch_export, free_port, served_app
 from training.models import ModelLoadError, load_model_and_tokenizer
 
 
@@ -95,7 +95,7 @@ def test_admin_actions_refuse_without_login_chat_stays_open(app_with_auth):
     assert rounds == []  # no round was started by the refused Train now
 
     exported = client.predict("admin", "s3cret", api_name="/export_votes")
-    assert Path(exported).read_text() == ""  # allowed: no votes yet
+    assert fetch_export(f"http://127.0.0.1:{config.port}/", exported) == ""  # allowed: no votes yet
     status = client.predict("0", "admin", "s3cret", api_name="/rollback")
     assert "Live policy version:** 0" in status
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from app import AppConfig
 from storage.paths import DataDir
 from storage.store import open_store
-from tests.conftest import free_port, served_app
+from tests.conftest import fetch_export, free_port, served_app
 from training.gate import GateConfig
 from training.ppo import PPOConfig
 from training.round import RoundConfig
@@ -113,8 +113,8 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
     status, rounds, _ = client.predict(api_name="/training_status")
     assert "Live policy version:** 1" in status
     assert any(row[2] == "succeeded" for row in rounds["data"])
-    exported = client.predict(api_name="/export_votes")
-    lines = Path(exported).read_text().splitlines()
+    exported = fetch_export(f"http://127.0.0.1:{config.port}/", client.predict(api_name="/export_votes"))
+    lines = exported.splitlines()
     distinct = [c for c in store.voted_comparisons() if c["answer_a"].strip() != c["answer_b"].strip()]
     assert len(lines) == len(distinct) >= 15  # a pair of identical answers says nothing: left out
     assert set(json.loads(lines[0])) == {"prompt", "chosen", "rejected", "tie", "conversation_id"}

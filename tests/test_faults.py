@@ -142,8 +142,8 @@ def test_restart_after_a_crash_cleans_staging_and_fails_the_stale_round(app_conf
 
 
 def test_sigterm_shuts_down_like_ctrl_c(tiny_model_dir, tmp_path):
-    # `kill PID` (systemd, docker stop): the server closes, the scheduler is shut down and the
-    # process exits 0 instead of dying on the signal mid-whatever
+    # `kill PID` (systemd, docker stop): the server closes, the scheduler is shut down, the store
+    # is closed and the process exits 0 instead of dying on the signal mid-whatever
     import subprocess
     import time
     import urllib.request
@@ -174,3 +174,14 @@ def test_sigterm_shuts_down_like_ctrl_c(tiny_model_dir, tmp_path):
             proc.wait()
     assert code == 0, output
     assert "Traceback" not in output, output
+    # chat.db alone holds the data (the WAL was folded in on shutdown), created private
+    import shutil
+    import sqlite3
+    import stat
+
+    data = DataDir(tmp_path / "data")
+    assert stat.S_IMODE(data.root.stat().st_mode) == 0o700 and stat.S_IMODE(data.db.stat().st_mode) == 0o600
+    alone = tmp_path / "alone.db"
+    shutil.copy(data.db, alone)
+    with sqlite3.connect(alone) as db:
+        assert db.execute("SELECT version FROM policy_versions").fetchall() == [(0,)]
