@@ -13,7 +13,10 @@ What it does:
      and the annotator votes (with probability ``--noise`` the vote is flipped: A↔B, a tie becomes
      A or B at random); ``--annotator`` given several times (``MODULE:FUNCTION=WEIGHT``) is a
      population: each vote is cast by one member drawn by weight, and the gold judgement is the
-     members' judgements averaged by weight (``bench.annotators.Population``);
+     members' judgements averaged by weight (``bench.annotators.Population``); with
+     ``--spam-voter F`` a share F of the turns is taken by one more session that always votes
+     against the annotator (``vote_tally["spam"]``), which the rounds' vote hygiene must withstand
+     (:mod:`training.voters`);
   3. every ``--round-every`` votes a round is started with "Train now" and awaited (the app
      trains in its child process: reward model → PPO → gate → publish);
   4. the app is stopped and the result evaluated in-process on held-out prompts that no user
@@ -36,7 +39,6 @@ the app (with any training child) is always stopped.
 from __future__ import annotations
 
 import argparse
-import html
 import json
 import os
 import random
@@ -53,6 +55,7 @@ from pathlib import Path
 
 from bench.annotators import Population, join_annotator_flags
 from bench.gold import gold_figures
+from bench.users import user_turn
 from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested, to_argv
 from training.round import RoundConfig
 from training.scheduler import PROJECT_ROOT
@@ -79,6 +82,8 @@ class BenchConfig:
     port: int = help_field(0, help="app port (0: a free one)")
     data_dir: str = help_field("", help="app data dir (default: a new temporary dir)")
     users: int = help_field(4, help="simulated users (browser sessions), taking prompts in turn")
+    spam_voter: float = help_field(0.0, help="share of the votes cast by one more session that always votes against "
+                                   "the annotator (an adversarial voter; 0: none)")
     eval_prompts: int = help_field(240, help="held-out prompts for the gold evaluation (the win rate's standard error shrinks as 1/sqrt(n))")
     eval_max_new_tokens: int = help_field(48, help="answer length limit in the evaluation, tokens")
     max_new_tokens: int = help_field(48, help="the app's --max-new-tokens (reply limit)")
@@ -106,8 +111,9 @@ class BenchConfig:
         for name in ("votes", "round_every", "users", "eval_prompts", "eval_max_new_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.noise <= 1.0:
-            raise ValueError(f"--noise must be in [0, 1], got {self.noise}")
+        for name in ("noise", "spam_voter"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
 
 
 def load_annotator(spec: str):
@@ -200,15 +206,6 @@ class App:
         self._log.close()
 
 
-def _text(content) -> str:
-    """A chatbot message's content as plain text (Gradio may give a string or a list of parts)."""
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    elif isinstance(content, dict):
-        content = content.get("text", "")
-    return html.unescape(str(content))
-
-
 def wait_for_round(client, before: int, timeout_s: float) -> list | None:
     """Poll /training_status until a round newer than the first ``before`` has finished; its row."""
     deadline = time.time() + timeout_s
@@ -229,28 +226,6 @@ def _train_now(client) -> None:
         client.predict(api_name="/train_now")
 
 
-def user_turn(client, messages: list[dict], annotator, noise: float, rng: random.Random) -> tuple[str, bool]:
-    """One simulated user turn: a new conversation, the earlier user turns as plain chat (the
-    model's own replies continue it), the last user turn as a comparison, then the vote.
-    Returns ``(choice voted, flipped)``."""
-    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
-    client.predict(system, api_name="/new_conversation")
-    context = [{"role": "system", "content": system}] if system else []
-    users = [m["content"] for m in messages if m["role"] == "user"]
-    for text in users[:-1]:
-        chat, *_ = client.predict(text, False, api_name="/send")
-        reply = _text(chat[-1]["content"]) if chat and chat[-1]["role"] == "assistant" else ""
-        context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
-    context.append({"role": "user", "content": users[-1]})
-    _, _, answer_a, answer_b = client.predict(users[-1], True, api_name="/send")
-    choice = annotator(context, answer_a or "", answer_b or "")
-    flipped = rng.random() < noise
-    if flipped:
-        choice = {"a": "b", "b": "a"}.get(choice) or rng.choice("ab")
-    client.predict(api_name=f"/vote_{choice}")
-    return choice, flipped
-
-
 def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], log) -> dict:
     """Simulated users chat, compare and vote through HTTP, ``config.users`` of them at once
     (each its own browser session); after every ``round_every`` votes a round is started and
@@ -260,10 +235,11 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
     from gradio_client import Client
 
     clients = [Client(app.url, verbose=False) for _ in range(config.users)]
+    spammer, spam_lock = Client(app.url, verbose=False), threading.Lock()  # one session: one turn at a time
     free = list(range(config.users))
     lock = threading.Lock()
     state = {"votes": 0, "errors": 0, "flipped": 0, "attempts": 0}
-    tally = {"a": 0, "b": 0, "tie": 0}
+    tally = {"a": 0, "b": 0, "tie": 0, "spam": 0}
     rounds: list[dict] = []
     live_at: dict[int, int] = {}
     checkpoints = sorted(int(c) for c in config.checkpoints.split(",") if c.strip())
@@ -281,9 +257,15 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
         with lock:
             k = free.pop()
         rng = random.Random(derive_seed(config.seed, "bench/user", i))
+        spam = random.Random(derive_seed(config.seed, "bench/spam", i)).random() < config.spam_voter
         try:
-            choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], annotator.draw(rng),
-                                        config.noise, rng)
+            if spam:
+                with spam_lock:
+                    user_turn(spammer, prompts[i % len(prompts)], annotator.draw(rng), 1.0, rng)
+                choice, flipped = "spam", False
+            else:
+                choice, flipped = user_turn(clients[k], prompts[i % len(prompts)], annotator.draw(rng),
+                                            config.noise, rng)
         except Exception as exc:  # noqa: BLE001 - a failed turn is counted and skipped
             with lock:
                 state["errors"] += 1
@@ -298,7 +280,7 @@ def drive(config: BenchConfig, app: App, annotator, prompts: list[list[dict]], l
             tally[choice] += 1
             if state["votes"] % 25 == 0:
                 log(f"votes {state['votes']}/{config.votes} (a {tally['a']}, b {tally['b']}, "
-                    f"tie {tally['tie']}, flipped {state['flipped']}) {time.time() - t0:.0f}s")
+                    f"tie {tally['tie']}, spam {tally['spam']}, flipped {state['flipped']}) {time.time() - t0:.0f}s")
 
     with ThreadPoolExecutor(max_workers=config.users) as pool:
         while state["votes"] < config.votes and state["attempts"] < 2 * config.votes:
@@ -465,7 +447,7 @@ def run(config: BenchConfig) -> dict:
     log(f"gold win rate {gold['gold_win_rate']:.3f} ± {gold['gold_win_rate_se']:.3f} (best of 4: "
         f"{gold['gold_win_rate_bon4']:.3f} ± {gold['gold_win_rate_bon4_se']:.3f}), KL {gold['kl_nats']:.2f} nats")
     result = {
-        "annotator": str(annotator), "noise": config.noise,
+        "annotator": str(annotator), "noise": config.noise, "spam_voter": config.spam_voter,
         "votes": driven["votes"], "rounds": summary["rounds"], "promoted": summary["promoted"],
         "gold_win_rate": gold["gold_win_rate"], "gold_win_rate_bon4": gold["gold_win_rate_bon4"],
         "kl_nats": gold["kl_nats"], "rm_accuracy": summary["rm_accuracy"],

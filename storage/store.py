@@ -363,9 +363,9 @@ class Store(RoundsMixin, VersionsMixin):
         export writes and ``storage stats`` counts. Oldest vote first.
 
         One ``{"comparison_id", "conversation_id", "prompt", "chosen", "rejected", "tie",
-        "chosen_version", "rejected_version"}`` per usable vote: ``prompt`` is the context
+        "chosen_version", "rejected_version", "voter"}`` per usable vote: ``prompt`` is the context
         (``{role, content}`` messages), ``chosen``/``rejected`` the two answers (str) and their
-        policy versions. A vote for A or B makes that answer chosen; a tie keeps A as chosen
+        policy versions, ``voter`` the session that voted (:mod:`training.voters`). A vote for A or B makes that answer chosen; a tie keeps A as chosen
         with ``tie`` True (the order then carries no preference). "Both bad" votes and pairs
         whose two answers are the same text (surrounding whitespace aside) teach nothing and
         are left out.
@@ -373,7 +373,7 @@ class Store(RoundsMixin, VersionsMixin):
         pairs = []
         for row in self.db.table("comparisons").rows_where(
             "choice IN ('a', 'b', 'tie')",
-            select="id, conversation_id, context, answer_a, answer_b, version_a, version_b, choice",
+            select="id, conversation_id, session_id, context, answer_a, answer_b, version_a, version_b, choice",
             order_by="voted_at, id",
         ):
             if row["answer_a"].strip() == row["answer_b"].strip():
@@ -388,6 +388,7 @@ class Store(RoundsMixin, VersionsMixin):
                 "tie": row["choice"] == "tie",
                 "chosen_version": row["version_b"] if flip else row["version_a"],
                 "rejected_version": row["version_a"] if flip else row["version_b"],
+                "voter": row["session_id"],
             })
         return pairs
 

@@ -118,6 +118,19 @@ def split_by_conversation(pairs: list[dict], heldout_fraction: float, seed: int)
     return train, heldout
 
 
+def split_prompts(prompts: list[dict], heldout_fraction: float, seed: int) -> tuple[list, list]:
+    """Split ``{"conversation_id", "messages"}`` prompts by conversation (never by row) into
+    PPO prompts and held-out gate prompts; both are lists of message lists. When a side would
+    be empty, both use all prompts."""
+    train, heldout = split_by_conversation(prompts, heldout_fraction, seed)
+    train_msgs = [p["messages"] for p in train]
+    heldout_msgs = [p["messages"] for p in heldout]
+    if not train_msgs or not heldout_msgs:
+        everything = [p["messages"] for p in prompts]
+        return everything, everything
+    return train_msgs, heldout_msgs
+
+
 def split_heldout(heldout: list[dict], heldout_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """The held-out pairs of :func:`split_by_conversation` (same fraction and seed) in two halves
     by the same hash, ``(select, judge)``: *select* picks among reward models, *judge* measures

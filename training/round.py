@@ -11,7 +11,8 @@
                                 ``--init-policy reference``: a fresh one). The policy, the
                                 reference (adapters disabled), the reward models (their own
                                 adapters and heads) and the value head share these base weights;
-  3. :func:`reward_model_step`  the reward model on all votes, warm-started from the one in use
+  3. :func:`reward_model_step`  the reward model on the votes (outlier voters excluded, floods
+                                capped: :mod:`training.voters`), warm-started from the one in use
                                 and (``--rm-fresh-candidate``) one from the base weights: the
                                 more accurate on the held-out votes is the candidate; it replaces
                                 the one in use only if at least as accurate;
@@ -56,7 +57,7 @@ from training.models import (
     unused_adapter_name,
 )
 from training.ppo import PPOConfig, ValueHead, ppo_train
-from training.preferences import split_by_conversation
+from training.preferences import split_prompts
 from training.progress import RoundProgress
 from training.rejection_sampling import RejectionConfig, rejection_sampling_finetune
 from training.reward_model import RewardModel
@@ -67,6 +68,7 @@ from training.reward_training import (
     train_reward_model,
 )
 from training.seeds import derive_seed
+from training.voters import VoterConfig, clean_round_votes
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +111,7 @@ class RoundConfig:
         0.0, help="λ: PPO's reward is the reward-model ensemble's mean − λ·std (0: the main head's score)")
     load: LoadConfig = nested(LoadConfig, flat=True, help="how the base is loaded (the app passes its own)")
     reward: RewardConfig = nested(RewardConfig, set_by_parent=("min_votes", "seed"))
+    voters: VoterConfig = nested(VoterConfig, help="per-voter caps and the outlier test on the reward model's votes")
     rs: RejectionConfig = nested(RejectionConfig, set_by_parent=("seed",))
     ppo: PPOConfig = nested(PPOConfig, set_by_parent=("seed",))
     gate: GateConfig = nested(GateConfig, set_by_parent=("seed",))
@@ -192,19 +195,21 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         model, tokenizer, window, inputs = load_model(config, inputs)
         policy = starting_policy(model, config, registry, inputs.live)  # every adapter goes on this one base
         progress.stage("reward model")
-        reward = reward_model_step(config, policy, tokenizer, inputs.pairs, reward_models)
+        pairs, voter_metrics = clean_round_votes(inputs.pairs, config.voters, policy, tokenizer,
+                                                 reward_models.latest(), config.reward.max_length)
+        reward = reward_model_step(config, policy, tokenizer, pairs, reward_models)
         value_head = starting_value_head(config, registry, inputs.live, policy)
         metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress, value_head)
         progress.stage("gate")
         passed, reason, gate_metrics = gate_step(config, registry, policy, tokenizer, reward, inputs)
-        metrics = {**reward.metrics, **metrics, **gate_metrics}
+        metrics = {**voter_metrics, **reward.metrics, **metrics, **gate_metrics}
         progress.stage("publish")
         as_candidate = passed and config.user_gate
         version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed,
                                value_head, as_candidate)
         reason = f"version {version} is a candidate: users' votes against live decide" if as_candidate else reason
         store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
-                           version=version, votes_used=len(inputs.pairs))
+                           version=version, votes_used=len(pairs))
     except SkipRound as skip:
         store.finish_round(round_id, "skipped", reason=str(skip), votes_used=skip.votes)
     except Exception as exc:  # noqa: BLE001 - recorded; the scheduler keeps running
@@ -236,19 +241,6 @@ def load_inputs(config: RoundConfig, store: Store) -> RoundInputs:
     if live is None:
         raise RuntimeError("no live policy version to train from")
     return RoundInputs(pairs, ppo_prompts, gate_prompts, live)
-
-
-def split_prompts(prompts: list[dict], heldout_fraction: float, seed: int) -> tuple[list, list]:
-    """Split ``{"conversation_id", "messages"}`` prompts by conversation (never by row) into
-    PPO prompts and held-out gate prompts; both are lists of message lists. When a side would
-    be empty, both use all prompts."""
-    train, heldout = split_by_conversation(prompts, heldout_fraction, seed)
-    train_msgs = [p["messages"] for p in train]
-    heldout_msgs = [p["messages"] for p in heldout]
-    if not train_msgs or not heldout_msgs:
-        everything = [p["messages"] for p in prompts]
-        return everything, everything
-    return train_msgs, heldout_msgs
 
 
 def load_model(config: RoundConfig, inputs: RoundInputs):

@@ -1,0 +1,39 @@
+"""Simulated users of the online benchmark: one turn of chat, comparison and vote through the
+app's HTTP API (``gradio_client``)."""
+
+from __future__ import annotations
+
+import html
+import random
+
+
+def message_text(content) -> str:
+    """A chatbot message's content as plain text (Gradio may give a string or a list of parts)."""
+    if isinstance(content, list):
+        content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    elif isinstance(content, dict):
+        content = content.get("text", "")
+    return html.unescape(str(content))
+
+
+def user_turn(client, messages: list[dict], annotator, noise: float, rng: random.Random) -> tuple[str, bool]:
+    """One simulated user turn: a new conversation, the earlier user turns as plain chat (the
+    model's own replies continue it), the last user turn as a comparison, then the vote:
+    ``annotator``'s, flipped with probability ``noise`` (1: always, the benchmark's adversarial
+    spam voter). Returns ``(choice voted, flipped)``."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    client.predict(system, api_name="/new_conversation")
+    context = [{"role": "system", "content": system}] if system else []
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    for text in users[:-1]:
+        chat, *_ = client.predict(text, False, api_name="/send")
+        reply = message_text(chat[-1]["content"]) if chat and chat[-1]["role"] == "assistant" else ""
+        context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+    context.append({"role": "user", "content": users[-1]})
+    _, _, answer_a, answer_b = client.predict(users[-1], True, api_name="/send")
+    choice = annotator(context, answer_a or "", answer_b or "")
+    flipped = rng.random() < noise
+    if flipped:
+        choice = {"a": "b", "b": "a"}.get(choice) or rng.choice("ab")
+    client.predict(api_name=f"/vote_{choice}")
+    return choice, flipped
