@@ -26,19 +26,23 @@ def make_engine(model_dir, data_dir, quantize="none", **kwargs) -> ChatEngine:
     return ChatEngine(model, tok, registry, **kwargs)
 
 
-def publish_changed(engine: ChatEngine, model_dir, shift: float = 0.5, live: bool = True) -> int:
-    """Publish a copy of version 0 with every LoRA B shifted by ``shift`` (a different policy)."""
+def publish_changed(engine: ChatEngine, model_dir, shift: float = 0.5, live: bool = True,
+                    fill: float | None = None) -> int:
+    """Publish a copy of version 0 with every LoRA B shifted by ``shift`` (a different policy), or
+    set to ``fill`` (NaN, huge, or a real change); its parent is the version live now."""
     from peft import PeftModel
 
     base, _ = load_model_and_tokenizer(model_dir)
     model = PeftModel.from_pretrained(base, str(engine.registry.path(0)), is_trainable=True)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if "lora_B" in name and fill is not None:
+                p.fill_(fill)
+            elif "lora_B" in name:
                 p.add_(shift)
     staging = engine.registry.staging_dir()
     model.save_pretrained(str(staging))
-    return engine.registry.publish(staging, parent=engine.live_version(), round_id=None, metrics={}, live=live)
+    return engine.registry.publish(staging, parent=engine.store.live_version(), round_id=None, metrics={}, live=live)
 
 
 def msgs(text: str) -> list[dict]:

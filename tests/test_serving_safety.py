@@ -7,13 +7,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from chatapp.engine import ChatEngine
 from storage.paths import DataDir
 from storage.registry import AdapterRegistry
 from storage.store import open_store
-from tests.test_engine import greedy, make_engine, msgs
+from tests.test_engine import greedy, make_engine, msgs, publish_changed
 from training.models import load_model_and_tokenizer
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -21,17 +20,7 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 def publish_b(engine: ChatEngine, model_dir, fill: float, live: bool = True) -> int:
     """Publish a copy of version 0 with every LoRA B set to ``fill`` (NaN, huge, or a real change)."""
-    from peft import PeftModel
-
-    base, _ = load_model_and_tokenizer(model_dir)
-    model = PeftModel.from_pretrained(base, str(engine.registry.path(0)), is_trainable=True)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.fill_(fill)
-    staging = engine.registry.staging_dir()
-    model.save_pretrained(str(staging))
-    return engine.registry.publish(staging, parent=engine.store.live_version(), round_id=None, metrics={}, live=live)
+    return publish_changed(engine, model_dir, live=live, fill=fill)
 
 
 def answer(engine: ChatEngine, text: str, n: int):
