@@ -324,20 +324,22 @@ class Store(RoundsMixin, VersionsMixin):
                 counts["total"] += n
         return counts
 
-    def candidate_tally(self, version: int) -> dict[str, int]:
+    def candidate_tally(self, version: int) -> dict[str, dict[str, int]]:
         """Votes on comparisons that showed ``version`` against another version (the live one,
-        when ``version`` is a candidate): ``{"wins", "losses", "ties", "both_bad"}`` from
-        ``version``'s side."""
-        row = self.db.execute(
-            "SELECT "
+        when ``version`` is a candidate), by voter (the session that voted): ``{session:
+        {"wins", "losses", "ties", "both_bad"}}`` from ``version``'s side."""
+        rows = self.db.execute(
+            "SELECT session_id, "
             "SUM(CASE WHEN (choice = 'a' AND version_a = :v) OR (choice = 'b' AND version_b = :v) THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN (choice = 'a' AND version_b = :v) OR (choice = 'b' AND version_a = :v) THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN choice = 'tie' THEN 1 ELSE 0 END), "
             "SUM(CASE WHEN choice = 'both_bad' THEN 1 ELSE 0 END) "
-            "FROM comparisons WHERE choice IS NOT NULL AND (version_a = :v) + (version_b = :v) = 1",
+            "FROM comparisons WHERE choice IS NOT NULL AND (version_a = :v) + (version_b = :v) = 1 "
+            "GROUP BY session_id",
             {"v": version},
-        ).fetchone()
-        return dict(zip(("wins", "losses", "ties", "both_bad"), (int(x or 0) for x in row), strict=True))
+        ).fetchall()
+        keys = ("wins", "losses", "ties", "both_bad")
+        return {row[0]: dict(zip(keys, (int(x or 0) for x in row[1:]), strict=True)) for row in rows}
 
     def selection_counts(self) -> dict[str, int]:
         """Voted comparisons by the rule that chose their pair (``None``: rows older than the rule)."""

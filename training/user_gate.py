@@ -16,6 +16,14 @@ interval (:func:`training.gate.wilson_interval`) of its win rate ``(wins + ties/
 
 The reward model may be wrong about a candidate in ways users are not, so this is the check
 that the live model never gets worse. An admin can decide by hand (the Training tab).
+
+One voter (session) cannot swing it by voting against everyone else: among three or more voters
+on the candidate, one whose wins and losses differ from all the others' beyond chance (Fisher's
+exact test, two-sided, on the 2×2 table of their decisive votes against the others', with at
+least ``user_gate_min_votes`` of them; Bonferroni over the voters tested, family-wise level
+``user_gate_outlier_alpha``) and who cast fewer decisive votes than the others together is left
+out of the tally (:func:`candidate_tally`) — the test the Chatbot Arena applies to anomalous users
+(Chiang et al. 2024), here on the one question a candidate asks.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from scipy.stats import norm
+from scipy.stats import fisher_exact, norm
 
 from training.flags import help_field
 from training.gate import wilson_interval
@@ -43,6 +51,9 @@ class UserGateConfig:
         0.95, help="one-sided confidence of the Wilson bounds that promote (lower bound > ½) or retire (upper < ½) it")
     user_gate_min_votes: int = help_field(10, help="votes on the candidate before anything is decided")
     user_gate_max_votes: int = help_field(80, help="votes after which a candidate users do not prefer with confidence is retired")
+    user_gate_outlier_alpha: float = help_field(
+        0.01, help="family-wise level of the test that leaves out a voter whose votes on the candidate differ from "
+        "everyone else's beyond chance (0: no test)")
 
     def __post_init__(self):
         if not 0.0 < self.user_gate_share <= 1.0:
@@ -52,6 +63,8 @@ class UserGateConfig:
         if not 1 <= self.user_gate_min_votes <= self.user_gate_max_votes:
             raise ValueError("--user-gate-min-votes must be >= 1 and at most --user-gate-max-votes, got "
                              f"{self.user_gate_min_votes} and {self.user_gate_max_votes}")
+        if not 0.0 <= self.user_gate_outlier_alpha < 1.0:
+            raise ValueError(f"--user-gate-outlier-alpha must be in [0, 1), got {self.user_gate_outlier_alpha}")
 
     @property
     def z(self) -> float:
@@ -72,6 +85,7 @@ class Verdict:
     high: float
     decision: str | None
     note: str
+    excluded: tuple[str, ...] = ()  # voters left out of the tally (module docstring)
 
     @property
     def votes(self) -> int:
@@ -106,10 +120,37 @@ def verdict(wins: int, losses: int, ties: int, config: UserGateConfig) -> Verdic
     return Verdict(wins, losses, ties, rate, low, high, None, f"waiting: {tally} ({bounds})")
 
 
+def outlier_voters(by_voter: dict[str, dict[str, int]], config: UserGateConfig) -> set[str]:
+    """The voters left out of a candidate's tally (module docstring); ``by_voter`` as
+    ``Store.candidate_tally`` gives it."""
+    if config.user_gate_outlier_alpha <= 0 or len(by_voter) < 3:
+        return set()
+    wins = sum(t["wins"] for t in by_voter.values())
+    losses = sum(t["losses"] for t in by_voter.values())
+    tested = [v for v, t in by_voter.items() if t["wins"] + t["losses"] >= config.user_gate_min_votes]
+    out = set()
+    for voter in tested:
+        w, lost = by_voter[voter]["wins"], by_voter[voter]["losses"]
+        if w + lost >= (wins - w) + (losses - lost):
+            continue  # not a minority: there is no "everyone else" to differ from
+        p = fisher_exact([[w, lost], [wins - w, losses - lost]]).pvalue
+        if p < config.user_gate_outlier_alpha / len(tested):
+            out.add(voter)
+    return out
+
+
 def candidate_verdict(store, version: int, config: UserGateConfig) -> Verdict:
-    """:func:`verdict` on ``version``'s votes against other versions (``Store.candidate_tally``)."""
-    t = store.candidate_tally(version)
-    return verdict(t["wins"], t["losses"], t["ties"], config)
+    """:func:`verdict` on ``version``'s votes against other versions (``Store.candidate_tally``),
+    outlier voters left out (:func:`outlier_voters`, named in the note)."""
+    by_voter = store.candidate_tally(version)
+    excluded = outlier_voters(by_voter, config)
+    kept = [t for v, t in by_voter.items() if v not in excluded]
+    result = verdict(sum(t["wins"] for t in kept), sum(t["losses"] for t in kept), sum(t["ties"] for t in kept), config)
+    if excluded:
+        n = sum(by_voter[v]["wins"] + by_voter[v]["losses"] + by_voter[v]["ties"] for v in excluded)
+        result.note += f"; {len(excluded)} voter(s) left out ({n} votes unlike everyone else's)"
+        result.excluded = tuple(sorted(excluded))
+    return result
 
 
 def review_candidate(store, config: UserGateConfig) -> Verdict | None:
