@@ -82,8 +82,9 @@ def test_the_reward_model_in_use_finds_the_contrarian(tiny_model_dir, tmp_path):
     from tests.test_reward import _toy_pairs
 
     _, tok = load_model_and_tokenizer(tiny_model_dir)
-    rm, _ = train_reward_model(str(tiny_model_dir), tok, _toy_pairs(), RewardConfig(
-        lr=3e-3, epochs=4, batch_size=8, heldout_fraction=0.25, seed=0, min_votes=10, lora=LoraSettings(r=4)))
+    settings = RewardConfig(lr=3e-3, epochs=4, batch_size=8, heldout_fraction=0.25, seed=0, min_votes=10,
+                            lora=LoraSettings(r=4))
+    rm, _ = train_reward_model(str(tiny_model_dir), tok, _toy_pairs(), settings)
     rm.save(tmp_path / "rm")
     honest = [{**p, "voter": f"user{i % 4}"} for i, p in enumerate(_toy_pairs(n_conv=24, per_conv=2)) if not p["tie"]]
     contrarian = [{**p, "voter": "contrarian", "chosen": p["rejected"], "rejected": p["chosen"]}
@@ -91,10 +92,15 @@ def test_the_reward_model_in_use_finds_the_contrarian(tiny_model_dir, tmp_path):
     model, _ = load_model_and_tokenizer(tiny_model_dir)
     policy = add_lora(model)
     adapters_before = set(policy.peft_config)
-    kept, metrics = clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, tmp_path / "rm")
+    kept, metrics = clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, tmp_path / "rm", settings)
     assert metrics["voters/excluded"] == 1 and {p["voter"] for p in kept} == {"user0", "user1", "user2", "user3"}
     assert set(policy.peft_config) == adapters_before  # the judge's adapter was deleted again
-    assert clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, None)[1]["voters/excluded"] == 0
+    # the first round: no reward model yet, so one is trained on these votes to judge them
+    kept, metrics = clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, None, settings)
+    assert metrics["voters/excluded"] == 1 and "contrarian" not in {p["voter"] for p in kept}
+    assert set(policy.peft_config) == adapters_before
+    too_few = RewardConfig(min_votes=1000)
+    assert clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, None, too_few)[1]["voters/excluded"] == 0
 
 
 def test_a_round_trains_on_the_capped_votes(world, tiny_model_dir):

@@ -196,7 +196,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         policy = starting_policy(model, config, registry, inputs.live)  # every adapter goes on this one base
         progress.stage("reward model")
         pairs, voter_metrics = clean_round_votes(inputs.pairs, config.voters, policy, tokenizer,
-                                                 reward_models.latest(), config.reward.max_length)
+                                                 reward_models.latest(), config.reward)
         reward = reward_model_step(config, policy, tokenizer, pairs, reward_models)
         value_head = starting_value_head(config, registry, inputs.live, policy)
         metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress, value_head)

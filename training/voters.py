@@ -12,7 +12,9 @@ round's reward model trains (:func:`clean_votes`):
    ``P(X ≤ k | n, p₀)`` (``scipy.stats.binomtest``) is below ``outlier_alpha`` divided by the
    number of voters tested (Bonferroni: with many honest voters, one is still excluded by
    chance with probability ≤ ``outlier_alpha``). Nobody is tested while ``p₀ ≤ ½`` (a reference
-   no better than chance says nothing), nor in a data dir's first round (no reference yet).
+   no better than chance says nothing). In a data dir's first round, with no reward model yet,
+   the reference is one trained on the round's votes themselves (without an ensemble): the
+   outlier's own votes pull it their way a little, so the test is weaker there.
    An outlier's votes all leave the round's data (they stay stored and exported).
 2. **Floods are capped.** One voter's pairs may make up at most ``max_share`` of the data next
    to everyone else's: at most ``max(min_cap, max_share / (1 − max_share) · n_others)`` pairs,
@@ -28,11 +30,12 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from scipy.stats import binomtest
 
 from training.flags import help_field
+from training.reward_training import RewardConfig
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +158,27 @@ def reward_model_judge(rm, tokenizer, max_length: int = 512) -> Callable[[list[d
 
 
 def clean_round_votes(pairs: list[dict], config: VoterConfig, base, tokenizer, rm_dir,
-                      max_length: int = 512) -> tuple[list[dict], dict]:
+                      reward: RewardConfig) -> tuple[list[dict], dict]:
     """:func:`clean_votes` for a round: the judge is the reward model in use, loaded from
     ``rm_dir`` onto ``base`` (the round's peft model) as an adapter of its own and deleted again;
-    ``rm_dir`` None (the data dir's first round): caps only."""
-    if rm_dir is None or config.outlier_alpha == 0:
+    ``rm_dir`` None (the data dir's first round): one trained with ``reward``'s settings on
+    ``pairs`` (too few of them: caps only)."""
+    if config.outlier_alpha == 0:
         return clean_votes(pairs, config, None)
     from training.models import unused_adapter_name
     from training.reward_model import RewardModel
+    from training.reward_training import NotEnoughVotesError, train_reward_model
 
-    rm = RewardModel.load(base, rm_dir, adapter=unused_adapter_name(base, "reward_judge"))
+    adapter = unused_adapter_name(base, "reward_judge")
+    if rm_dir is not None:
+        rm = RewardModel.load(base, rm_dir, adapter=adapter)
+    else:
+        try:
+            rm, _ = train_reward_model(base, tokenizer, pairs, replace(reward, ensemble=replace(reward.ensemble, members=0)),
+                                       adapter=adapter)
+        except NotEnoughVotesError:
+            return clean_votes(pairs, config, None)
     try:
-        return clean_votes(pairs, config, reward_model_judge(rm, tokenizer, max_length))
+        return clean_votes(pairs, config, reward_model_judge(rm, tokenizer, reward.max_length))
     finally:
         rm.release()
