@@ -131,8 +131,8 @@ def clean_votes(pairs: list[dict], config: VoterConfig,
     """
     excluded = outlier_voters(pairs, judge(pairs), config) if judge is not None and config.outlier_alpha > 0 else {}
     for voter, p in excluded.items():
-        log.warning("voter %s excluded from this round's reward model data: agrees with the reward model in use "
-                    "less than the other voters do (binomial p = %.2g)", voter, p)
+        log.warning("voter %s excluded from this round's reward model data: agrees with the reference reward "
+                    "model less than the other voters do (binomial p = %.2g)", voter, p)
     kept = [p for p in pairs if p.get("voter") not in excluded]
     capped = cap_votes(kept, config)
     return capped, {
