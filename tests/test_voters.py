@@ -119,11 +119,11 @@ def test_a_round_trains_on_the_capped_votes(world, tiny_model_dir):
             store.vote(cid, choice)
             store.add_message(conv, "assistant", f"ok {i}", policy_version=0)
 
-    votes("flood", 30, "b")
+    votes("flood", 30, "a")  # agrees with the others: only the cap applies
     for s in range(3):
         votes(f"user{s}", 3, "a")
     assert {p["voter"] for p in store.vote_pairs()} == {"flood", "user0", "user1", "user2"}  # the sessions
-    config = _config(data, tiny_model_dir, gate=GateConfig(enabled=False), voters=VoterConfig(max_share=0.5, min_cap=5))
+    config = _config(data, tiny_model_dir, gate=GateConfig(enabled=False), voters=VoterConfig(max_share=0.5, min_cap=5, outlier_alpha=0.0))
     result = run_round(config, store, registry)
     assert result["status"] == "succeeded", result
     m = result["metrics"]
