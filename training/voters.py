@@ -35,7 +35,9 @@ from dataclasses import dataclass, replace
 from scipy.stats import binomtest
 
 from training.flags import help_field
-from training.reward_training import RewardConfig
+from training.models import unused_adapter_name
+from training.reward_model import RewardModel
+from training.reward_training import NotEnoughVotesError, RewardConfig, score, train_reward_model
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,6 @@ def clean_votes(pairs: list[dict], config: VoterConfig,
 def reward_model_judge(rm, tokenizer, max_length: int = 512) -> Callable[[list[dict]], list[bool | None]]:
     """The judge of :func:`clean_votes` from a reward model: for each pair, whether it scores the
     chosen answer above the rejected one (None for ties)."""
-    from training.reward_training import score
 
     def judge(pairs: list[dict]) -> list[bool | None]:
         prompts = [p["prompt"] for p in pairs]
@@ -165,10 +166,6 @@ def clean_round_votes(pairs: list[dict], config: VoterConfig, base, tokenizer, r
     ``pairs`` (too few of them: caps only)."""
     if config.outlier_alpha == 0:
         return clean_votes(pairs, config, None)
-    from training.models import unused_adapter_name
-    from training.reward_model import RewardModel
-    from training.reward_training import NotEnoughVotesError, train_reward_model
-
     adapter = unused_adapter_name(base, "reward_judge")
     if rm_dir is not None:
         rm = RewardModel.load(base, rm_dir, adapter=adapter)
