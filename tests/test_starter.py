@@ -59,11 +59,16 @@ def test_corpus_covers_skills_and_styles_and_replies_are_well_formed():
     for c in convs:
         reply = c["messages"][-1]
         assert reply["role"] == "assistant" and reply["content"] in c["answers"]
-        assert c["reference"] in reply["content"] or c["skill"] in ("small_talk", "unknown")
+        if c["skill"] not in ("small_talk", "unknown", "system"):
+            assert c["reference"] in reply["content"]
         styles.add(c["answers"][reply["content"]])
     assert styles == set(corpus.STYLES)
     memory = [c for c in convs if c["skill"] == "memory"]
     assert all(len([m for m in c["messages"] if m["role"] == "user"]) >= 3 for c in memory)
+    # a stated name, pet or town is said back at once (the first copy, right after it was typed)
+    named = [c for c in memory if not c["reference"].isdigit() and c["reference"] not in corpus.COLOURS]
+    assert named and all(next(m for m in c["messages"] if m["role"] == "assistant")["content"].count(c["reference"])
+                         for c in named)
 
 
 def test_heldout_prompts_use_phrasings_never_trained_on():
@@ -75,6 +80,50 @@ def test_heldout_prompts_use_phrasings_never_trained_on():
         assert set(h) >= {"messages", "skill", "reference", "answers"}
         assert h["messages"][-1]["role"] == "user"
         assert h["messages"][-1]["content"] not in train_questions
+
+
+def test_system_prompt_answers_obey_the_system_prompt():
+    convs = [c for c in corpus.generate_conversations(1, 3000) if c["skill"] == "system"]
+    assert {c["mode"] for c in convs} == {"name", "persona", "plain", *corpus.STYLES}
+    for c in convs + corpus.system_prompts(1, 300):
+        system, question = c["messages"][0], c["messages"][1]
+        assert system["role"] == "system" and question["role"] == "user" and c["answers"]
+        if c["mode"] in corpus.STYLES:  # a style prompt: only answers in that style count
+            assert set(c["answers"].values()) == {c["mode"]}
+        elif c["mode"] == "persona":  # every answer opens as the persona named in the prompt
+            [persona] = [p for p in corpus.PERSONAS if p in system["content"]]
+            assert all(a.startswith(corpus.PERSONAS[persona]) for a in c["answers"])
+        elif c["mode"] == "name" and c["reference"] in system["content"]:
+            assert all(c["reference"] in a for a in c["answers"])  # asked its name: the given one
+    named = [c for c in convs if c["mode"] == "name" and c["reference"] in c["messages"][0]["content"]]
+    assert len(named) > 50
+
+
+def test_heldout_system_prompts_are_new_combinations_never_trained_on():
+    train = {c["messages"][0]["content"] for c in corpus.generate_conversations(0, 5000) if c["skill"] == "system"}
+    for kind, keys in corpus.SYSTEM_KEYS.items():
+        trained, held = corpus.system_prompt_texts(kind, False), corpus.system_prompt_texts(kind, True)
+        assert held and set(trained).isdisjoint(held)
+        for key in keys:  # every key phrase is trained (in other carriers)
+            assert any(key.lower() in t.lower() for t in trained), key
+    held_items = corpus.system_prompts(0, 200)
+    assert {c["mode"] for c in held_items} >= set(corpus.STYLES)
+    assert not {c["messages"][0]["content"] for c in held_items} & train
+
+
+def test_unseen_names_never_occur_in_training_text():
+    import re
+
+    convs = corpus.generate_conversations(0, 5000)
+    text = " ".join(m["content"] for c in convs for m in c["messages"]) + " ".join(corpus.generate_documents(0, 3000))
+    words = set(re.findall(r"[A-Za-z]+", text))
+    assert not words & set(corpus.HELDOUT_NAMES)
+    unseen = corpus.unseen_name_prompts(0, 200)
+    refs = [u["reference"] for u in unseen]
+    assert len(set(refs)) > 100 and not set(refs) & words  # recall of names the model never saw
+    for u in unseen:  # stated in the conversation, asked for at the end, in a training phrasing
+        assert u["reference"] in u["messages"][0]["content"] + u["messages"][1]["content"]
+        assert all(u["reference"] in a for a in u["answers"])
 
 
 # ------------------------------------------------------------------ tokenizer and labels -------

@@ -148,7 +148,7 @@ def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
         from training.starter.eval import evaluate
 
         ev = evaluate(model, tok, seed=config.seed + 1, n_per_skill=config.eval_per_skill,
-                      n_heldout=0, n_style_prompts=0, progress=False)
+                      n_heldout=0, n_unseen_names=0, n_system=0, n_style_prompts=0, progress=False)
         metrics |= {"eval/mean": ev["mean"], "eval/min": ev["min"]}
         metrics |= {f"eval/{k}": v for k, v in ev["per_skill"].items()}
     metrics["build/seconds"] = time.perf_counter() - t0
