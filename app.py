@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from chatapp.service import LimitConfig, PairConfig
@@ -123,6 +124,7 @@ def build_app(config: AppConfig):
     from storage.registry import AdapterRegistry, clean_staging
     from storage.store import open_store
     from training.models import load_tokenizer
+    from training.round import skip_reason
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
@@ -150,16 +152,36 @@ def build_app(config: AppConfig):
     if not config.no_train:
         round_fn = subprocess_round(config.round_argv(str(data_dir.root), model_ref), data_dir, store)
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes,
-                                      lock_path=data_dir.scheduler_lock)
-    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, admin=admin))
+                                      lock_path=data_dir.scheduler_lock,
+                                      preflight=partial(skip_reason, store, config.round.min_votes))
+    demo = build_ui(UIParts(service=service, registry=registry, scheduler=scheduler, admin=admin,
+                            **starter_hints(model_ref)))
     demo.rlhf_store = store  # closed by main() on shutdown: chat.db then holds everything (no WAL left)
     return demo, scheduler
 
 
+def starter_hints(model_ref: str) -> dict:
+    """The Chat tab's example prompts and one-line note when ``model_ref`` is a starter build
+    (a directory with ``starter.json``): what it was trained to do, and that it is a demo.
+    Empty for any other model (the app cannot know what it handles)."""
+    from training.starter.build import STARTER_JSON
+
+    if not (Path(model_ref) / STARTER_JSON).is_file():
+        return {}
+    from training.starter.corpus import EXAMPLE_PROMPTS
+
+    return {
+        "examples": tuple(EXAMPLE_PROMPTS),
+        "model_note": "The offline starter is a tiny demo model: small sums, capitals and units, word games, "
+                      "remembering what you tell it, and a system prompt that gives it a name, a persona or "
+                      "an answer style; start the app with `--model` for a real one.",
+    }
+
+
 def launch(demo, config: AppConfig, block: bool = True):
     """Serve ``demo`` on ``config.host:config.port`` with the app's queue settings; with
-    ``block=False`` return at once (tests). Warns when the app is reachable from the network
-    while admin actions are open."""
+    ``block=False`` return once it serves (tests; ``main`` then prints the address and waits).
+    Warns when the app is reachable from the network while admin actions are open."""
     loopback = config.host in ("127.0.0.1", "localhost", "::1")
     if not loopback and not (config.auth or config.auth_file):
         log.warning(
@@ -175,7 +197,8 @@ def launch(demo, config: AppConfig, block: bool = True):
         max_file_size=MAX_UPLOAD,  # no component takes uploads: Gradio's upload route gets nothing big
         show_error=False,  # unexpected errors: a generic message to users, details in the log
         prevent_thread_lock=not block,
-        quiet=not block,
+        quiet=True,  # main() prints the one line with the address
+        **getattr(demo, "rlhf_launch_kwargs", {}),
     )
 
 
@@ -203,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from training.models import ModelLoadError, quiet_optional_kernel_notice
+    from training.models import ModelLoadError, quiet_library_noise
 
-    quiet_optional_kernel_notice()
+    quiet_library_noise()
 
     try:
         torch_threads(config.threads)
@@ -215,12 +238,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if scheduler is not None:
         scheduler.start()
-    print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)
     # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C: the server closes, a running
     # training child is stopped (its round recorded as failed) and the data-dir lock released
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        launch(demo, config)
+        launch(demo, config, block=False)
+        print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)  # once it answers
+        demo.block_thread()
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM while Gradio was still starting up (before its
         demo.close()  # own wait loop, which handles it, took over): the same clean shutdown
     finally:

@@ -225,7 +225,10 @@ class ChatService:
             policy_version=reply.version,
             sampling={**reply.sampling, "stopped": reply.stopped},
         )
-        session.messages.append({"role": "assistant", "content": reply.text, "version": reply.version})
+        message = {"role": "assistant", "content": reply.text, "version": reply.version}
+        if reply.stopped:
+            message["stopped"] = True  # shown marked in the UI; the context keeps the text as is
+        session.messages.append(message)
 
     def _stream_answer(
         self, context: list[dict], version: int, stop_event: threading.Event, shown: list[str], i: int

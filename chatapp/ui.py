@@ -43,11 +43,25 @@ class UIParts:
     scheduler: TrainingScheduler | None = None
     admin: AdminAuth | None = None  # None: admin actions are open (local use)
     exports: ExportDesk | None = None  # None: one is made over the service's store
+    examples: tuple[str, ...] = ()  # prompts the model handles, offered on the Chat tab (clickable)
+    model_note: str | None = None  # one line under the chat about the model (e.g. the starter is a demo)
+
+
+# System fonts only: nothing is fetched at run time (the app must look the same offline).
+THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                          font_mono=["ui-monospace", "Consolas", "monospace"])
+# A 1280x720 window shows the last message, both compared answers and the vote buttons at once.
+CHAT_HEIGHT = "38vh"
+
+
+STOPPED_MARK = "\n\n[stopped]"  # after an answer cut short by Stop (display only; not stored)
 
 
 def _display(messages: list[dict]) -> list[dict]:
-    """Chatbot value: role/content dicts with the content HTML-escaped (shown literally)."""
-    return [{"role": m["role"], "content": html.escape(m["content"])} for m in messages]
+    """Chatbot value: role/content dicts with the content HTML-escaped (shown literally), an
+    answer cut short by Stop followed by :data:`STOPPED_MARK`."""
+    return [{"role": m["role"], "content": html.escape(m["content"]) + (STOPPED_MARK if m.get("stopped") else "")}
+            for m in messages]
 
 
 def _fmt(value) -> str:
@@ -244,7 +258,16 @@ def build_ui(parts: UIParts) -> gr.Blocks:
     with gr.Blocks(title="RLHF chat") as demo:
         state = gr.State(None)
         with gr.Tab("Chat"):
-            chatbot = gr.Chatbot(label="Conversation", height=420, sanitize_html=True, render_markdown=False)
+            chatbot = gr.Chatbot(label="Conversation", height=CHAT_HEIGHT, sanitize_html=True, render_markdown=False)
+            with gr.Group(visible=False) as compare_box:
+                with gr.Row():
+                    answer_a = gr.Textbox(label="Answer A", lines=4, max_lines=8, interactive=False)
+                    answer_b = gr.Textbox(label="Answer B", lines=4, max_lines=8, interactive=False)
+            with gr.Row(visible=False, elem_id="vote-row") as vote_row:
+                vote_a = gr.Button("A is better")
+                vote_b = gr.Button("B is better")
+                vote_tie = gr.Button("Tie")
+                vote_bad = gr.Button("Both bad")
             with gr.Row():
                 text = gr.Textbox(placeholder="Type a message…", show_label=False, scale=6, max_lines=8)
                 send_btn = gr.Button("Send", variant="primary", scale=1)
@@ -252,19 +275,14 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             with gr.Row():
                 compare = gr.Checkbox(value=True, label="Compare two answers side by side")
                 new_btn = gr.Button("New conversation", size="sm")
+            if parts.examples:
+                gr.Examples(examples=[[e] for e in parts.examples], inputs=[text], label="Try")
+            if parts.model_note:
+                gr.Markdown(parts.model_note)
             with gr.Accordion("System prompt (applies to the next new conversation)", open=False):
                 system_prompt = gr.Textbox(show_label=False, lines=2)
-            with gr.Group(visible=False) as compare_box:
-                with gr.Row():
-                    answer_a = gr.Textbox(label="Answer A", lines=6, interactive=False)
-                    answer_b = gr.Textbox(label="Answer B", lines=6, interactive=False)
-            with gr.Row(visible=False) as vote_row:
-                vote_a = gr.Button("A is better")
-                vote_b = gr.Button("B is better")
-                vote_tie = gr.Button("Tie")
-                vote_bad = gr.Button("Both bad")
         with gr.Tab("Training"):
-            status = gr.Markdown(status_markdown(parts))
+            status = gr.Markdown(status_markdown(parts), elem_id="training-status")
             with gr.Row(visible=parts.admin is not None):
                 admin_user = gr.Textbox(label="Admin user", scale=1)
                 admin_password = gr.Textbox(label="Admin password", type="password", scale=1)
@@ -285,27 +303,31 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 retire_btn = gr.Button("Retire the candidate")
             timer = gr.Timer(5.0)
 
+        training_outputs = [status, rounds, version_pick]
         send_outputs = [chatbot, text, answer_a, answer_b, compare_box, vote_row, state]
-        send_btn.click(send, [text, compare, state], send_outputs, api_name="send")
-        text.submit(send, [text, compare, state], send_outputs, api_visibility="private")
+        for event in (send_btn.click(send, [text, compare, state], send_outputs, api_name="send"),
+                      text.submit(send, [text, compare, state], send_outputs, api_visibility="private")):
+            event.then(refresh_training, None, training_outputs, api_visibility="private")  # comparisons awaiting
         # stop ends generation within one decoding step; the send handler then finishes normally
         stop_btn.click(stop, [state], None, api_name="stop", queue=False)
         vote_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
         for button, choice in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "both_bad")):
-            button.click(_voter(vote, choice), [state], vote_outputs, api_name=f"vote_{choice}")
+            button.click(_voter(vote, choice), [state], vote_outputs, api_name=f"vote_{choice}").then(
+                refresh_training, None, training_outputs, api_visibility="private")  # counts current at once
         new_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
         new_btn.click(new_conversation, [system_prompt, state], new_outputs, api_name="new_conversation")
         # the Chatbot's own trash icon starts over too (not just an empty display)
         chatbot.clear(new_conversation, [system_prompt, state], new_outputs, api_visibility="private")
-        training_outputs = [status, rounds, version_pick]
         refresh_btn.click(refresh_training, None, training_outputs, api_name="training_status")
         timer.tick(refresh_training, None, training_outputs, api_visibility="private")
         demo.load(refresh_training, None, training_outputs, api_visibility="private")
         admin = [admin_user, admin_password]  # checked in each admin handler
-        train_btn.click(train_now, admin, status, api_name="train_now")
+        train_btn.click(train_now, admin, status, api_name="train_now").then(
+            refresh_training, None, training_outputs, api_visibility="private")  # a skipped round shows at once
         export_btn.click(export_votes, admin, export_link, api_name="export_votes")
         rollback_btn.click(rollback, [version_pick, *admin], status, api_name="rollback")
         promote_btn.click(_decider(decide, True), admin, status, api_name="promote_candidate")
         retire_btn.click(_decider(decide, False), admin, status, api_name="retire_candidate")
     demo.rlhf_routes = [exports.route()]  # served beside Gradio's own by app.launch
+    demo.rlhf_launch_kwargs = {"theme": THEME}  # Gradio 6 takes the theme at launch
     return demo

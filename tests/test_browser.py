@@ -19,6 +19,7 @@ import html
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -138,73 +139,84 @@ def _browser_unavailable() -> str | None:
 
 
 REQUIRED = os.environ.get("REQUIRE_BROWSER_TEST") == "1"  # set by .ci/run: never skip in CI
+# a browser test: skipped with the reason when Chromium or Playwright is missing, except in CI
+needs_browser = pytest.mark.skipif(not REQUIRED and _browser_unavailable() is not None,
+                                   reason=str(_browser_unavailable()))
 
 
-@pytest.mark.browser
-@pytest.mark.skipif(not REQUIRED and _browser_unavailable() is not None, reason=str(_browser_unavailable()))
-def test_browser_chat_compare_vote_and_markup_shown_literally(app):
+@contextmanager
+def browser_page(**page_options):
+    """A page of a fresh headless Chromium (closed on exit), with generous deadlines against
+    hangs on a busy machine (not timed assertions); yields ``(page, expect)``."""
     if _browser_unavailable() is not None:
         pytest.fail(f"REQUIRE_BROWSER_TEST=1 but {_browser_unavailable()}")
     from playwright.sync_api import expect, sync_playwright
 
-    store = open_store(app.data_dir)
-    dialogs: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
-            page.set_default_timeout(120_000)  # deadlines against hangs on a busy machine,
-            expect.set_options(timeout=120_000)  # not timed assertions
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(f"http://127.0.0.1:{app.port}/")
-            box = page.get_by_placeholder("Type a message…")
-            send = page.get_by_role("button", name="Send", exact=True)
-            user_bubbles = page.locator("[data-testid='user']")
-            bot_bubbles = page.locator("[data-testid='bot']")
-
-            # 1. plain chat with a hostile message; the reply ends with hostile markup
-            page.get_by_label("Compare two answers side by side").uncheck()
-            message = f"{XSS} {LINK} {HOSTILE_MESSAGES[1]}"
-            box.fill(message)
-            send.click()
-            expect(bot_bubbles).to_have_count(1)
-            expect(bot_bubbles.last).to_contain_text("1<2>0")
-            expect(user_bubbles.last).to_contain_text(XSS)  # the literal text is visible
-            expect(user_bubbles.last).to_contain_text("שלום עולם! مرحبا 👋🏽👨‍👩‍👧")
-            expect(bot_bubbles.last).to_contain_text('<img src=x onerror="window.__pwned=4;alert(4)">')
-            expect(user_bubbles.last).to_contain_text(LINK)  # Markdown is not rendered either
-
-            # 2. compare: both answers in the A/B boxes, literally; vote for B
-            page.get_by_label("Compare two answers side by side").check()
-            box.fill(HOSTILE_MESSAGES[3])
-            send.click()
-            vote_b = page.get_by_role("button", name="B is better")
-            expect(vote_b).to_be_visible()
-            answer_a = page.get_by_label("Answer A")
-            answer_b = page.get_by_label("Answer B")
-            for answer in (answer_a, answer_b):
-                expect(answer).to_have_value(_ends_with_hostile_reply())
-            shown_b = answer_b.input_value()
-            vote_b.click()
-            expect(vote_b).to_be_hidden()
-            expect(bot_bubbles).to_have_count(2)
-            expect(user_bubbles.last).to_contain_text("</textarea><b>not bold</b> &amp; &lt;")
-
-            # 3. a 100 KB message: a clear message, no crash, the page keeps working
-            box.fill(BIG)
-            send.click()
-            expect(page.get_by_text("too long").first).to_be_visible()
-            expect(box).to_have_value(BIG)
-
-            # nothing ran, nothing was injected
-            assert page.evaluate("window.__pwned") is None
-            assert dialogs == []
-            assert page.locator("img[src='x']").count() == 0
-            assert page.locator("a[href^='javascript']").count() == 0
-            assert page.locator("script:text('__pwned')").count() == 0
-            assert page.locator("b:text('not bold')").count() == 0
+            page = browser.new_page(**page_options)
+            page.set_default_timeout(120_000)
+            expect.set_options(timeout=120_000)
+            yield page, expect
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+@needs_browser
+def test_browser_chat_compare_vote_and_markup_shown_literally(app):
+    store = open_store(app.data_dir)
+    dialogs: list[str] = []
+    with browser_page() as (page, expect):
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(f"http://127.0.0.1:{app.port}/")
+        box = page.get_by_placeholder("Type a message…")
+        send = page.get_by_role("button", name="Send", exact=True)
+        user_bubbles = page.locator("[data-testid='user']")
+        bot_bubbles = page.locator("[data-testid='bot']")
+
+        # 1. plain chat with a hostile message; the reply ends with hostile markup
+        page.get_by_label("Compare two answers side by side").uncheck()
+        message = f"{XSS} {LINK} {HOSTILE_MESSAGES[1]}"
+        box.fill(message)
+        send.click()
+        expect(bot_bubbles).to_have_count(1)
+        expect(bot_bubbles.last).to_contain_text("1<2>0")
+        expect(user_bubbles.last).to_contain_text(XSS)  # the literal text is visible
+        expect(user_bubbles.last).to_contain_text("שלום עולם! مرحبا 👋🏽👨‍👩‍👧")
+        expect(bot_bubbles.last).to_contain_text('<img src=x onerror="window.__pwned=4;alert(4)">')
+        expect(user_bubbles.last).to_contain_text(LINK)  # Markdown is not rendered either
+
+        # 2. compare: both answers in the A/B boxes, literally; vote for B
+        page.get_by_label("Compare two answers side by side").check()
+        box.fill(HOSTILE_MESSAGES[3])
+        send.click()
+        vote_b = page.get_by_role("button", name="B is better")
+        expect(vote_b).to_be_visible()
+        answer_a = page.get_by_label("Answer A")
+        answer_b = page.get_by_label("Answer B")
+        for answer in (answer_a, answer_b):
+            expect(answer).to_have_value(_ends_with_hostile_reply())
+        shown_b = answer_b.input_value()
+        vote_b.click()
+        expect(vote_b).to_be_hidden()
+        expect(bot_bubbles).to_have_count(2)
+        expect(user_bubbles.last).to_contain_text("</textarea><b>not bold</b> &amp; &lt;")
+
+        # 3. a 100 KB message: a clear message, no crash, the page keeps working
+        box.fill(BIG)
+        send.click()
+        expect(page.get_by_text("too long").first).to_be_visible()
+        expect(box).to_have_value(BIG)
+
+        # nothing ran, nothing was injected
+        assert page.evaluate("window.__pwned") is None
+        assert dialogs == []
+        assert page.locator("img[src='x']").count() == 0
+        assert page.locator("a[href^='javascript']").count() == 0
+        assert page.locator("script:text('__pwned')").count() == 0
+        assert page.locator("b:text('not bold')").count() == 0
 
     # what the browser sent is stored byte for byte; the vote is B on what B showed
     assert _user_messages(store) == [message, HOSTILE_MESSAGES[3]]

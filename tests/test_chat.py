@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import subprocess
 import sys
 import threading
@@ -161,6 +162,13 @@ def test_stopped_reply_is_marked_and_never_offered_for_voting(service):
     assert _count(service.store, "comparisons") == 0
     last = service.store.messages(session.conversation_id)[-1]
     assert last["role"] == "assistant" and last["sampling"]["stopped"] is True
+    # the chat view marks it as stopped; the context the model sees next keeps the text as is
+    from chatapp.ui import STOPPED_MARK, _display
+
+    assert _display(session.messages)[-1]["content"] == html.escape(last["content"]) + STOPPED_MARK
+    assert session.context()[-1] == {"role": "assistant", "content": last["content"]}
+    _drain(service.chat(session, "and now?"))  # a reply that ends on its own is not marked
+    assert not _display(session.messages)[-1]["content"].endswith(STOPPED_MARK)
 
 
 def test_published_version_serves_the_next_reply(service, tmp_path):

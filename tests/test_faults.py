@@ -155,25 +155,31 @@ def test_sigterm_shuts_down_like_ctrl_c(tiny_model_dir, tmp_path):
          "--port", str(port), "--max-new-tokens", "4"],
         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
+    lines: list[str] = []
+    address = f"RLHF chat on http://127.0.0.1:{port}"
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in proc.stdout), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + WAIT_S
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "app never came up"
-                time.sleep(0.5)
+        while address not in lines:  # printed once the UI answers
+            assert proc.poll() is None, "\n".join(lines)
+            assert time.monotonic() < deadline, "app never came up"
+            time.sleep(0.2)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).close()
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
-        output = proc.stdout.read()
+        reader.join(10)
+        output = "\n".join(lines)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert code == 0, output
     assert "Traceback" not in output, output
+    # a quiet console: the address once the UI is up, at most a few lines before it, no library noise
+    assert lines.count(address) == 1 and lines.index(address) <= 3, output
+    for noise in ("Running on local URL", "share=True", "httpx", "apscheduler", "Warning", "Loading weights"):
+        assert noise not in output, (noise, output)
     # chat.db alone holds the data (the WAL was folded in on shutdown), created private
     import shutil
     import sqlite3

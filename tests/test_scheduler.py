@@ -195,3 +195,27 @@ def test_app_started_elsewhere_trains_in_its_own_data_dir(tiny_model_dir, tmp_pa
         scheduler.shutdown()
     assert result["status"] == "skipped" and "too few votes" in result["reason"], result
     assert (elsewhere / "rel-data" / "chat.db").is_file()
+
+
+def test_train_now_with_too_few_votes_says_skipped_and_starts_nothing(tiny_model_dir, tmp_path):
+    # "Train now" answers with what will happen: the skip and its counts, recorded as a skipped
+    # round, and no training child started; with enough votes it starts one
+    from app import AppConfig, build_app
+    from tests.conftest import add_votes
+    from training.round import RoundConfig
+
+    config = AppConfig(model=str(tiny_model_dir), data_dir=str(tmp_path / "data"), max_new_tokens=2,
+                       round=RoundConfig(min_votes=4))
+    demo, scheduler = build_app(config)
+    store = demo.rlhf_store
+    add_votes(store, 3)
+    try:
+        message = scheduler.request_round()
+        assert message.startswith("Skipped: too few votes: 3 A/B votes, 4 needed"), message
+        assert scheduler.round_fn.pid is None and not scheduler.busy  # no child, nothing running
+        [row] = store.rounds()
+        assert row["status"] == "skipped" and row["trigger"] == "manual" and "3 A/B votes, 4 needed" in row["reason"]
+        add_votes(store, 1)
+        assert scheduler.preflight() is None  # 4 A/B votes: this one would train
+    finally:
+        scheduler.shutdown()

@@ -22,7 +22,7 @@ from storage.paths import DataDir, DataDirError
 from storage.registry import AdapterRegistry
 from storage.store import open_store
 from training.flags import add_dataclass_args, dataclass_from_args
-from training.models import quiet_optional_kernel_notice
+from training.models import quiet_library_noise
 from training.round import RoundConfig, run_round
 
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    quiet_optional_kernel_notice()
+    quiet_library_noise()
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
     store = open_store(data_dir)
     signal.signal(signal.SIGTERM, _terminate)  # recorded as a failed round, never a half-published one

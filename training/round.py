@@ -221,6 +221,34 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
 
 
 # ------------------------------------------------------------------ 1-2 inputs and model -------
+def check_startable(store: Store, min_votes: int) -> list[dict]:
+    """Whether a round on ``store`` can train, judged from the database alone (no model is
+    loaded): the one rule both a round and the app's "Train now" answer by. Returns the votes
+    as pairs (``Store.vote_pairs``).
+
+    Raises:
+        SkipRound: fewer A/B votes (ties excluded) than ``min_votes``, or no stored
+            conversation; its message says which, with the counts.
+    """
+    pairs = store.vote_pairs()
+    n_ab = sum(1 for p in pairs if not p["tie"])
+    if n_ab < min_votes:
+        raise SkipRound(f"too few votes: {n_ab} A/B votes, {min_votes} needed "
+                        "(--min-votes; the app's --round.min-votes)", len(pairs))
+    if not store.prompts(limit=1):
+        raise SkipRound("no stored conversations to take prompts from", len(pairs))
+    return pairs
+
+
+def skip_reason(store: Store, min_votes: int) -> str | None:
+    """:func:`check_startable`'s verdict as text: why a round would be skipped, None if not."""
+    try:
+        check_startable(store, min_votes)
+    except SkipRound as skip:
+        return str(skip)
+    return None
+
+
 def load_inputs(config: RoundConfig, store: Store) -> RoundInputs:
     """Step 1: the votes as pairs and the prompts, split by conversation with the reward
     model's held-out fraction and seed (so prompts and votes of a conversation stay together).
@@ -229,13 +257,8 @@ def load_inputs(config: RoundConfig, store: Store) -> RoundInputs:
         SkipRound: fewer A/B votes than ``config.min_votes``, or no stored conversation.
         RuntimeError: no live version to train from.
     """
-    pairs = store.vote_pairs()
-    n_ab = sum(1 for p in pairs if not p["tie"])
-    if n_ab < config.min_votes:
-        raise SkipRound(f"too few votes: {n_ab} A/B votes, need at least {config.min_votes} (--min-votes; the app's --round.min-votes)", len(pairs))
+    pairs = check_startable(store, config.min_votes)
     stored = store.prompts(limit=config.max_prompts)
-    if not stored:
-        raise SkipRound("no stored conversations to take prompts from")
     ppo_prompts, gate_prompts = split_prompts(stored, config.reward.heldout_fraction, config.reward.seed)
     live = store.live_version()
     if live is None:

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from storage.errors import RoundOwnedElsewhere
+from storage.errors import RoundAlreadyRunning, RoundOwnedElsewhere
 from storage.paths import DataDir
 from storage.registry import clean_staging
 from storage.store import Store
@@ -167,6 +167,9 @@ class TrainingScheduler:
         min_new_votes: votes since the last round that trained needed to start a scheduled one.
         lock_path: the file whose ``flock`` makes this the one scheduler of its data
             directory (default: the lock of the data dir that holds the store's database).
+        preflight: returns why a round would be skipped now (None: it would train), asked by
+            "Train now" before a round starts so its answer says what will happen; the app
+            passes :func:`training.round.skip_reason`. None: not asked.
     """
 
     def __init__(
@@ -176,6 +179,7 @@ class TrainingScheduler:
         train_every_min: float,
         min_new_votes: int,
         lock_path: Path | None = None,
+        preflight: Callable[[], str | None] | None = None,
     ):
         if train_every_min <= 0:
             raise ValueError(f"train_every_min must be > 0, got {train_every_min}")
@@ -183,6 +187,7 @@ class TrainingScheduler:
         self.store = store
         self.train_every_min = train_every_min
         self.min_new_votes = min_new_votes
+        self.preflight = preflight
         self.lock_path = Path(lock_path) if lock_path else DataDir(Path(store.path).parent).scheduler_lock
         self._round_lock = threading.Lock()
         self._scheduler = BackgroundScheduler(daemon=True)
@@ -262,7 +267,7 @@ class TrainingScheduler:
         """The periodic job: start a round if enough new votes arrived; else do nothing."""
         new = self.store.new_votes_since_last_round()
         if new < self.min_new_votes:
-            log.info("scheduled round not started: %d new votes, need %d", new, self.min_new_votes)
+            log.debug("scheduled round not started: %d new votes, need %d", new, self.min_new_votes)
             return None
         return self.run_now("schedule")
 
@@ -273,8 +278,12 @@ class TrainingScheduler:
             log.info("round request (%s) ignored: a round is already running", trigger)
             return None
         try:
-            self.last_result = self.round_fn(trigger)
-            return self.last_result
+            log.info("training round (%s) started", trigger)
+            self.last_result = result = self.round_fn(trigger)
+            if isinstance(result, dict):
+                log.info("training round %s (%s) %s: %s", result.get("id", "?"), trigger, result.get("status"),
+                         result.get("reason") or "")
+            return result
         except Exception as exc:  # noqa: BLE001 - logged with its traceback; the scheduler lives on
             self.last_error = traceback.format_exc()
             log.exception("training round (%s) raised", trigger)
@@ -294,11 +303,25 @@ class TrainingScheduler:
             log.exception("could not record the failed round (%s)", trigger)
 
     def request_round(self) -> str:
-        """Start a round in the background now ("Train now"); returns a message for the UI.
-        A round left ``'running'`` by a process that has died is marked failed first."""
+        """Start a round in the background now ("Train now"); returns a message for the UI:
+        that it started, that one already runs, or ``"Skipped: <reason>."`` when ``preflight``
+        says it would be skipped (recorded as a skipped round; nothing is started). A round left
+        ``'running'`` by a process that has died is marked failed first."""
         if not self.busy:
             self.store.fail_stale_rounds("interrupted: the process running it ended")
         if self.busy or self.store.running_round() is not None:
             return "A training round is already running."
+        skip = self.preflight() if self.preflight is not None else None
+        if skip is not None:  # recorded like a round that skipped itself, without starting one
+            if not self._round_lock.acquire(blocking=False):
+                return "A training round is already running."
+            try:
+                self.store.finish_round(self.store.start_round("manual"), "skipped", reason=skip)
+            except RoundAlreadyRunning:  # another process started one meanwhile
+                return "A training round is already running."
+            finally:
+                self._round_lock.release()
+            log.info("round (manual) skipped: %s", skip)
+            return f"Skipped: {skip}."
         threading.Thread(target=self.run_now, args=("manual",), name="train-now", daemon=True).start()
         return "Training round started; this tab refreshes when it ends."
