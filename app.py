@@ -124,7 +124,7 @@ def build_app(config: AppConfig):
     from storage.registry import AdapterRegistry, clean_staging
     from storage.store import open_store
     from training.models import load_tokenizer
-    from training.round import skip_reason
+    from training.round_start import skip_reason
     from training.scheduler import TrainingScheduler, subprocess_round
 
     admin = AdminAuth.from_options(config.auth, config.auth_file)
@@ -168,7 +168,7 @@ def starter_hints(model_ref: str) -> dict:
 
     if not (Path(model_ref) / STARTER_JSON).is_file():
         return {}
-    from training.starter.corpus import EXAMPLE_PROMPTS
+    from training.starter.vocab import EXAMPLE_PROMPTS
 
     return {
         "examples": tuple(EXAMPLE_PROMPTS),
@@ -226,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from training.models import ModelLoadError, quiet_library_noise
+    from training.console import quiet_library_noise
+    from training.models import ModelLoadError
 
     quiet_library_noise()
 

@@ -21,7 +21,7 @@ from tests.conftest import free_port, served_app
 from tests.test_browser import browser_page, needs_browser
 from training.round import RoundConfig
 from training.starter.build import STARTER_JSON
-from training.starter.corpus import EXAMPLE_PROMPTS
+from training.starter.vocab import EXAMPLE_PROMPTS
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 MIN_VOTES = 5

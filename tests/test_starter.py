@@ -13,7 +13,7 @@ from training.sft import (
     encode_conversation,
     pack,
 )
-from training.starter import corpus
+from training.starter import corpus, vocab
 from training.starter.build import StarterConfig, build_starter, ensure_starter
 from training.starter.tokenizer import train_tokenizer
 
@@ -66,7 +66,7 @@ def test_corpus_covers_skills_and_styles_and_replies_are_well_formed():
     memory = [c for c in convs if c["skill"] == "memory"]
     assert all(len([m for m in c["messages"] if m["role"] == "user"]) >= 3 for c in memory)
     # a stated name, pet or town is said back at once (the first copy, right after it was typed)
-    named = [c for c in memory if not c["reference"].isdigit() and c["reference"] not in corpus.COLOURS]
+    named = [c for c in memory if not c["reference"].isdigit() and c["reference"] not in vocab.COLOURS]
     assert named and all(next(m for m in c["messages"] if m["role"] == "assistant")["content"].count(c["reference"])
                          for c in named)
 
@@ -91,8 +91,8 @@ def test_system_prompt_answers_obey_the_system_prompt():
         if c["mode"] in corpus.STYLES:  # a style prompt: only answers in that style count
             assert set(c["answers"].values()) == {c["mode"]}
         elif c["mode"] == "persona":  # every answer opens as the persona named in the prompt
-            [persona] = [p for p in corpus.PERSONAS if p in system["content"]]
-            assert all(a.startswith(corpus.PERSONAS[persona]) for a in c["answers"])
+            [persona] = [p for p in vocab.PERSONAS if p in system["content"]]
+            assert all(a.startswith(vocab.PERSONAS[persona]) for a in c["answers"])
         elif c["mode"] == "name" and c["reference"] in system["content"]:
             assert all(c["reference"] in a for a in c["answers"])  # asked its name: the given one
     named = [c for c in convs if c["mode"] == "name" and c["reference"] in c["messages"][0]["content"]]
@@ -101,8 +101,8 @@ def test_system_prompt_answers_obey_the_system_prompt():
 
 def test_heldout_system_prompts_are_new_combinations_never_trained_on():
     train = {c["messages"][0]["content"] for c in corpus.generate_conversations(0, 5000) if c["skill"] == "system"}
-    for kind, keys in corpus.SYSTEM_KEYS.items():
-        trained, held = corpus.system_prompt_texts(kind, False), corpus.system_prompt_texts(kind, True)
+    for kind, keys in vocab.SYSTEM_KEYS.items():
+        trained, held = vocab.system_prompt_texts(kind, False), vocab.system_prompt_texts(kind, True)
         assert held and set(trained).isdisjoint(held)
         for key in keys:  # every key phrase is trained (in other carriers)
             assert any(key.lower() in t.lower() for t in trained), key
@@ -117,7 +117,7 @@ def test_unseen_names_never_occur_in_training_text():
     convs = corpus.generate_conversations(0, 5000)
     text = " ".join(m["content"] for c in convs for m in c["messages"]) + " ".join(corpus.generate_documents(0, 3000))
     words = set(re.findall(r"[A-Za-z]+", text))
-    assert not words & set(corpus.HELDOUT_NAMES)
+    assert not words & set(vocab.HELDOUT_NAMES)
     unseen = corpus.unseen_name_prompts(0, 200)
     refs = [u["reference"] for u in unseen]
     assert len(set(refs)) > 100 and not set(refs) & words  # recall of names the model never saw

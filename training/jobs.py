@@ -21,8 +21,8 @@ import torch
 from storage.paths import DataDir, DataDirError
 from storage.registry import AdapterRegistry
 from storage.store import open_store
+from training.console import quiet_library_noise
 from training.flags import add_dataclass_args, dataclass_from_args
-from training.models import quiet_library_noise
 from training.round import RoundConfig, run_round
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -148,22 +147,6 @@ def quiet_optional_kernel_notice() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropOptionalKernelNotice) for f in logger.filters):
             logger.addFilter(_DropOptionalKernelNotice())
-
-
-def quiet_library_noise() -> None:
-    """What the app and ``python -m training.jobs`` call at start, so that their console has one
-    line per event that matters: bitsandbytes' kernel notice (:func:`quiet_optional_kernel_notice`),
-    transformers' weight-loading progress bars, peft's use of transformers' deprecated
-    ``is_gradient_checkpointing`` (a FutureWarning on every load), and the INFO lines of HTTP
-    clients (one per request) and APScheduler (one per job run) are dropped; their warnings and
-    errors still show."""
-    import transformers
-
-    quiet_optional_kernel_notice()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
-    for name in ("httpx", "httpcore", "apscheduler"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _smoke_forward(model) -> None:

@@ -67,6 +67,7 @@ from training.reward_training import (
     make_reward_fn,
     train_reward_model,
 )
+from training.round_start import SkipRound, check_startable
 from training.seeds import derive_seed
 from training.voters import VoterConfig, clean_round_votes
 
@@ -142,14 +143,6 @@ class RoundConfig:
         self.gate = replace(self.gate, seed=derive_seed(self.seed, "gate"))
 
 
-class SkipRound(Exception):
-    """The round cannot train (too few votes, no prompts); recorded as skipped with the message."""
-
-    def __init__(self, reason: str, votes: int = 0):
-        super().__init__(reason)
-        self.votes = votes
-
-
 @dataclass
 class RoundInputs:
     """What a round trains on: vote pairs (``Store.vote_pairs``), PPO and held-out gate prompts
@@ -221,34 +214,6 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
 
 
 # ------------------------------------------------------------------ 1-2 inputs and model -------
-def check_startable(store: Store, min_votes: int) -> list[dict]:
-    """Whether a round on ``store`` can train, judged from the database alone (no model is
-    loaded): the one rule both a round and the app's "Train now" answer by. Returns the votes
-    as pairs (``Store.vote_pairs``).
-
-    Raises:
-        SkipRound: fewer A/B votes (ties excluded) than ``min_votes``, or no stored
-            conversation; its message says which, with the counts.
-    """
-    pairs = store.vote_pairs()
-    n_ab = sum(1 for p in pairs if not p["tie"])
-    if n_ab < min_votes:
-        raise SkipRound(f"too few votes: {n_ab} A/B votes, {min_votes} needed "
-                        "(--min-votes; the app's --round.min-votes)", len(pairs))
-    if not store.prompts(limit=1):
-        raise SkipRound("no stored conversations to take prompts from", len(pairs))
-    return pairs
-
-
-def skip_reason(store: Store, min_votes: int) -> str | None:
-    """:func:`check_startable`'s verdict as text: why a round would be skipped, None if not."""
-    try:
-        check_startable(store, min_votes)
-    except SkipRound as skip:
-        return str(skip)
-    return None
-
-
 def load_inputs(config: RoundConfig, store: Store) -> RoundInputs:
     """Step 1: the votes as pairs and the prompts, split by conversation with the reward
     model's held-out fraction and seed (so prompts and votes of a conversation stay together).

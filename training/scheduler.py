@@ -169,7 +169,7 @@ class TrainingScheduler:
             directory (default: the lock of the data dir that holds the store's database).
         preflight: returns why a round would be skipped now (None: it would train), asked by
             "Train now" before a round starts so its answer says what will happen; the app
-            passes :func:`training.round.skip_reason`. None: not asked.
+            passes :func:`training.round_start.skip_reason`. None: not asked.
     """
 
     def __init__(
