@@ -8,7 +8,7 @@ knowledge (a table of capitals, unit conversions) — never from hidden state of
 * :func:`prefers_correct` — the right answer wins: sums and differences are worked out from the
   question (an answer that shows column working is right when every step holds and it ends on
   the result), capitals and unit conversions looked up, word games (backwards, letter count, first
-  letter) solved, remembered names/colours/numbers read from earlier user turns; questions it
+  letter) solved, remembered names, pets, towns, colours and numbers read from earlier user turns; questions it
   cannot place should be answered with an honest "I don't know"; small talk should stay on topic.
   Equal correctness: a well-formed answer beats a garbled one, then a complete, to-the-point
   answer (one that restates what it answers, without pleasantries or follow-up questions) beats
@@ -188,6 +188,14 @@ def _check_word_game(question: str, answer: str) -> bool | None:
 def _check_memory(messages: list[dict], question: str, answer: str) -> bool | None:
     q = question.lower()
     earlier = " ".join(m["content"] for m in messages[:-1] if m["role"] == "user")
+    if "pet" in q:
+        v = (_word_after(r"\b(?:dog|cat|pet) is called ([a-z]+)", earlier) or _word_after(r"named ([a-z]+)", earlier)
+             or _word_after(r"(?:pet|dog|cat)'s name is ([a-z]+)", earlier))
+        return None if v is None else v in _words(answer)
+    if re.search(r"\bwhere do i live\b|\bwhere i live\b|\btown\b|\bi live in\b", q):
+        v = (_word_after(r"i live in (?:a town called )?([a-z]+)", earlier) or _word_after(r"i'm from ([a-z]+)", earlier)
+             or _word_after(r"home town is ([a-z]+)", earlier))
+        return None if v is None else v in _words(answer)
     if re.search(r"\bmy name\b|\bwho am i\b|\bmy name was\b", q):
         v = (_word_after(r"my name is ([a-z]+)", earlier) or _word_after(r"\bi'm ([a-z]+)", earlier)
              or _word_after(r"call me ([a-z]+)", earlier) or _word_after(r"\bi am ([a-z]+)", earlier))

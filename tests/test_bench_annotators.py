@@ -52,6 +52,22 @@ def test_memory_reads_earlier_user_turns():
                {"role": "assistant", "content": "Noted."},
                {"role": "user", "content": "Tell me my lucky number."}]
     assert prefers_correct(numbers, "434.", "343.") == "a"
+    pet = [{"role": "user", "content": "I have a cat named Zorvik."}, {"role": "assistant", "content": "Noted."},
+           {"role": "user", "content": "What is my pet called?"}]
+    assert prefers_correct(pet, "Your pet is called Zorvak.", "Your pet is called Zorvik.") == "b"
+    town = [{"role": "user", "content": "I'm from Kalemford."}, {"role": "assistant", "content": "Noted."},
+            {"role": "user", "content": "Where do I live?"}]
+    assert judge_correct(town, "You live in Kalemford.") is True and judge_correct(town, "Tomford.") is False
+
+
+def test_every_correct_memory_answer_of_the_corpus_is_judged_correct():
+    from training.starter import corpus
+
+    memory = [p for p in corpus.heldout_prompts(0, 700) + corpus.unseen_name_prompts(0, 100) if p["skill"] == "memory"]
+    assert len(memory) > 100
+    for p in memory:
+        for answer in p["answers"]:
+            assert judge_correct(p["messages"], answer) is True, (p["messages"], answer)
 
 
 def test_equally_correct_prefers_well_formed_then_complete_and_to_the_point_then_tie():
