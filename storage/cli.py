@@ -1,10 +1,11 @@
-"""Command line for the chat database: export votes for training, print statistics.
+"""Command line for the chat database: export votes for training, print statistics, rate versions.
 
     python -m storage export --data-dir data --out votes.jsonl   # TRL preference pairs
     python -m storage stats  --data-dir data                     # votes, versions, rounds
     python -m storage stats  --data-dir data --settings          # ... and each round's settings
+    python -m storage leaderboard --data-dir data [--json]       # versions rated from the votes
 
-Only parses arguments and calls ``storage.Store``.
+Only parses arguments and calls ``storage.Store`` and ``storage.leaderboard``.
 """
 
 from __future__ import annotations
@@ -62,6 +63,25 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    """Print the version leaderboard (``storage.leaderboard``) as a table, or as JSON."""
+    from storage.leaderboard import format_table, leaderboard  # scipy and pandas: only here
+
+    with _existing_store(args.data_dir) as store:
+        try:
+            rows = leaderboard(store, bootstrap=args.bootstrap, seed=args.seed,
+                               confidence=args.confidence)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    else:
+        print(f"Bradley–Terry ratings from the votes (the anchor, version 0 when rated, = 1000; +400 = 10:1 odds), "
+              f"{100 * args.confidence:g}% bootstrap intervals over {args.bootstrap} resamples:")
+        print(format_table(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m storage`` argument parser."""
     parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__.split("\n")[0])
@@ -75,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--rounds", type=int, default=10, help="how many recent rounds to list")
     stats.add_argument("--settings", action="store_true", help="also print each round's settings")
     stats.set_defaults(func=cmd_stats)
+    board = sub.add_parser("leaderboard", help="rate every policy version from the votes (Bradley–Terry)")
+    board.add_argument("--data-dir", type=Path, default=Path("data"), help="folder with chat.db")
+    board.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (0: none)")
+    board.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resamples")
+    board.add_argument("--confidence", type=float, default=0.95, help="coverage of the intervals, in (0, 1)")
+    board.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    board.set_defaults(func=cmd_leaderboard)
     return parser
 
 
