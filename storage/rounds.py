@@ -226,13 +226,21 @@ class RoundsMixin:
         return self.round(round_id)
 
     def set_round_progress(self, round_id: int, stage: str, done: int = 0, total: int | None = None,
-                           eta_s: float | None = None) -> bool:
+                           eta_s: float | None = None, fraction: float | None = None) -> bool:
         """Record how far a running round is: ``stage`` (``"loading"``, ``"reward model"``,
         ``"rejection sampling"``, ``"ppo"``, ``"gate"``, ``"publish"``), ``done`` of ``total`` steps of it, and the estimated seconds left of the
-        round (``eta_s``; None: unknown). A round no longer running is left as it is (returns
-        False): a late report never rewrites a finished round."""
+        round (``eta_s``; None: unknown), and how far the round is, 0..1 (``fraction``; None:
+        unknown; :func:`training.progress.progress_fraction`). The row's ``progress`` becomes
+        ``{"stage", "done", "total", "eta_s", "fraction", "updated_at"}``. A round no longer
+        running is left as it is (returns False): a late report never rewrites a finished round.
+
+        Raises ``ValueError`` for a ``fraction`` outside [0, 1].
+        """
+        if fraction is not None and not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1] or None, got {fraction!r}")
         progress = {"stage": stage, "done": int(done), "total": None if total is None else int(total),
-                    "eta_s": None if eta_s is None else round(float(eta_s), 1), "updated_at": self._now()}
+                    "eta_s": None if eta_s is None else round(float(eta_s), 1),
+                    "fraction": None if fraction is None else float(fraction), "updated_at": self._now()}
         cursor = self.db.execute(
             "UPDATE training_rounds SET progress = ? WHERE id = ? AND status = 'running'",
             [dumps(progress), round_id],

@@ -5,9 +5,29 @@ Each version is one row in ``policy_versions`` with status ``'live' | 'candidate
 retired: was live once) and a ``note`` saying why its status last changed. Exactly one version is live once any has been made live: a partial
 unique index forbids two, and ``set_live`` retires the previous one in the same transaction.
 Mixed into ``storage.store.Store``; uses its ``db`` (per-thread handle) and ``_now()``.
+
+**What a version changed** (:func:`write_changes`, :func:`version_changes`): a few held-out
+prompts with the previous version's and the new version's answer, side by side, kept with the
+version. A round's gate samples both versions on held-out prompts
+(:func:`training.gate.run_gate`); the first few of those rows are written as ``changes.json``
+into the adapter's staging directory before it is published, so the file is renamed into place
+with the adapter and covered by the version's checksum like every other file of it
+(:func:`storage.registry.tree_digest`): a version appears with its changes or not at all, and a
+changed file takes the version out of service like a changed weight. Version 0, versions
+published before this file existed and rounds run without the gate have none::
+
+    {"format": 1, "before_version": 3,
+     "changes": [{"messages": [{"role": "user", "content": "..."}], "before": "...", "after": "...",
+                  "before_reward": 0.12, "after_reward": 0.57}, ...]}
+
+Texts are data: stored and returned exactly as sampled (no escaping; that is the display's job).
 """
 
 from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
 
 import sqlite_utils
 
@@ -188,3 +208,106 @@ class VersionsMixin:
 
     def _known_versions(self) -> list[int]:
         return [r[0] for r in self.db.execute("SELECT version FROM policy_versions ORDER BY 1")]
+
+
+CHANGES_FILE = "changes.json"
+CHANGES_FORMAT = 1
+
+
+def _check_entry(i: int, entry: dict) -> dict:
+    """One entry, validated and reduced to its known keys.
+
+    Raises:
+        ValueError: missing or mistyped fields.
+    """
+    if not isinstance(entry, dict):
+        raise ValueError(f"change {i} must be a dict, got {type(entry).__name__}")
+    messages = entry.get("messages")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise ValueError(f"change {i}: 'messages' must be a non-empty list of {{role, content}} strings")
+    for key in ("before", "after"):
+        if not isinstance(entry.get(key), str):
+            raise ValueError(f"change {i}: {key!r} must be a string (the answer), got {type(entry.get(key)).__name__}")
+    out = {"messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+           "before": entry["before"], "after": entry["after"]}
+    for key in ("before_reward", "after_reward"):
+        value = entry.get(key)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"change {i}: {key!r} must be a number or None, got {value!r}")
+            out[key] = float(value) if math.isfinite(value) else None
+    return out
+
+
+def write_changes(directory: str | Path, before_version: int, changes: list[dict]) -> Path:
+    """Write ``directory/changes.json``: ``changes`` (each ``{"messages", "before", "after"}``
+    and optionally ``"before_reward"``, ``"after_reward"``; :class:`training.gate.GateResult`
+    ``samples``) against version ``before_version`` (the one live when the round started).
+    Call it on a staging directory before publishing, so the checksum covers it. Returns the
+    file's path.
+
+    Raises:
+        ValueError: ``before_version`` is not an int >= 0, or an entry lacks a field or has a
+            mistyped one.
+    """
+    if isinstance(before_version, bool) or not isinstance(before_version, int) or before_version < 0:
+        raise ValueError(f"before_version must be an int >= 0, got {before_version!r}")
+    entries = [_check_entry(i, e) for i, e in enumerate(changes)]
+    path = Path(directory) / CHANGES_FILE
+    text = json.dumps({"format": CHANGES_FORMAT, "before_version": before_version, "changes": entries},
+                      ensure_ascii=False, allow_nan=False, indent=1)
+    path.write_text(text + "\n", encoding="utf-8")
+    return path
+
+
+def read_changes(directory: str | Path, version: int) -> list[dict]:
+    """The changes kept in ``directory`` (version ``version``'s adapter directory), as
+    :func:`version_changes` returns them; ``[]`` when it holds no ``changes.json``.
+
+    Raises:
+        ValueError: the file is not valid JSON of this format.
+    """
+    path = Path(directory) / CHANGES_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != CHANGES_FORMAT or not isinstance(data.get("changes"), list):
+        raise ValueError(f"{path} is not a changes file of format {CHANGES_FORMAT}")
+    before = data.get("before_version")
+    if isinstance(before, bool) or not isinstance(before, int):
+        raise ValueError(f"{path}: 'before_version' must be an int, got {before!r}")
+    out = []
+    for i, raw in enumerate(data["changes"]):
+        entry = _check_entry(i, raw)
+        users = [m["content"] for m in entry["messages"] if m["role"] == "user"]
+        out.append({
+            "prompt": users[-1] if users else "",
+            "messages": entry["messages"],
+            "before": entry["before"], "before_version": before, "before_reward": entry.get("before_reward"),
+            "after": entry["after"], "after_version": version, "after_reward": entry.get("after_reward"),
+        })
+    return out
+
+
+def version_changes(registry, version: int) -> list[dict]:
+    """What version ``version`` changed, on a few held-out prompts: one ``{"prompt": the last
+    user message (str), "messages": the whole prompt ({role, content} list), "before": the
+    previous version's answer, "before_version": int, "before_reward": float | None, "after":
+    this version's answer, "after_version": ``version``, "after_reward": float | None}`` per
+    prompt (rewards: the round's reward model's raw scores), in the order the gate sampled them;
+    ``[]`` when the version kept none (version 0, older versions, rounds without the gate).
+
+    ``registry`` is the data dir's :class:`storage.registry.AdapterRegistry`. The files are not
+    checksummed here (serving does that when it loads the version).
+
+    Raises:
+        storage.errors.UnknownVersion (a ``KeyError``): ``version`` is not registered.
+        FileNotFoundError: its directory is gone.
+        ValueError: its ``changes.json`` is damaged.
+    """
+    return read_changes(registry.path(version, verify=False), version)

@@ -70,6 +70,9 @@ class GateConfig:
     n_prompts: int = help_field(128, help="answers sampled per version: n-prompts / samples-per-prompt distinct held-out prompts, fewer cycled (new seed per row)")
     max_new_tokens: int = help_field(48, help="answer length limit, tokens")
     seed: int = help_field(0, help="sampling seed (the same for both versions; row i uses seed + i)")
+    changes: int = help_field(
+        6, help="held-out prompts whose live and candidate answers are kept with the published version, "
+        "for admins to see what training changed (0: none)")
 
     def __post_init__(self):
         if not 0.0 <= self.min_win_rate <= 1.0:
@@ -88,15 +91,22 @@ class GateConfig:
                 raise ValueError(f"GateConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.length_slack_tokens < 0:
             raise ValueError(f"GateConfig.length_slack_tokens must be >= 0, got {self.length_slack_tokens}")
+        if self.changes < 0:
+            raise ValueError(f"GateConfig.changes must be >= 0, got {self.changes}")
 
 
 @dataclass
 class GateResult:
-    """``passed``; ``reason`` ("" when passed, else every failed check, "; "-joined); metrics."""
+    """``passed``; ``reason`` ("" when passed, else every failed check, "; "-joined); metrics;
+    ``samples``: what changed on a few held-out prompts (:func:`run_gate`; empty from
+    :func:`gate_decision`), each ``{"messages", "before", "after", "before_reward",
+    "after_reward"}``: the prompt (``{role, content}`` messages ending with a user turn), live's
+    and the candidate's answer (raw text) and the reward model's raw score of each."""
 
     passed: bool
     reason: str
     metrics: dict = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
 
 
 def wilson_interval(successes: float, n: float, z: float) -> tuple[float, float]:
@@ -266,7 +276,10 @@ def run_gate(
     disabled). The active adapter and every ``requires_grad`` flag are restored afterwards.
 
     A candidate whose weights change nothing (:func:`adapter_difference` is 0) is rejected
-    without sampling.
+    without sampling (no ``samples``). Otherwise the result's ``samples`` are the first
+    ``config.changes`` distinct prompts with the first answer of each version to them (rows
+    ``0 … k−1``, which are distinct prompts; the same seeds for both versions), in the order
+    of ``prompts``.
 
     Raises:
         ValueError: no prompts, or an adapter name the policy does not hold.
@@ -313,4 +326,10 @@ def run_gate(
                            live.lengths.float(), config, prompt_ids=prompt_ids, live_answers=live.answers,
                            candidate_truncated=~cand.ended, live_truncated=~live.ended)
     result.metrics["gate/weight_change"] = change
+    distinct = len(set(prompt_ids))  # rows 0 … distinct − 1 are the first sample of each prompt
+    result.samples = [
+        {"messages": [dict(m) for m in chosen[i]], "before": live.answers[i], "after": cand.answers[i],
+         "before_reward": float(live_scores[i]), "after_reward": float(cand_scores[i])}
+        for i in range(min(config.changes, distinct))
+    ]
     return result

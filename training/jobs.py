@@ -6,6 +6,11 @@ The app's scheduler runs exactly this in a child process, with the app's ``--rou
 as flags (``python -m training.jobs --help`` lists them). It refuses a ``--data-dir`` that is not
 an app's data dir and a ``--model`` other than the data dir's base model, prints one summary
 line, and exits with 1 when the round failed, 2 for bad flags.
+
+On a terminal, PPO's iterations also show as a progress bar on stderr, the log lines printed
+above it (still one per report); the bar is off whenever stderr is not a terminal (redirected,
+or the app's child, whose output goes to the training log; :func:`training.progress.want_bar`),
+and tqdm's own ``TQDM_DISABLE=1`` hides it on a terminal too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from storage.registry import AdapterRegistry
 from storage.store import open_store
 from training.console import quiet_library_noise
 from training.flags import add_dataclass_args, dataclass_from_args
+from training.progress import want_bar
 from training.round import RoundConfig, run_round
 
 
@@ -66,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
     store = open_store(data_dir)
     signal.signal(signal.SIGTERM, _terminate)  # recorded as a failed round, never a half-published one
-    result = run_round(config, store, AdapterRegistry(data_dir, store), trigger=args.trigger)
+    registry = AdapterRegistry(data_dir, store)
+    if want_bar():
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():  # log lines above the bar, not through it
+            result = run_round(config, store, registry, trigger=args.trigger, progress_bar=True)
+    else:
+        result = run_round(config, store, registry, trigger=args.trigger)
     print(f"round {result['id']}: {result['status']} {result['reason'] or ''} version={result['version']}")
     return 1 if result["status"] == "failed" else 0
 

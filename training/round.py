@@ -21,7 +21,9 @@
                                 model (with ``--ppo.ptx-coef``: PPO-ptx on demonstrations);
   5. :func:`gate_step`          the candidate against live on held-out prompts, and the reward
                                 model's held-out accuracy (:mod:`training.gate`);
-  6. :func:`publish_step`       the adapter (and PPO's value head beside it) renamed into place as
+  6. :func:`publish_step`       the adapter (and beside it PPO's value head and what changed: the
+                                gate's answers of both versions on a few held-out prompts,
+                                :func:`storage.versions.write_changes`) renamed into place as
                                 version N+1 (live; a candidate for users' votes with
                                 ``--user-gate``, :mod:`training.user_gate`; or rejected), the new
                                 reward model (with its ensemble) as the one in use.
@@ -43,9 +45,10 @@ import torch
 from storage.registry import AdapterRegistry, RewardModelRegistry
 from storage.rounds import TRAINED_STATUSES
 from storage.store import Store
+from storage.versions import write_changes
 from training.chat_format import fit_prompts
 from training.flags import help_field, nested
-from training.gate import GateConfig, rm_accuracy_check, run_gate
+from training.gate import GateConfig, GateResult, rm_accuracy_check, run_gate
 from training.models import (
     LoadConfig,
     add_lora,
@@ -166,8 +169,11 @@ class RewardStep:
     staging: Path | None = field(default=None)  # a new model to publish with the round; None: keep the one in use
 
 
-def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trigger: str = "manual") -> dict:
-    """Run one training round and record it; never raises for a failed round.
+def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trigger: str = "manual",
+              progress_bar: bool = False) -> dict:
+    """Run one training round and record it; never raises for a failed round. ``progress_bar``:
+    also show PPO's iterations as a tqdm bar on stderr (:class:`training.progress.RoundProgress`;
+    ``python -m training.jobs`` turns it on when stderr is a terminal).
 
     Returns:
         the round's row as recorded: ``{"id", "status", "reason", "metrics", "settings",
@@ -179,7 +185,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
     """
     round_id = store.start_round(trigger, settings=asdict(config))
     log.info("round %s settings: %s", round_id, json.dumps(asdict(config), sort_keys=True))
-    progress = RoundProgress(store, round_id, config.max_minutes)
+    progress = RoundProgress(store, round_id, config.max_minutes, bar=progress_bar)
     reward_models = RewardModelRegistry(registry.data_dir)
     reward = None
     try:
@@ -194,12 +200,13 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         value_head = starting_value_head(config, registry, inputs.live, policy)
         metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress, value_head)
         progress.stage("gate")
-        passed, reason, gate_metrics = gate_step(config, registry, policy, tokenizer, reward, inputs)
-        metrics = {**voter_metrics, **reward.metrics, **metrics, **gate_metrics}
+        verdict = gate_step(config, registry, policy, tokenizer, reward, inputs)
+        passed, reason = verdict.passed, verdict.reason
+        metrics = {**voter_metrics, **reward.metrics, **metrics, **verdict.metrics}
         progress.stage("publish")
         as_candidate = passed and config.user_gate
         version = publish_step(registry, reward_models, policy, reward, round_id, inputs.live, metrics, passed,
-                               value_head, as_candidate)
+                               value_head, as_candidate, changes=verdict.samples)
         reason = f"version {version} is a candidate: users' votes against live decide" if as_candidate else reason
         store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
                            version=version, votes_used=len(pairs))
@@ -210,6 +217,8 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         if reward is not None and reward.staging is not None:
             reward_models.discard(reward.staging)
         store.finish_round(round_id, "failed", reason=f"{exc.__class__.__name__}: {exc}")
+    finally:
+        progress.close()
     return store.round(round_id)
 
 
@@ -432,30 +441,33 @@ def ptx_demonstrations(config: RoundConfig, tokenizer, max_tokens: int | None = 
 
 # ------------------------------------------------------------------ 5-6 gate and publish -------
 def gate_step(config: RoundConfig, registry: AdapterRegistry, policy, tokenizer, reward: RewardStep,
-              inputs: RoundInputs) -> tuple[bool, str, dict]:
-    """Step 5: ``(passed, reason, gate metrics)`` for the candidate (adapter ``"policy"``): the
-    promotion gate against the live version on held-out prompts, judged by the reward model in
-    use, and that reward model's own held-out accuracy (a reward model at chance only drifts).
-    With ``config.gate.enabled`` false every candidate passes."""
+              inputs: RoundInputs) -> GateResult:
+    """Step 5: the gate's verdict on the candidate (adapter ``"policy"``): the promotion gate
+    against the live version on held-out prompts, judged by the reward model in use, and that
+    reward model's own held-out accuracy (a reward model at chance only drifts). Its
+    ``samples`` (live's and the candidate's answers on a few of those prompts) are what the
+    published version keeps as its changes. With ``config.gate.enabled`` false every candidate
+    passes, with no metrics and no samples."""
     if not config.gate.enabled:
-        return True, "", {}
+        return GateResult(True, "")
     load_lora(policy, registry.path(inputs.live), adapter_name="live")
     result = run_gate(policy, tokenizer, reward.reward_fn, inputs.gate_prompts, config.gate, "policy", "live")
     weak = rm_accuracy_check(reward.accuracy, reward.decisive, config.gate)
     reason = "; ".join(r for r in (result.reason, weak) if r)
-    return result.passed and not weak, reason, result.metrics
+    return GateResult(result.passed and not weak, reason, result.metrics, result.samples)
 
 
 def publish_step(registry: AdapterRegistry, reward_models: RewardModelRegistry, policy, reward: RewardStep,
                  round_id: int, live: int, metrics: dict, passed: bool, value_head: ValueHead | None = None,
-                 as_candidate: bool = False) -> int:
+                 as_candidate: bool = False, changes: list[dict] | None = None) -> int:
     """Step 6: publish the new reward model, if the round made one, as the one in use, then save
-    the candidate adapter (and PPO's ``value_head`` beside it) to staging and publish it as
-    version N+1: live when it ``passed``; a *candidate* when it passed and ``as_candidate``
-    (users' votes decide, :mod:`training.user_gate`; an older candidate still waiting is
-    rejected as superseded); else recorded as rejected (the live version keeps serving).
-    Returns N+1. A failure leaves no staging, and never a live adapter in a round recorded as
-    failed (the adapter goes last)."""
+    the candidate adapter (and PPO's ``value_head`` and the gate's ``changes`` against version
+    ``live``, :func:`storage.versions.write_changes`, beside it: inside its checksum) to staging
+    and publish it as version N+1: live when it ``passed``; a *candidate* when it passed and
+    ``as_candidate`` (users' votes decide, :mod:`training.user_gate`; an older candidate still
+    waiting is rejected as superseded); else recorded as rejected (the live version keeps
+    serving). Returns N+1. A failure leaves no staging, and never a live adapter in a round
+    recorded as failed (the adapter goes last)."""
     if reward.staging is not None:
         reward_models.publish(reward.staging)
         reward.staging = None
@@ -464,6 +476,8 @@ def publish_step(registry: AdapterRegistry, reward_models: RewardModelRegistry, 
         save_adapter(policy, "policy", staging)
         if value_head is not None:
             value_head.save(staging)
+        if changes:
+            write_changes(staging, live, changes)
         version = registry.publish(staging, parent=live, round_id=round_id, metrics=metrics,
                                    live=passed and not as_candidate)
     except BaseException:
