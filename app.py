@@ -28,6 +28,7 @@ from training.flags import (
 )
 from training.models import LoadConfig
 from training.round import RoundConfig
+from training.starter.build import StarterConfig
 from training.user_gate import UserGateConfig
 
 log = logging.getLogger("app")
@@ -62,6 +63,9 @@ class AppConfig:
         RoundConfig, help="every training round (python -m training.jobs, run by the app in a child process); "
         "e.g. --round.min-votes 20 --round.gate.enabled false --round.rs.n 8",
         set_by_parent=("data_dir", "model", "load", "user_gate"))
+    starter: StarterConfig = nested(
+        StarterConfig, help="recipe of the offline starter model, built in DATA/starter when there is no --model and "
+        "the data dir has no starter yet (one already built is kept); e.g. --starter.sft-steps 600")
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
@@ -134,7 +138,7 @@ def build_app(config: AppConfig):
     else:
         from training.starter.build import ensure_starter
 
-        model_ref = str(ensure_starter(data_dir.starter, progress=True))
+        model_ref = str(ensure_starter(data_dir.starter, config.starter, progress=True))
     load_tokenizer(model_ref, config.load.chat_template)  # a bad --model fails here, before anything is written
     try:
         data_dir.check_model(model_ref)
@@ -178,12 +182,16 @@ def starter_hints(model_ref: str) -> dict:
     }
 
 
-def launch(demo, config: AppConfig, block: bool = True):
+def launch(demo, config: AppConfig, block: bool = True, warn: bool = True):
     """Serve ``demo`` on ``config.host:config.port`` with the app's queue settings; with
     ``block=False`` return once it serves (tests; ``main`` then prints the address and waits).
-    Warns when the app is reachable from the network while admin actions are open."""
+    With ``warn``, warns when the app is reachable from the network while admin actions are open.
+
+    Raises:
+        OSError: the port is taken.
+    """
     loopback = config.host in ("127.0.0.1", "localhost", "::1")
-    if not loopback and not (config.auth or config.auth_file):
+    if warn and not loopback and not (config.auth or config.auth_file):
         log.warning(
             "serving on %s without --auth: anyone who can reach it can train, roll back and "
             "export every vote; pass --auth USER:PASS", config.host,
@@ -200,6 +208,50 @@ def launch(demo, config: AppConfig, block: bool = True):
         quiet=True,  # main() prints the one line with the address
         **getattr(demo, "rlhf_launch_kwargs", {}),
     )
+
+
+READY_STAGE = "starting the chat"  # the starting page's last stage: the built model is being loaded
+
+
+def build_starter_first(config: AppConfig):
+    """On a data dir's first run without ``--model`` (no complete starter in ``DATA/starter``):
+    serve :class:`chatapp.starting.StartingPage` on the app's address, print the address once
+    it answers, and build the starter there (``config.starter``) in this thread, its progress
+    shown on the page. Returns the page, still serving at its last stage (:data:`READY_STAGE`):
+    the caller closes it right before launching the app on the same port. Returns ``None``,
+    starting nothing, when no build is needed or ``--model`` is given.
+
+    Ctrl-C (or SIGTERM, see :func:`main`) during the build closes the page and re-raises;
+    the build leaves nothing half-written (:func:`training.starter.build.build_starter`).
+
+    Raises:
+        SystemExit: the data dir was made for another base model (said before building).
+        OSError: the port is taken.
+    """
+    if config.model:
+        return None
+    from storage.paths import DataDir, DataDirError
+    from training.starter.build import STAGES, ensure_starter, starter_problem
+
+    data_dir = DataDir(config.data_dir).create()
+    if starter_problem(data_dir.starter) is None:
+        return None
+    try:
+        data_dir.check_model(str(data_dir.starter))
+    except DataDirError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    from chatapp.starting import StartingPage
+
+    page = StartingPage((*STAGES, READY_STAGE))
+    try:
+        launch(page.demo, config, block=False)
+        print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)  # once it answers
+        ensure_starter(data_dir.starter, config.starter, progress=True, on_progress=page.report)
+        page.report(READY_STAGE, 0, 1)
+    except BaseException:
+        page.demo.close(verbose=False)
+        raise
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,21 +282,33 @@ def main(argv: list[str] | None = None) -> int:
     from training.models import ModelLoadError
 
     quiet_library_noise()
-
+    # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C: during a first run's starter
+    # build, the build stops with nothing half-written; while serving, the server closes, a
+    # running training child is stopped (its round recorded as failed) and the data-dir lock released
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    starting = None
     try:
         torch_threads(config.threads)
+        starting = build_starter_first(config)  # a first run: the UI answers while the starter is built
         demo, scheduler = build_app(config)
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("stopped before the chat was ready", flush=True)  # an unfinished starter build left nothing
+        return 0
+    finally:
+        if starting is not None:
+            starting.demo.close(verbose=False)  # the app takes the port over
     if scheduler is not None:
         scheduler.start()
-    # SIGTERM (systemd, docker stop, kill) shuts down like Ctrl-C: the server closes, a running
-    # training child is stopped (its round recorded as failed) and the data-dir lock released
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        launch(demo, config, block=False)
-        print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)  # once it answers
+        launch(demo, config, block=False, warn=starting is None)  # the starting page warned already
+        if starting is None:
+            print(f"RLHF chat on http://{config.host}:{config.port}", flush=True)  # once it answers
+        else:
+            print(f"the starter model is ready: chat on http://{config.host}:{config.port} "
+                  "(an open page reloads into it)", flush=True)
         demo.block_thread()
     except KeyboardInterrupt:  # Ctrl-C / SIGTERM while Gradio was still starting up (before its
         demo.close()  # own wait loop, which handles it, took over): the same clean shutdown

@@ -21,6 +21,8 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,11 @@ from training.flags import help_field
 STARTER_JSON = "starter.json"
 REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                   "tokenizer_config.json", STARTER_JSON)
+# The stages of a build, in order, as ``on_progress`` names them (see :func:`build_starter`).
+STAGES = ("generating the corpus", "training the tokenizer", "pre-training", "supervised fine-tuning",
+          "saving", "evaluating")
+ProgressFn = Callable[[str, int, int], None]
+"""``on_progress(stage, done, total)``: ``stage`` one of :data:`STAGES`, ``done`` of ``total`` units."""
 
 
 @dataclass
@@ -87,8 +94,34 @@ def _threads(config: StarterConfig) -> int:
     return config.num_threads or min(8, os.cpu_count() or 1)
 
 
-def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
-    """Stages 1–4 of the module docstring; saves model + tokenizer into ``tmp``; returns metrics."""
+@contextmanager
+def _counting_steps(model, stage: str, total: int, on_progress: ProgressFn | None) -> Iterator[None]:
+    """Report ``(stage, done, total)`` to ``on_progress`` at the start (``done`` 0) and after each
+    forward pass of ``model`` (:func:`training.sft.train` makes one per optimizer step); the hook
+    is removed on exit."""
+    if on_progress is None:
+        yield
+        return
+    done = 0
+    on_progress(stage, 0, total)
+
+    def after_forward(module, args, output):
+        nonlocal done
+        done += 1
+        on_progress(stage, done, total)
+
+    handle = model.register_forward_hook(after_forward)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _train_into(tmp: Path, config: StarterConfig, progress: bool, on_progress: ProgressFn | None = None) -> dict:
+    """Stages 1–4 of the module docstring; saves model + tokenizer into ``tmp``; returns metrics.
+    ``on_progress`` gets each of :data:`STAGES` as it starts and ends (see :func:`build_starter`)."""
+    report = on_progress or (lambda stage, done, total: None)
+    report(STAGES[0], 0, 2)  # before the imports below, which take seconds on a busy machine
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from training.sft import (
@@ -104,13 +137,19 @@ def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     # 1. corpus
     docs = corpus.generate_documents(config.seed, config.n_documents)
+    report(STAGES[0], 1, 2)
     convs = corpus.generate_conversations(config.seed, config.n_conversations)
-    # 2. tokenizer, on documents and every message of the conversations
+    report(STAGES[0], 2, 2)
+    # 2. tokenizer, on documents and every message of the conversations; then the packed rows
+    report(STAGES[1], 0, 3)
     texts = docs + [m["content"] for c in convs for m in c["messages"]]
     tok = train_tokenizer(texts, vocab_size=config.vocab_size)
+    report(STAGES[1], 1, 3)
     doc_rows = pack([encode_document(tok, d) for d in docs], config.seq_len, tok.pad_token_id, config.seed)
+    report(STAGES[1], 2, 3)
     conv_rows = pack([encode_conversation(tok, c["messages"]) for c in convs], config.seq_len,
                      tok.pad_token_id, config.seed)
+    report(STAGES[1], 3, 3)
     metrics = {"data/seconds": time.perf_counter() - t0, "data/doc_rows": len(doc_rows),
                "data/conv_rows": len(conv_rows)}
     # 3. model from a Llama config
@@ -135,20 +174,26 @@ def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
     # 4. pre-training on documents (every token), then SFT on conversations (assistant tokens)
     if config.pretrain_steps:
         settings = LoopSettings(steps=config.pretrain_steps, lr=config.pretrain_lr, **common)
-        metrics |= train(model, doc_rows, settings, desc="pretrain", progress=progress)
+        with _counting_steps(model, STAGES[2], config.pretrain_steps, on_progress):
+            metrics |= train(model, doc_rows, settings, desc="pretrain", progress=progress)
     settings = LoopSettings(steps=config.sft_steps, lr=config.sft_lr, **common)
-    metrics |= train(model, conv_rows, settings, desc="sft", progress=progress)
+    with _counting_steps(model, STAGES[3], config.sft_steps, on_progress):
+        metrics |= train(model, conv_rows, settings, desc="sft", progress=progress)
     # 5. save: generation stops at end of turn
+    report(STAGES[4], 0, 1)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    report(STAGES[4], 1, 1)
     if config.eval_per_skill:
         from training.starter.eval import evaluate
 
+        report(STAGES[5], 0, 1)
         ev = evaluate(model, tok, seed=config.seed + 1, n_per_skill=config.eval_per_skill,
                       n_heldout=0, n_unseen_names=0, n_system=0, n_style_prompts=0, progress=False)
+        report(STAGES[5], 1, 1)
         metrics |= {"eval/mean": ev["mean"], "eval/min": ev["min"]}
         metrics |= {f"eval/{k}": v for k, v in ev["per_skill"].items()}
     metrics["build/seconds"] = time.perf_counter() - t0
@@ -156,13 +201,23 @@ def _train_into(tmp: Path, config: StarterConfig, progress: bool) -> dict:
     return metrics
 
 
-def build_starter(out_dir: Path, config: StarterConfig | None = None, progress: bool = True) -> Path:
+def build_starter(out_dir: Path, config: StarterConfig | None = None, progress: bool = True,
+                  on_progress: ProgressFn | None = None) -> Path:
     """Build the starter model into ``out_dir`` and return ``out_dir``.
 
     Writes ``save_pretrained`` files of the model and tokenizer and ``starter.json``
     (``{"config", "seed", "metrics"}``). Everything is written into a temporary sibling
-    directory that replaces ``out_dir`` only when complete. Deterministic for a config
-    (same seed, same thread count → same weights).
+    directory that replaces ``out_dir`` only when complete (an exception, Ctrl-C included,
+    removes it and leaves ``out_dir`` as it was). Deterministic for a config (same seed, same
+    thread count → same weights).
+
+    Args:
+        progress: tqdm bars on stderr for the training stages, and a summary line at the end.
+        on_progress: called in the building thread as ``on_progress(stage, done, total)``: each
+            of :data:`STAGES` in order (pre-training left out with ``pretrain_steps=0``,
+            evaluating with ``eval_per_skill=0``), first with ``done=0``, last with
+            ``done=total``; the two training stages count optimizer steps (``total`` =
+            ``pretrain_steps`` / ``sft_steps``, one call per step), the others their parts.
     """
     config = config or StarterConfig()
     out_dir = Path(out_dir)
@@ -172,7 +227,7 @@ def build_starter(out_dir: Path, config: StarterConfig | None = None, progress: 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(_threads(config))
     try:
-        metrics = _train_into(tmp, config, progress)
+        metrics = _train_into(tmp, config, progress, on_progress)
         info = {"config": dataclasses.asdict(config), "seed": config.seed, "threads": _threads(config),
                 "metrics": metrics}
         (tmp / STARTER_JSON).write_text(json.dumps(info, indent=2) + "\n")
@@ -196,7 +251,12 @@ def build_starter(out_dir: Path, config: StarterConfig | None = None, progress: 
 
 
 def starter_problem(model_dir: Path) -> str | None:
-    """Why ``model_dir`` is not a complete, loadable starter, or ``None`` if it is."""
+    """Why ``model_dir`` is not a complete, loadable starter, or ``None`` if it is.
+
+    Checks every file without building the model (the app then loads it once): ``starter.json``,
+    ``config.json`` and ``generation_config.json`` parse, the tokenizer loads with a chat template that renders, and
+    ``model.safetensors`` reads in full (a truncated or garbled file fails). A build is renamed
+    into place only when complete, so these catch what damages a finished one."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return "missing"
@@ -204,10 +264,16 @@ def starter_problem(model_dir: Path) -> str | None:
     if missing:
         return f"incomplete (no {', '.join(missing)})"
     try:
-        json.loads((model_dir / STARTER_JSON).read_text())
-        from training.models import load_model_and_tokenizer
+        from safetensors.torch import load_file
+        from transformers import AutoConfig, GenerationConfig
 
-        load_model_and_tokenizer(model_dir, device="cpu")
+        from training.models import load_tokenizer
+
+        json.loads((model_dir / STARTER_JSON).read_text())
+        AutoConfig.from_pretrained(model_dir)
+        GenerationConfig.from_pretrained(model_dir)
+        load_tokenizer(model_dir)
+        load_file(model_dir / "model.safetensors")
     except Exception as exc:  # noqa: BLE001 - any failure to load means "rebuild"
         return f"corrupt ({exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
     return None
@@ -229,9 +295,10 @@ def recipe_changes(model_dir: Path, config: StarterConfig) -> dict[str, tuple]:
     return {k: (built[k], v) for k, v in now.items() if k not in _NOT_RECIPE and k in built and built[k] != v}
 
 
-def ensure_starter(out: Path, config: StarterConfig | None = None, progress: bool = True) -> Path:
+def ensure_starter(out: Path, config: StarterConfig | None = None, progress: bool = True,
+                   on_progress: ProgressFn | None = None) -> Path:
     """Return ``out`` (a data dir's ``DataDir.starter``) if it is a complete, loadable starter;
-    else (re)build it there.
+    else (re)build it there (``progress``, ``on_progress``: see :func:`build_starter`).
 
     A missing or corrupt directory is rebuilt after a one-line message; it is never half-loaded.
     One built with other settings than ``config`` (an older recipe) is kept, since the adapters
@@ -249,4 +316,4 @@ def ensure_starter(out: Path, config: StarterConfig | None = None, progress: boo
                   f"--out {out}` rebuilds it, after which those adapters no longer fit.", flush=True)
         return out
     print(f"starter model at {out} is {problem}; building it (a few minutes on CPU)", flush=True)
-    return build_starter(out, config, progress=progress)
+    return build_starter(out, config, progress=progress, on_progress=on_progress)
