@@ -15,6 +15,11 @@ exactly ``--new-tokens`` tokens: end of turn suppressed on both sides), measured
 * ``ttft_s``: median time from calling ``stream`` to the first streamed text, idle.
 * ``concurrency_speedup_8``: aggregate tokens/s of ``--concurrency`` simultaneous replies (one
   thread each, different prompts) ÷ tokens/s of one reply; median of back-to-back pairs. Target ≥ 3.
+* ``compare_both_over_one``: wall time from asking ``ChatService.compare`` for a comparison
+  (two answers of the live version, streamed together from one batch: the ``random`` selection)
+  until both answers are complete ÷ wall time of one ``ChatService.chat`` answer to the same
+  prompt, same settings; mean of ``--repeats`` back-to-back pairs with its standard error
+  (``compare_both_over_one_se``). Target ≤ 1.2.
 * ``ttft_p95_training_over_idle``: p95 TTFT over ``--ttft-samples`` requests while a PPO loop
   runs in a child process on ``--train-threads`` threads (``training.ppo.ppo_train`` on a LoRA
   adapter, toy reward; at ``--train-priority``, as the app should start its round child) ÷ p95
@@ -226,6 +231,16 @@ def _timed_stream(engine, messages, sampling, stop_after_first: bool = False) ->
     }
 
 
+def _timed_run(gen) -> tuple[float, object]:
+    """``(seconds from the first next of gen to its end, its return value)`` for a chat or
+    comparison stream of :class:`chatapp.service.ChatService`."""
+    from chatapp.engine import drain
+
+    t0 = time.perf_counter()
+    value = drain(gen)
+    return time.perf_counter() - t0, value
+
+
 def _timed_generate(engine, messages, n: int) -> float:
     import torch
 
@@ -250,8 +265,10 @@ def _p95(xs: list[float]) -> float:
 def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     """All figures for one quantize mode (run in a child process: see :func:`main`)."""
     import torch
+    from scipy.stats import sem
 
     from chatapp.engine import ChatEngine, Sampling
+    from chatapp.service import ChatService, ChatSession, PairConfig
     from storage.paths import DataDir
     from storage.registry import AdapterRegistry
     from storage.store import open_store
@@ -303,7 +320,30 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     print(f"[{mode}] {k} concurrent: {agg_tps:.1f} tok/s aggregate, "
           f"paired speed-up median {statistics.median(speedups):.2f}", flush=True)  # fmt: skip
 
-    # 3. TTFT idle vs during a training round: the child is paused (SIGSTOP) for idle blocks and
+    # 3. a comparison (both answers streamed together, one batch) vs one answer, back-to-back pairs
+    #    (which side goes first alternates)
+    service = ChatService(engine, store, sampling, compare_sampling=sampling, distinct_redraws=0,
+                          pairs=PairConfig(compare_samples=2))  # two plain samples, never redrawn
+    one_s, both_s = [], []
+    for i in range(config.repeats):
+        text = PROMPTS[i % len(PROMPTS)]
+        for side in (0, 1) if i % 2 == 0 else (1, 0):  # alternate which goes first
+            if side == 0:
+                seconds, reply = _timed_run(service.chat(ChatSession(), text))
+                one_s.append(seconds)
+            else:
+                seconds, pending = _timed_run(service.compare(ChatSession(), text))
+                both_s.append(seconds)
+        assert len(reply.tokens) == n and [len(r.tokens) for r in pending.replies] == [n, n]
+    compare_ratios = [b / o for b, o in zip(both_s, one_s, strict=True)]
+    compare_mean = statistics.fmean(compare_ratios)
+    compare_se = float(sem(compare_ratios)) if len(compare_ratios) > 1 else None
+    print(f"[{mode}] compare: both answers {statistics.median(both_s):.3f} s, one answer "
+          f"{statistics.median(one_s):.3f} s (medians); compare_both_over_one {compare_mean:.3f}"
+          + (f" ± {compare_se:.3f}" if compare_se is not None else "")
+          + f" (mean ± s.e. of {len(compare_ratios)} pairs; target ≤ 1.2)", flush=True)  # fmt: skip
+
+    # 4. TTFT idle vs during a training round: the child is paused (SIGSTOP) for idle blocks and
     #    running for busy blocks, alternating, so other load on the machine hits both sides alike
     short = Sampling(temperature=0.0, max_new_tokens=8, min_new_tokens=8)
     idle, busy, yielding, train_rate, yield_rate = [], [], [], None, None
@@ -335,7 +375,7 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     print(f"[{mode}] TTFT p95 idle {_p95(idle) * 1000:.1f} ms"
           + (f", training {_p95(busy) * 1000:.1f} ms" if busy else ""), flush=True)  # fmt: skip
 
-    # 4. stop latency
+    # 5. stop latency
     long = Sampling(temperature=0.0, max_new_tokens=400, min_new_tokens=400)
     stops = [_timed_stream(engine, _msgs(i), long, stop_after_first=True)["stop_latency"] for i in range(5)]
 
@@ -349,6 +389,10 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
         "ttft_s": round(statistics.median(ttft), 4),
         "concurrent_tokens_per_s": round(agg_tps, 2),
         f"concurrency_speedup_{k}": round(statistics.median(speedups), 2),
+        "compare_both_over_one": round(compare_mean, 3),
+        "compare_both_over_one_se": None if compare_se is None else round(compare_se, 3),
+        "compare_both_s": round(statistics.median(both_s), 4),
+        "compare_one_s": round(statistics.median(one_s), 4),
         "ttft_p95_idle_s": round(_p95(idle), 4),
         "ttft_p95_training_s": round(_p95(busy), 4) if busy else None,
         "ttft_p95_training_over_idle": round(_p95(busy) / _p95(idle), 3) if busy else None,

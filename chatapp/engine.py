@@ -3,6 +3,8 @@ adapter versions published by training rounds.
 
 Concurrent replies are decoded together by one background loop (:mod:`chatapp.batching`):
 left-padded rows joining and leaving between decoding steps, one stopping rule per reply.
+Several replies to one prompt (the answers of a comparison) are queued at once and stream
+together from one batch (:meth:`ChatEngine.stream_many`).
 
 Torn-free hot-swap: each reply resolves its version once, when it starts, and its row carries
 that version's adapter name to its last token (peft mixed-adapter batches); a version published
@@ -26,8 +28,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -94,6 +97,47 @@ class Reply:
     tokens: list[int] = field(default_factory=list)  # generated ids, the stop id excluded
     finish: str = "eos"  # eos | length | stopped
     reasoning: str = ""  # removed <think> content
+
+
+T, U, R = TypeVar("T"), TypeVar("U"), TypeVar("R")
+
+
+def map_stream(gen: Generator[T, None, R], fn: Callable[[T], U]) -> Generator[U, None, R]:
+    """Yield ``fn(item)`` for every item ``gen`` yields and return ``gen``'s return value
+    (``StopIteration.value``); closing this generator closes ``gen`` (which ends its replies)."""
+    try:
+        while True:
+            try:
+                item = next(gen)
+            except StopIteration as done:
+                return done.value
+            yield fn(item)
+    finally:
+        gen.close()
+
+
+def drain(gen: Generator[object, None, R]) -> R:
+    """Run a stream to its end, discarding what it yields; its return value (``StopIteration.value``)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as done:
+            return done.value
+
+
+class _Inbox(queue.Queue):
+    """One request's event queue that also wakes the reader of several requests: ``arrived`` is
+    set on every event, ``ended`` on a request's last one (``done`` or ``error``)."""
+
+    def __init__(self, arrived: threading.Event, ended: threading.Event):
+        super().__init__()
+        self.arrived, self.ended = arrived, ended
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        if item[0] != "token":
+            self.ended.set()
+        self.arrived.set()
 
 
 class ChatEngine:
@@ -303,7 +347,7 @@ class ChatEngine:
     ) -> Iterator[str]:
         """Stream a reply to ``messages``; yields the answer text so far each time it grows (at
         least once: an empty reply yields ``""``), and returns (``StopIteration.value``) a
-        :class:`Reply`.
+        :class:`Reply`. One reply of :meth:`stream_many`.
 
         Closing the generator early (a closed tab) or setting ``stop_event`` (the stop button)
         ends the reply at the decode loop's next step; such a reply has ``stopped=True``.
@@ -311,60 +355,120 @@ class ChatEngine:
         Args:
             messages: ``{"role", "content"}`` dicts ending with the user message to answer.
             sampling: sampling settings (default :class:`Sampling`).
-            version: the policy version to use; default the live one, resolved now.
+            version: the policy version to use; default the live one, resolved at the first
+                ``next``.
             stop_event: set it to end generation early.
 
         Raises:
             training.chat_format.ContextTooLongError: the newest message alone does not fit.
             FileNotFoundError: ``version`` has no adapter directory.
+            RuntimeError: the decode loop ended without finishing the reply.
         """
-        sampling = sampling or Sampling()
         version = self.live_version() if version is None else version
+        replies = yield from map_stream(self.stream_many(messages, [version], sampling, stop_event),
+                                        lambda texts: texts[0])
+        return replies[0]
+
+    def stream_many(
+        self,
+        messages: list[dict],
+        versions: list[int],
+        sampling: Sampling | None = None,
+        stop_event: threading.Event | None = None,
+        timeout_s: float | None = None,
+    ) -> Iterator[list[str]]:
+        """Stream one reply per entry of ``versions`` to ``messages``, decoded together: all
+        requests are queued at once, so the decode loop admits them at its next step (a request
+        queued just after the loop took the first joins the batch one step later) and decodes
+        them in one batch (n answers cost about one answer's time, not n; while other replies
+        fill ``max_batch``, the rest wait for free rows). Yields the list of the n
+        answer texts so far each time one of them grows (at least once), and returns
+        (``StopIteration.value``) the list of n :class:`Reply`, in the order of ``versions``.
+
+        Updates are coalesced as the single reply's are (``stream_interval_s``): once every
+        unfinished reply shows text, tokens arriving within the interval are shown together;
+        the end of any reply is shown at once. ``stop_event`` ends every one of them
+        (``stopped=True``), and so does closing the generator early or an error in any one.
+        With ``sampling.seed``, reply i uses ``seed + i``.
+
+        Args:
+            messages: ``{"role", "content"}`` dicts ending with the user message to answer.
+            versions: the policy version of each reply (at least one).
+            sampling: sampling settings of every reply (default :class:`Sampling`).
+            stop_event: set it to end generation early.
+            timeout_s: seconds after which unfinished replies are stopped and an error raised
+                (None: no limit).
+
+        Raises:
+            ValueError: ``versions`` is empty.
+            training.chat_format.ContextTooLongError: the newest message alone does not fit.
+            FileNotFoundError: a version has no adapter directory (the decode loop's error for
+                that request, raised as is).
+            RuntimeError: the decode loop ended without finishing a reply.
+            TimeoutError: not finished within ``timeout_s`` (the requests are stopped).
+        """
+        if not versions:
+            raise ValueError("stream_many needs at least one version")
+        sampling = sampling or Sampling()
         stop_event = stop_event or threading.Event()
         ids = self.prompt_ids(messages, sampling.max_new_tokens)
-        req = self._request(ids, sampling, version, stop_event, sampling.seed)
-        text = ReplyText(self.tokenizer)
-        shown, finish, yielded_any, last_yield = "", None, False, 0.0
-        self.batcher.submit(req)
+        arrived, ended = threading.Event(), threading.Event()
+        reqs = [self._request(ids, sampling, v, stop_event, None if sampling.seed is None else sampling.seed + i,
+                              _Inbox(arrived, ended))
+                for i, v in enumerate(versions)]
+        texts = [ReplyText(self.tokenizer) for _ in reqs]
+        done = [False] * len(reqs)
+        shown: list[str] = [""] * len(reqs)
+        yielded_any, last_yield = False, 0.0
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
         try:
-            while finish is None:
-                # coalesce: after showing text, let tokens pile up for stream_interval_s unless
-                # the reply ends first (one wake-up per update, not per token; the first text
-                # and the end are delivered at once)
+            for req in reqs:  # queued together: admitted at the loop's next step (or the one after)
+                self.batcher.submit(req)
+            while not all(done):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"{len(reqs)} answers not finished within {timeout_s:.0f} s")
+                # coalesce: once every unfinished reply shows text, let tokens pile up for
+                # stream_interval_s unless a reply ends first (one wake-up per update, not per
+                # token; the first text and the end are delivered at once)
                 wait = last_yield + self.stream_interval_s - time.monotonic()
-                if yielded_any and wait > 0:
-                    req.ended.wait(wait)
-                try:
-                    events = [req.out.get(timeout=1.0)]
-                except queue.Empty:
-                    if not self.batcher.alive() and req.out.empty():
-                        raise RuntimeError("the decode loop ended without finishing this reply") from None
+                if wait > 0 and all(s or d for s, d in zip(shown, done, strict=True)):
+                    ended.wait(wait)
+                if not arrived.wait(1.0):
+                    if not self.batcher.alive() and all(r.out.empty() for r in reqs):
+                        raise RuntimeError("the decode loop ended without finishing this reply")
                     continue
-                while not req.out.empty():  # drain: one yield for all tokens that arrived meanwhile
-                    events.append(req.out.get_nowait())
+                arrived.clear()  # before draining: an event put after this sets it again
+                ended.clear()
                 grew = False
-                for kind, value in events:
-                    if kind == "error":
-                        raise value
-                    if kind == "done":
-                        finish = value
-                    else:
-                        grew = text.add(value) or grew
-                if grew and text.answer != shown:
-                    shown, yielded_any = text.answer, True
-                    yield shown
+                for i, (req, text) in enumerate(zip(reqs, texts, strict=True)):
+                    while True:  # drain: one yield for all tokens that arrived meanwhile
+                        try:
+                            kind, value = req.out.get_nowait()
+                        except queue.Empty:
+                            break
+                        if kind == "error":
+                            raise value
+                        if kind == "done":
+                            done[i] = True
+                        else:
+                            grew = text.add(value) or grew
+                answers = [t.answer for t in texts]
+                if grew and answers != shown:
+                    shown, yielded_any = answers, True
+                    yield list(shown)
                     last_yield = time.monotonic()
         finally:
-            if finish is None:  # the consumer went away (closed tab) or an error: end it now
+            if not all(done):  # the consumer went away (closed tab), an error or a timeout: end them now
                 stop_event.set()
-        reply = self._reply(req, text, sampling, version)
-        if not yielded_any:  # a stream yields at least once (an empty or unprintable reply: "")
-            yield reply.text
-        return reply
+        replies = [self._reply(req, text, sampling, v) for req, text, v in zip(reqs, texts, versions, strict=True)]
+        if not yielded_any:  # a stream yields at least once (empty or unprintable replies: "")
+            yield [r.text for r in replies]
+        return replies
 
     def _request(self, ids: list[int], sampling: Sampling, version: int, stop_event: threading.Event,
-                 seed: int | None) -> Request:
-        """A decode-loop request for prompt ``ids`` with version ``version``'s adapter."""
+                 seed: int | None, out: queue.Queue) -> Request:
+        """A decode-loop request for prompt ``ids`` with version ``version``'s adapter, its
+        events put on ``out``."""
         return Request(
             prompt=ids,
             adapter=self.adapter_name(version),
@@ -375,6 +479,7 @@ class ChatEngine:
             max_new_tokens=sampling.max_new_tokens,
             min_new_tokens=sampling.min_new_tokens,
             generator=None if seed is None else torch.Generator().manual_seed(seed),
+            out=out,
         )
 
     def _reply(self, req: Request, text: ReplyText, sampling: Sampling, version: int) -> Reply:
@@ -394,45 +499,13 @@ class ChatEngine:
 
     def sample_many(self, messages: list[dict], versions: list[int], sampling: Sampling | None = None,
                     stop_event: threading.Event | None = None, timeout_s: float = 600.0) -> list[Reply]:
-        """One reply per entry of ``versions`` to ``messages``, all submitted at once so the decode
-        loop generates them in one batch (n answers cost about one answer's time, not n); waits
-        for all. ``stop_event`` ends every one of them (``stopped=True``). With
-        ``sampling.seed``, reply i uses ``seed + i``.
+        """The replies of :meth:`stream_many` (one per entry of ``versions``, decoded in one
+        batch), without streaming: returns when all are done.
 
         Raises:
-            training.chat_format.ContextTooLongError: the newest message alone does not fit.
-            RuntimeError: the decode loop failed a request or ended without finishing it.
-            TimeoutError: not finished within ``timeout_s`` (the requests are stopped).
+            as :meth:`stream_many`.
         """
-        sampling = sampling or Sampling()
-        stop_event = stop_event or threading.Event()
-        ids = self.prompt_ids(messages, sampling.max_new_tokens)
-        reqs = [self._request(ids, sampling, v, stop_event, None if sampling.seed is None else sampling.seed + i)
-                for i, v in enumerate(versions)]
-        deadline = time.monotonic() + timeout_s
-        try:
-            for req in reqs:
-                self.batcher.submit(req)
-            for req in reqs:
-                while not req.ended.wait(1.0):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{len(reqs)} answers not finished within {timeout_s:.0f} s")
-                    if not self.batcher.alive() and not req.ended.is_set():
-                        raise RuntimeError("the decode loop ended without finishing this reply")
-        finally:
-            if any(r.finish is None for r in reqs):
-                stop_event.set()
-        replies = []
-        for req, version in zip(reqs, versions, strict=True):
-            text = ReplyText(self.tokenizer)
-            while not req.out.empty():
-                kind, value = req.out.get_nowait()
-                if kind == "error":
-                    raise RuntimeError(f"generating an answer failed: {value}") from value
-                if kind == "token":
-                    text.add(value)
-            replies.append(self._reply(req, text, sampling, version))
-        return replies
+        return drain(self.stream_many(messages, versions, sampling, stop_event, timeout_s=timeout_s))
 
     # ---- the reward model, for choosing which answers to compare --------------------------
     def member_scores(self, messages: list[dict], answers: list[str]) -> torch.Tensor | None:
@@ -464,9 +537,4 @@ class ChatEngine:
 
     def reply(self, messages: list[dict], sampling: Sampling | None = None, version: int | None = None) -> Reply:
         """The whole reply at once (no streaming); see :meth:`stream`."""
-        gen = self.stream(messages, sampling=sampling, version=version)
-        while True:
-            try:
-                next(gen)
-            except StopIteration as done:
-                return done.value
+        return drain(self.stream(messages, sampling=sampling, version=version))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from limits import RateLimitItem, parse, storage, strategies
 
-from chatapp.engine import ChatEngine, Reply, Sampling
+from chatapp.engine import ChatEngine, Reply, Sampling, map_stream
 from storage.store import CHOICES, Store
 from training.chat_format import inert_text
 from training.ensemble import PAIR_RULES, select_pair
@@ -230,20 +230,6 @@ class ChatService:
             message["stopped"] = True  # shown marked in the UI; the context keeps the text as is
         session.messages.append(message)
 
-    def _stream_answer(
-        self, context: list[dict], version: int, stop_event: threading.Event, shown: list[str], i: int
-    ) -> Iterator[tuple[str, str]]:
-        """Stream one answer of a comparison into ``shown[i]`` (from empty), yielding both
-        answers' texts as they grow; returns the :class:`Reply`."""
-        shown[i] = ""
-        gen = self.engine.stream(context, sampling=self.compare_sampling, version=version, stop_event=stop_event)
-        while True:
-            try:
-                shown[i] = next(gen)
-            except StopIteration as done:
-                return done.value
-            yield shown[0], shown[1]
-
     # ---- chat -------------------------------------------------------------------------------
     def new_conversation(self, session: ChatSession, system_prompt: str | None = None) -> ChatSession:
         """A fresh conversation in the same browser session (pending comparison dropped), with
@@ -297,10 +283,13 @@ class ChatService:
           reward model's ensemble picks the pair (:func:`training.ensemble.select_pair`; only
           pairs of different texts). These are shown when all are done; before the first reward
           model with an ensemble, two of them at random (``random``);
-        * ``random``: two samples, of the live and the previous version once one exists, streamed
-          one after the other; when B comes out the same text as A it is drawn again (at most
-          ``distinct_redraws`` times; B's stream starts over, and its stored sampling settings
-          count the redraws). Also used while there is no reward model with an ensemble.
+        * ``random``: two samples, of the live and the previous version once one exists. Also
+          used while there is no reward model with an ensemble.
+
+        ``candidate`` and ``random`` answers stream at the same time, decoded in one batch
+        (:meth:`chatapp.engine.ChatEngine.stream_many`); when B comes out word for word the same
+        text as A, it is drawn again (at most ``distinct_redraws`` times; B's stream starts over
+        while A stays shown, and B's stored sampling settings count the redraws).
 
         Either way the order is random, and the comparison is stored when both ended normally; a
         stopped comparison is never offered for voting (its partial A answer continues the
@@ -337,22 +326,20 @@ class ChatService:
             previous = self.engine.previous_version()
             versions, selection = [live, live if previous is None else previous], "random"
         rng.shuffle(versions)
-        replies: list[Reply] = []
-        shown = ["", ""]
-        for i, version in enumerate(versions):
-            reply = yield from self._stream_answer(context, version, stop_event, shown, i)
-            redraws = 0
-            while (i == 1 and not reply.stopped and reply.text == replies[0].text
-                   and redraws < self.distinct_redraws):
-                redraws += 1  # B is word for word A: nothing to compare, draw B again
-                reply = yield from self._stream_answer(context, version, stop_event, shown, i)
-            if redraws:
-                reply.sampling = {**reply.sampling, "distinct_redraws": redraws}
-            replies.append(reply)
-            if reply.stopped:
-                self._append_reply(session, replies[0])
-                return None
-        return (yield from self._offer(session, context, replies[0], replies[1], selection))
+        a, b = yield from map_stream(
+            self.engine.stream_many(context, versions, self.compare_sampling, stop_event), tuple)
+        redraws, a_text = 0, a.text
+        while not (a.stopped or b.stopped) and b.text == a_text and redraws < self.distinct_redraws:
+            redraws += 1  # B is word for word A: nothing to compare, draw B again (A stays shown)
+            b = yield from map_stream(
+                self.engine.stream(context, sampling=self.compare_sampling, version=versions[1], stop_event=stop_event),
+                lambda text: (a_text, text))
+        if redraws:
+            b.sampling = {**b.sampling, "distinct_redraws": redraws}
+        if a.stopped or b.stopped:
+            self._append_reply(session, a)
+            return None
+        return (yield from self._offer(session, context, a, b, selection))
 
     def _chosen_pair(self, context: list[dict], replies: list[Reply],
                      rng: random.Random) -> tuple[Reply, Reply, str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import html
 import subprocess
 import sys
 import threading
@@ -123,18 +122,20 @@ def test_b_answer_repeating_a_is_drawn_again(service, redraws, monkeypatch):
     # greedy decoding: every draw of B repeats A word for word, so each allowed redraw happens
     service.compare_sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=8, min_new_tokens=8)
     service.distinct_redraws = redraws
-    draws, real_stream = [], service.engine.stream
+    draws, real_submit = [], service.engine.batcher.submit
 
-    def counted_stream(*args, **kwargs):  # the real engine, its calls counted
-        draws.append(kwargs.get("version"))
-        return real_stream(*args, **kwargs)
+    def counted_submit(req):  # the real decode loop, the answers it is asked for counted
+        draws.append(req)
+        return real_submit(req)
 
-    monkeypatch.setattr(service.engine, "stream", counted_stream)
+    monkeypatch.setattr(service.engine.batcher, "submit", counted_submit)
     session = ChatSession()
-    _drain(service.compare(session, "hello"))
+    seen = list(service.compare(session, "hello"))
     row = service.store.comparison(session.pending.comparison_id)
     assert row["answer_a"] == row["answer_b"] != ""
     assert len(draws) == 2 + redraws
+    # A is shown whole while B is drawn again: every update from the end of the first draw on
+    assert all(a == row["answer_a"] for a, _ in seen[seen.index((row["answer_a"], row["answer_b"])):])
     assert row["sampling_b"].get("distinct_redraws", 0) == redraws
     assert "distinct_redraws" not in row["sampling_a"]
 
@@ -163,9 +164,10 @@ def test_stopped_reply_is_marked_and_never_offered_for_voting(service):
     last = service.store.messages(session.conversation_id)[-1]
     assert last["role"] == "assistant" and last["sampling"]["stopped"] is True
     # the chat view marks it as stopped; the context the model sees next keeps the text as is
+    from chatapp.display import reply_markdown
     from chatapp.ui import STOPPED_MARK, _display
 
-    assert _display(session.messages)[-1]["content"] == html.escape(last["content"]) + STOPPED_MARK
+    assert _display(session.messages)[-1]["content"] == reply_markdown(last["content"]) + STOPPED_MARK
     assert session.context()[-1] == {"role": "assistant", "content": last["content"]}
     _drain(service.chat(session, "and now?"))  # a reply that ends on its own is not marked
     assert not _display(session.messages)[-1]["content"].endswith(STOPPED_MARK)
