@@ -3,17 +3,7 @@ app's HTTP API (``gradio_client``)."""
 
 from __future__ import annotations
 
-import html
 import random
-
-
-def message_text(content) -> str:
-    """A chatbot message's content as plain text (Gradio may give a string or a list of parts)."""
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    elif isinstance(content, dict):
-        content = content.get("text", "")
-    return html.unescape(str(content))
 
 
 def user_turn(client, messages: list[dict], annotator, noise: float, rng: random.Random) -> tuple[str, bool]:
@@ -26,12 +16,12 @@ def user_turn(client, messages: list[dict], annotator, noise: float, rng: random
     context = [{"role": "system", "content": system}] if system else []
     users = [m["content"] for m in messages if m["role"] == "user"]
     for text in users[:-1]:
-        chat, *_ = client.predict(text, False, api_name="/send")
-        reply = message_text(chat[-1]["content"]) if chat and chat[-1]["role"] == "assistant" else ""
+        *_, turn = client.predict(text, False, api_name="/send")  # turn: the raw texts
+        reply = turn["reply"] or ""
         context += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
     context.append({"role": "user", "content": users[-1]})
-    _, _, answer_a, answer_b = client.predict(users[-1], True, api_name="/send")
-    choice = annotator(context, answer_a or "", answer_b or "")
+    *_, turn = client.predict(users[-1], True, api_name="/send")
+    choice = annotator(context, turn["answer_a"] or "", turn["answer_b"] or "")
     flipped = rng.random() < noise
     if flipped:
         choice = {"a": "b", "b": "a"}.get(choice) or rng.choice("ab")

@@ -1,37 +1,30 @@
 """The Gradio UI: a Chat tab (streaming, stop, new conversation, side-by-side comparisons with
-votes) and a Training tab (live version, rounds, vote counts, train now, rollback, export).
+votes) and the Training tab (:mod:`chatapp.training_tab`).
 
 Handlers only parse input, call one method of :class:`chatapp.service.ChatService` (or the
-store / scheduler) and render the result; errors become ``gr.Error`` / ``gr.Warning`` here only.
-Message text is HTML-escaped for display and Markdown is not rendered, so markup in a message
-(HTML, ``*stars*``, a line like ``206.``) is shown exactly as typed or generated, never run; the
-store keeps it byte for byte.
+store / scheduler) and render the result; errors become ``gr.Error`` here only, so an API
+caller gets them as errors with their message. Replies and compared answers are rendered as
+Markdown with HTML shown as typed, user messages exactly as typed (:mod:`chatapp.display`);
+the store keeps every text byte for byte, and ``/send``'s ``turn`` output gives API callers the
+raw texts with the versions and the comparison id.
 """
 
 from __future__ import annotations
 
-import html
 import threading
 from dataclasses import dataclass
 
 import gradio as gr
 
-from chatapp.auth import AdminAuth, AdminRequired
+from chatapp.auth import AdminAuth
+from chatapp.display import literal_markdown, reply_markdown
 from chatapp.exports import ExportDesk
 from chatapp.service import ChatService, ChatSession, UserInputError
+from chatapp.training_tab import build_training_tab
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted
 from training.chat_format import ContextTooLongError
-from training.progress import describe as describe_progress
 from training.scheduler import TrainingScheduler
-from training.user_gate import UserGateConfig, candidate_verdict
-
-ROUND_COLUMNS = [
-    "round", "trigger", "status", "reason", "rm/accuracy", "objective/reward",
-    "objective/kl", "version", "started", "finished",
-]  # fmt: skip
-# the long reason column wraps; the others keep room for their headers
-ROUND_COLUMN_WIDTHS = ["5%", "7%", "8%", "25%", "10%", "10%", "9%", "7%", "9.5%", "9.5%"]
 
 
 @dataclass
@@ -52,65 +45,53 @@ THEME = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                           font_mono=["ui-monospace", "Consolas", "monospace"])
 # A 1280x720 window shows the last message, both compared answers and the vote buttons at once.
 CHAT_HEIGHT = "38vh"
+ANSWER_HEIGHT = "16vh"
 
+# the two answer views are Markdown (no label of their own): name them, small, above the text
+CSS = """
+#answer-a::before, #answer-b::before { display: block; font-size: var(--text-sm); color: var(--block-label-text-color);
+  margin-bottom: 4px; }
+#answer-a::before { content: "Answer A"; }
+#answer-b::before { content: "Answer B"; }
+"""
 
 STOPPED_MARK = "\n\n[stopped]"  # after an answer cut short by Stop (display only; not stored)
 
 
 def _display(messages: list[dict]) -> list[dict]:
-    """Chatbot value: role/content dicts with the content HTML-escaped (shown literally), an
-    answer cut short by Stop followed by :data:`STOPPED_MARK`."""
-    return [{"role": m["role"], "content": html.escape(m["content"]) + (STOPPED_MARK if m.get("stopped") else "")}
+    """Chatbot value: user messages shown as typed, replies as Markdown with HTML shown as typed
+    (:mod:`chatapp.display`), an answer cut short by Stop followed by :data:`STOPPED_MARK`."""
+    return [{"role": m["role"],
+             "content": (literal_markdown(m["content"]) if m["role"] == "user" else reply_markdown(m["content"]))
+             + (STOPPED_MARK if m.get("stopped") else "")}
             for m in messages]
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "" if value is None else str(value)
+def _system_line(session: ChatSession | None) -> dict:
+    """The conversation's system prompt, shown above the chat (hidden when it has none)."""
+    prompt = session.system_prompt if session is not None else None
+    if not prompt:
+        return gr.update(value="", visible=False)
+    return gr.update(value=f"**System prompt of this conversation:** {literal_markdown(prompt)}", visible=True)
 
 
-def rounds_table(store) -> list[list[str]]:
-    """Rows of the rounds table, newest first."""
-    rows = []
-    for r in store.rounds(limit=50):
-        m = r.get("metrics") or {}
-        rows.append(
-            [
-                _fmt(r["id"]), r.get("trigger") or "", r["status"],
-                describe_progress(r.get("progress")) if r["status"] == "running" else r.get("reason") or "",
-                _fmt(m.get("rm/accuracy")), _fmt(m.get("objective/reward")),
-                _fmt(m.get("objective/kl")), _fmt(r.get("version")),
-                (r.get("started_at") or "")[:19], (r.get("finished_at") or "")[:19],
-            ]
-        )  # fmt: skip
-    return rows
+def _reply_turn(reply) -> dict:
+    """``/send``'s ``turn`` output for a plain reply (raw text)."""
+    return {"kind": "reply", "reply": reply.text, "version": reply.version, "stopped": reply.stopped,
+            "comparison_id": None, "answer_a": None, "answer_b": None, "versions": None}
 
 
-def status_markdown(parts: UIParts) -> str:
-    """The Training tab's summary: live version, vote counts, whether a round runs."""
-    store = parts.service.store
-    counts = store.vote_counts()
-    live = store.live_version()
-    running = parts.scheduler is not None and parts.scheduler.busy or store.running_round() is not None
-    return (
-        f"**Live policy version:** {live}  \n"
-        f"**Candidate:** {candidate_line(parts)}  \n"
-        f"**Votes:** {counts['total']} (A {counts['a']}, B {counts['b']}, tie {counts['tie']}, "
-        f"both bad {counts['both_bad']}; {counts['pending']} comparisons awaiting a vote)  \n"
-        f"**Training:** {'a round is running' if running else 'idle'}"
-    )
-
-
-def candidate_line(parts: UIParts) -> str:
-    """The waiting candidate, its votes against live and its Wilson bounds, or why there is none."""
-    store = parts.service.store
-    gate = parts.service.user_gate
-    version = store.candidate_version()
-    if version is None:
-        return "none waiting" if gate is not None else "none (--user-gate false: a passing candidate goes live at once)"
-    rule = gate or UserGateConfig()
-    return f"version {version}, {candidate_verdict(store, version, rule).note}"
+def _comparison_turn(session: ChatSession, stopped_reply: str | None = None) -> dict:
+    """``/send``'s ``turn`` output for a comparison (raw texts, versions of A and B, the id to
+    vote on); a stopped comparison has no id and continues with its partial A answer."""
+    pending = session.pending
+    if pending is None:
+        return {"kind": "comparison", "reply": stopped_reply, "version": None, "stopped": True,
+                "comparison_id": None, "answer_a": None, "answer_b": None, "versions": None}
+    a, b = pending.replies
+    return {"kind": "comparison", "reply": None, "version": None, "stopped": False,
+            "comparison_id": pending.comparison_id, "answer_a": a.text, "answer_b": b.text,
+            "versions": [a.version, b.version]}
 
 
 def _client(request: gr.Request | None) -> str | None:
@@ -127,20 +108,20 @@ def _voter(vote, choice: str):
     return handler
 
 
-def _decider(decide, promote: bool):
-    """The click handler of "Promote the candidate" (``promote``) or "Retire the candidate"."""
-
-    def handler(user, password, request: gr.Request):
-        return decide(promote, user, password, request)
-
-    return handler
-
-
 def build_ui(parts: UIParts) -> gr.Blocks:
-    """Build the Blocks app. Launch it with ``demo.queue().launch(...)``."""
+    """Build the Blocks app. Launch it with ``demo.queue().launch(...)``.
+
+    API (``gradio_client``; every output has a label): ``/send(message, compare)`` →
+    ``(conversation, message box, answer A, answer B, turn)`` where ``turn`` is a dict with the
+    raw texts (``reply`` or ``answer_a``/``answer_b``), ``versions``, ``comparison_id``;
+    ``/vote_a`` ``/vote_b`` ``/vote_tie`` ``/vote_both_bad``; ``/new_conversation(system_prompt)``;
+    ``/stop``; ``/training_status`` → ``(status, rounds, versions)``; the admin actions
+    ``/train_now``, ``/rollback(version)``, ``/promote_candidate``, ``/retire_candidate``,
+    ``/export_votes`` (plus admin user and password when the app has ``--auth``). A user error
+    (empty or oversized message, a vote with nothing to vote on) is raised as an error with its
+    message."""
     service = parts.service
-    store = service.store
-    exports = parts.exports or ExportDesk(store)
+    parts.exports = parts.exports or ExportDesk(service.store)
     stops: dict[str, threading.Event] = {}  # session id → stop event of its running reply
 
     def _session(state: ChatSession | None) -> ChatSession:
@@ -153,27 +134,33 @@ def build_ui(parts: UIParts) -> gr.Blocks:
 
     def send(text, compare, state):
         session = _session(state)
-        hidden = gr.update(visible=False)
+        shown, hidden = gr.update(visible=True), gr.update(visible=False)
         stop = _stop_event(session)
+        pending_view = _display(session.messages) + [{"role": "user", "content": literal_markdown(text or "")}]
         try:
             if compare:
-                pending_view = _display(session.messages) + [{"role": "user", "content": html.escape(text or "")}]
                 for a, b in service.compare(session, text, stop_event=stop):
-                    yield pending_view, "", a, b, gr.update(visible=True), gr.update(visible=False), session
-                if session.pending is None:  # stopped: no vote offered
-                    yield _display(session.messages), "", "", "", hidden, hidden, session
+                    yield pending_view, "", reply_markdown(a), reply_markdown(b), gr.skip(), shown, hidden, session
+                if session.pending is None:  # stopped: no vote offered; the partial A answer continues
+                    last = session.messages[-1]["content"] if session.messages else None
+                    yield (_display(session.messages), "", "", "", _comparison_turn(session, last),
+                           hidden, hidden, session)
                 else:
-                    a, b = (r.text for r in session.pending.replies)
-                    yield pending_view, "", a, b, gr.update(visible=True), gr.update(visible=True), session
+                    a, b = (reply_markdown(r.text) for r in session.pending.replies)
+                    yield pending_view, "", a, b, _comparison_turn(session), shown, shown, session
             else:
-                base = _display(session.messages) + [{"role": "user", "content": html.escape(text or "")}]
-                for partial in service.chat(session, text, stop_event=stop):
-                    view = base + [{"role": "assistant", "content": html.escape(partial)}]
-                    yield view, "", gr.skip(), gr.skip(), hidden, hidden, session
-                yield _display(session.messages), "", gr.skip(), gr.skip(), hidden, hidden, session
+                gen = service.chat(session, text, stop_event=stop)
+                while True:
+                    try:
+                        partial = next(gen)
+                    except StopIteration as done:
+                        reply = done.value
+                        break
+                    view = pending_view + [{"role": "assistant", "content": reply_markdown(partial)}]
+                    yield view, "", gr.skip(), gr.skip(), gr.skip(), hidden, hidden, session
+                yield _display(session.messages), "", gr.skip(), gr.skip(), _reply_turn(reply), hidden, hidden, session
         except (UserInputError, ContextTooLongError) as exc:
-            gr.Warning(str(exc))
-            yield _display(session.messages), text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), session
+            raise gr.Error(str(exc), print_exception=False) from None  # the message stays in the box
         finally:
             if stops.get(session.session_id) is stop:  # one entry per reply in flight
                 del stops[session.session_id]
@@ -197,79 +184,27 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         except UserInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
         hidden = gr.update(visible=False)
-        return [], "", "", hidden, hidden, session
-
-    def refresh_training():
-        versions = [str(v["version"]) for v in store.versions() if v.get("status") not in ("rejected", "candidate")]
-        live = store.live_version()
-        return (
-            status_markdown(parts),
-            rounds_table(store),
-            gr.update(choices=versions, value=str(live) if live is not None else None),
-        )
-
-    def _require_admin(user, password, action: str, request: gr.Request | None = None) -> None:
-        if parts.admin is None:
-            return
-        try:
-            parts.admin.require(user, password, action, client=_client(request))
-        except AdminRequired as exc:
-            raise gr.Error(str(exc), title="Admin login required", print_exception=False) from None
-
-    def train_now(user=None, password=None, request: gr.Request = None):
-        _require_admin(user, password, "Train now", request)
-        if parts.scheduler is None:
-            raise gr.Error("Training is not enabled in this app.", print_exception=False)
-        gr.Info(parts.scheduler.request_round())
-        return status_markdown(parts)
-
-    def export_votes(user=None, password=None, request: gr.Request = None):
-        _require_admin(user, password, "Exporting the votes", request)
-        link, n = exports.create()
-        gr.Info(f"Exported {n} preference pairs.")
-        minutes = max(1, round(exports.ttl_s / 60))
-        return (f"[Download votes.jsonl]({link}) ({n} preference pairs, TRL conversational format; "
-                f"the link works once, for {minutes} minutes)")
-
-    def rollback(version, user=None, password=None, request: gr.Request = None):
-        _require_admin(user, password, "Rollback", request)
-        if version in (None, ""):
-            raise gr.Error("Pick a version to make live.", print_exception=False)
-        try:
-            store.set_live(int(version))
-        except (KeyError, ValueError) as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
-        gr.Info(f"Version {version} is live; the next reply uses it.")
-        return status_markdown(parts)
-
-    def decide(promote: bool, user=None, password=None, request: gr.Request = None):
-        action = "Promoting the candidate" if promote else "Retiring the candidate"
-        _require_admin(user, password, action, request)
-        version = store.candidate_version()
-        if version is None:
-            raise gr.Error("No candidate is waiting.", print_exception=False)
-        note = ("promoted by an admin" if promote else "retired by an admin") + \
-            f" ({candidate_verdict(store, version, service.user_gate or UserGateConfig()).note})"
-        if not store.decide_candidate(version, promote, note):
-            raise gr.Error(f"Version {version} was decided meanwhile; refresh.", print_exception=False)
-        gr.Info(f"Version {version} is live; the next reply uses it." if promote else f"Version {version} is retired.")
-        return status_markdown(parts)
+        return [], "", "", _system_line(session), hidden, hidden, session
 
     with gr.Blocks(title="RLHF chat") as demo:
         state = gr.State(None)
         with gr.Tab("Chat"):
-            chatbot = gr.Chatbot(label="Conversation", height=CHAT_HEIGHT, sanitize_html=True, render_markdown=False)
+            system_line = gr.Markdown(visible=False, elem_id="system-line", label="system prompt")
+            chatbot = gr.Chatbot(label="Conversation", height=CHAT_HEIGHT, sanitize_html=True, render_markdown=True)
             with gr.Group(visible=False) as compare_box:
                 with gr.Row():
-                    answer_a = gr.Textbox(label="Answer A", lines=4, max_lines=8, interactive=False)
-                    answer_b = gr.Textbox(label="Answer B", lines=4, max_lines=8, interactive=False)
+                    answer_a = gr.Markdown(label="Answer A", container=True, padding=True, elem_id="answer-a",
+                                           height=ANSWER_HEIGHT, sanitize_html=True, line_breaks=True)
+                    answer_b = gr.Markdown(label="Answer B", container=True, padding=True, elem_id="answer-b",
+                                           height=ANSWER_HEIGHT, sanitize_html=True, line_breaks=True)
             with gr.Row(visible=False, elem_id="vote-row") as vote_row:
                 vote_a = gr.Button("A is better")
                 vote_b = gr.Button("B is better")
                 vote_tie = gr.Button("Tie")
                 vote_bad = gr.Button("Both bad")
             with gr.Row():
-                text = gr.Textbox(placeholder="Type a message…", show_label=False, scale=6, max_lines=8)
+                text = gr.Textbox(placeholder="Type a message…", label="message", show_label=False, scale=6,
+                                  max_lines=8)
                 send_btn = gr.Button("Send", variant="primary", scale=1)
                 stop_btn = gr.Button("Stop", variant="stop", scale=1)
             with gr.Row():
@@ -280,54 +215,26 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             if parts.model_note:
                 gr.Markdown(parts.model_note)
             with gr.Accordion("System prompt (applies to the next new conversation)", open=False):
-                system_prompt = gr.Textbox(show_label=False, lines=2)
+                system_prompt = gr.Textbox(show_label=False, label="system prompt", lines=2)
+            turn = gr.JSON(visible=False, label="turn")  # the raw result, for API callers
         with gr.Tab("Training"):
-            status = gr.Markdown(status_markdown(parts), elem_id="training-status")
-            with gr.Row(visible=parts.admin is not None):
-                admin_user = gr.Textbox(label="Admin user", scale=1)
-                admin_password = gr.Textbox(label="Admin password", type="password", scale=1)
-            with gr.Row():
-                train_btn = gr.Button("Train now", variant="primary", visible=parts.scheduler is not None)
-                refresh_btn = gr.Button("Refresh")
-                export_btn = gr.Button("Export votes (JSONL)")
-            export_link = gr.Markdown()
-            rounds = gr.Dataframe(
-                headers=ROUND_COLUMNS, value=rounds_table(store), label="Training rounds", interactive=False,
-                wrap=True, column_widths=ROUND_COLUMN_WIDTHS,
-            )
-            with gr.Row():
-                version_pick = gr.Dropdown(label="Policy version", choices=[], interactive=True)
-                rollback_btn = gr.Button("Make this version live (rollback)")
-            with gr.Row():
-                promote_btn = gr.Button("Promote the candidate now")
-                retire_btn = gr.Button("Retire the candidate")
-            timer = gr.Timer(5.0)
+            training, training_core, training_refresh = build_training_tab(parts)
 
-        training_outputs = [status, rounds, version_pick]
-        send_outputs = [chatbot, text, answer_a, answer_b, compare_box, vote_row, state]
+        send_outputs = [chatbot, text, answer_a, answer_b, turn, compare_box, vote_row, state]
         for event in (send_btn.click(send, [text, compare, state], send_outputs, api_name="send"),
                       text.submit(send, [text, compare, state], send_outputs, api_visibility="private")):
-            event.then(refresh_training, None, training_outputs, api_visibility="private")  # comparisons awaiting
+            event.then(training_core, None, training.core_outputs, api_visibility="private")  # awaiting votes
         # stop ends generation within one decoding step; the send handler then finishes normally
         stop_btn.click(stop, [state], None, api_name="stop", queue=False)
         vote_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
         for button, choice in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "both_bad")):
             button.click(_voter(vote, choice), [state], vote_outputs, api_name=f"vote_{choice}").then(
-                refresh_training, None, training_outputs, api_visibility="private")  # counts current at once
-        new_outputs = [chatbot, answer_a, answer_b, compare_box, vote_row, state]
+                training_core, None, training.core_outputs, api_visibility="private")  # counts current at once
+        new_outputs = [chatbot, answer_a, answer_b, system_line, compare_box, vote_row, state]
         new_btn.click(new_conversation, [system_prompt, state], new_outputs, api_name="new_conversation")
         # the Chatbot's own trash icon starts over too (not just an empty display)
         chatbot.clear(new_conversation, [system_prompt, state], new_outputs, api_visibility="private")
-        refresh_btn.click(refresh_training, None, training_outputs, api_name="training_status")
-        timer.tick(refresh_training, None, training_outputs, api_visibility="private")
-        demo.load(refresh_training, None, training_outputs, api_visibility="private")
-        admin = [admin_user, admin_password]  # checked in each admin handler
-        train_btn.click(train_now, admin, status, api_name="train_now").then(
-            refresh_training, None, training_outputs, api_visibility="private")  # a skipped round shows at once
-        export_btn.click(export_votes, admin, export_link, api_name="export_votes")
-        rollback_btn.click(rollback, [version_pick, *admin], status, api_name="rollback")
-        promote_btn.click(_decider(decide, True), admin, status, api_name="promote_candidate")
-        retire_btn.click(_decider(decide, False), admin, status, api_name="retire_candidate")
-    demo.rlhf_routes = [exports.route()]  # served beside Gradio's own by app.launch
-    demo.rlhf_launch_kwargs = {"theme": THEME}  # Gradio 6 takes the theme at launch
+        demo.load(training_refresh, None, training.outputs, api_visibility="private")
+    demo.rlhf_routes = [parts.exports.route()]  # served beside Gradio's own by app.launch
+    demo.rlhf_launch_kwargs = {"theme": THEME, "css": CSS}  # Gradio 6 takes these at launch
     return demo

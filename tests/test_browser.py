@@ -15,7 +15,6 @@ The model's replies are the tiny model's, with a hostile tail appended by a wrap
 from __future__ import annotations
 
 import dataclasses
-import html
 import os
 import re
 import shutil
@@ -42,29 +41,25 @@ HOSTILE_MESSAGES = [
     "Robert'); DROP TABLE comparisons; -- \" OR 1=1; SELECT * FROM votes WHERE '1'='1",
     "a < b && c > d; </textarea><b>not bold</b> &amp; &lt;",
 ]
-HOSTILE_REPLY = ' <img src=x onerror="window.__pwned=4;alert(4)"> <script>alert(5)</script> 1<2>0'
+HOSTILE_REPLY = (' <img src=x onerror="window.__pwned=4;alert(4)"> <script>alert(5)</script> 1<2>0 '
+                 '<I am a bot> 2 < 3 && 5 > 4 **bold**\n```python\nprint(1 < 2 and "<b>")\n```')
+CODE_LINE = 'print(1 < 2 and "<b>")'  # the reply's fenced code block, shown as code
 BIG = "long message " * 6000  # ~78 KB: under the character limit, over the context window
 
 
 @pytest.fixture
 def hostile_model_output(monkeypatch):
-    """Every reply ends with HOSTILE_REPLY (angle brackets and markup in model output)."""
-    real_stream = ChatEngine.stream
+    """Every reply ends with HOSTILE_REPLY (angle brackets and markup in model output); the
+    replies of one batch (a comparison's answers) get their index before it, so they differ."""
+    real = ChatEngine.stream_many  # the one core under stream, sample_many and comparisons
 
-    def stream(self, *args, **kwargs):
-        reply = yield from real_stream(self, *args, **kwargs)
-        text = reply.text + HOSTILE_REPLY
-        yield text
-        return dataclasses.replace(reply, text=text)
+    def stream_many(self, *args, **kwargs):
+        replies = yield from real(self, *args, **kwargs)
+        texts = [f"{r.text} {i}{HOSTILE_REPLY}" for i, r in enumerate(replies)]
+        yield texts
+        return [dataclasses.replace(r, text=t) for r, t in zip(replies, texts, strict=True)]
 
-    real_many = ChatEngine.sample_many
-
-    def sample_many(self, *args, **kwargs):  # the answers a comparison picks its pair from
-        return [dataclasses.replace(r, text=f"{r.text} {i}{HOSTILE_REPLY}")
-                for i, r in enumerate(real_many(self, *args, **kwargs))]
-
-    monkeypatch.setattr(ChatEngine, "stream", stream)
-    monkeypatch.setattr(ChatEngine, "sample_many", sample_many)
+    monkeypatch.setattr(ChatEngine, "stream_many", stream_many)
 
 
 @pytest.fixture
@@ -75,11 +70,6 @@ def app(tiny_model_dir, tmp_path, hostile_model_output):
     )  # fmt: skip
     with served_app(config):
         yield config
-
-
-def _ends_with_hostile_reply():
-    """An answer box's value: any text ending with the hostile reply, verbatim."""
-    return re.compile(re.escape(HOSTILE_REPLY.strip()) + r"$")
 
 
 def _text(message: dict) -> str:
@@ -96,33 +86,42 @@ def _user_messages(store) -> list[str]:
 
 def test_hostile_input_is_stored_byte_for_byte_and_escaped_for_display(app):
     from gradio_client import Client
+    from gradio_client.exceptions import AppError
 
     store = open_store(app.data_dir)
     client = Client(f"http://127.0.0.1:{app.port}/", verbose=False)
     for text in HOSTILE_MESSAGES:
-        chat, box, *_ = client.predict(text, False, api_name="/send")
+        chat, box, _, _, turn = client.predict(text, False, api_name="/send")
         assert box == ""
-        assert chat[-2]["role"] == "user" and _text(chat[-2]) == html.escape(text)
-        assert _text(chat[-1]).endswith(html.escape(HOSTILE_REPLY.strip()))
+        assert turn["reply"].endswith(HOSTILE_REPLY.strip())  # the API's raw text
+        # the view: the user's text with every punctuation mark escaped (shown as typed), the
+        # reply's markup as character references (no tag survives into the rendered view)
+        assert chat[-2]["role"] == "user" and re.search(r"(?<!\\)[<>&*\[]", _text(chat[-2])) is None
+        view = _text(chat[-1])
+        assert "<img" not in view and "<script" not in view and '&lt;img src=x onerror="window' in view
+        assert view.endswith(f"```python\n{CODE_LINE}\n```")  # code is left as it is (Markdown shows it literally)
     assert _user_messages(store) == HOSTILE_MESSAGES  # byte for byte
     replies = [r[0] for r in store.db.execute("select content from messages where role = 'assistant'")]
     assert all(r.endswith(HOSTILE_REPLY.strip()) for r in replies)
     # in a comparison too: the context and both answers are kept as they were
-    _, _, a, b = client.predict(HOSTILE_MESSAGES[2], True, api_name="/send")
-    assert a.endswith(HOSTILE_REPLY.strip()) and b.endswith(HOSTILE_REPLY.strip())  # raw text boxes
+    *_, turn = client.predict(HOSTILE_MESSAGES[2], True, api_name="/send")
+    a, b = turn["answer_a"], turn["answer_b"]
+    assert a.endswith(HOSTILE_REPLY.strip()) and b.endswith(HOSTILE_REPLY.strip())  # raw texts
     client.predict(api_name="/vote_b")
     row = store.voted_comparisons()[-1]
     assert row["context"][-1] == {"role": "user", "content": HOSTILE_MESSAGES[2]}
-    assert (row["answer_a"], row["answer_b"], row["choice"]) == (a, b, "b")
+    assert (row["answer_a"], row["answer_b"], row["choice"], row["id"]) == (a, b, "b", turn["comparison_id"])
     assert store.db.execute("select count(*) from comparisons").fetchone()[0] == 1  # no injection
 
-    # a 78 KB message: a clear message back, nothing stored, the text left in the box
+    # a 78 KB message: an error with a clear message for the API caller, nothing stored
     before = len(_user_messages(store))
-    chat, box, *_ = client.predict(BIG, False, api_name="/send")
-    assert box == BIG and len(_user_messages(store)) == before
+    with pytest.raises(AppError, match="too long"):
+        client.predict(BIG, False, api_name="/send")
+    assert len(_user_messages(store)) == before
     huge = "x" * (MAX_MESSAGE_CHARS + 1)  # refused before tokenizing, with its own message
-    chat, box, *_ = client.predict(huge, False, api_name="/send")
-    assert box == huge and len(_user_messages(store)) == before
+    with pytest.raises(AppError, match="too long: 100,001 characters"):
+        client.predict(huge, False, api_name="/send")
+    assert len(_user_messages(store)) == before
     status, *_ = client.predict(api_name="/training_status")  # the app still serves
     assert "Live policy version" in status
 
@@ -186,7 +185,11 @@ def test_browser_chat_compare_vote_and_markup_shown_literally(app):
         expect(user_bubbles.last).to_contain_text(XSS)  # the literal text is visible
         expect(user_bubbles.last).to_contain_text("שלום עולם! مرحبا 👋🏽👨‍👩‍👧")
         expect(bot_bubbles.last).to_contain_text('<img src=x onerror="window.__pwned=4;alert(4)">')
-        expect(user_bubbles.last).to_contain_text(LINK)  # Markdown is not rendered either
+        expect(bot_bubbles.last).to_contain_text("<I am a bot> 2 < 3 && 5 > 4")
+        # the reply's Markdown is rendered: bold text and a highlighted code block
+        expect(bot_bubbles.last.locator("strong", has_text="bold")).to_have_count(1)
+        expect(bot_bubbles.last.locator("pre code")).to_contain_text(CODE_LINE)
+        expect(user_bubbles.last).to_contain_text(LINK)  # a user's Markdown is shown as typed
 
         # 2. compare: both answers in the A/B boxes, literally; vote for B
         page.get_by_label("Compare two answers side by side").check()
@@ -194,11 +197,11 @@ def test_browser_chat_compare_vote_and_markup_shown_literally(app):
         send.click()
         vote_b = page.get_by_role("button", name="B is better")
         expect(vote_b).to_be_visible()
-        answer_a = page.get_by_label("Answer A")
-        answer_b = page.get_by_label("Answer B")
-        for answer in (answer_a, answer_b):
-            expect(answer).to_have_value(_ends_with_hostile_reply())
-        shown_b = answer_b.input_value()
+        answer_a, answer_b = page.locator("#answer-a"), page.locator("#answer-b")
+        for answer in (answer_a, answer_b):  # Markdown rendered, markup shown as typed
+            expect(answer).to_contain_text('1<2>0 <I am a bot> 2 < 3 && 5 > 4')
+            expect(answer.locator("pre code")).to_contain_text(CODE_LINE)
+        shown_b = answer_b.inner_text()
         vote_b.click()
         expect(vote_b).to_be_hidden()
         expect(bot_bubbles).to_have_count(2)
@@ -221,5 +224,7 @@ def test_browser_chat_compare_vote_and_markup_shown_literally(app):
     # what the browser sent is stored byte for byte; the vote is B on what B showed
     assert _user_messages(store) == [message, HOSTILE_MESSAGES[3]]
     row = store.voted_comparisons()[-1]
-    assert row["choice"] == "b" and row["answer_b"] == shown_b
+    assert row["choice"] == "b" and row["answer_b"].endswith(HOSTILE_REPLY.strip())
+    words = row["answer_b"].split()[:2]  # the model's own first words (not the appended markup)
+    assert all(w in shown_b for w in words if w.isalnum())  # B showed the answer stored as B
 

@@ -62,7 +62,7 @@ def test_first_session_fits_1280x720_and_training_numbers_are_current(app):
                    for n in ("A is better", "B is better", "Tie", "Both bad")]
         for button in buttons:
             expect(button).to_be_visible()
-        for element in [*buttons, page.get_by_label("Answer A"), page.get_by_label("Answer B"),
+        for element in [*buttons, page.locator("#answer-a"), page.locator("#answer-b"),
                         page.locator("[data-testid='user']").last]:
             expect(element).to_be_in_viewport(ratio=1.0)
         assert page.evaluate("window.scrollY") == 0  # without scrolling the page

@@ -71,8 +71,11 @@ def test_chat_vote_train_hot_swap(running_app, tiny_model_dir):
     for i in range(20):
         if i % 5 == 0:
             client.predict("", api_name="/new_conversation")
-        _, _, answer_a, answer_b = client.predict(prompts[i % 5], True, api_name="/send")
-        assert isinstance(answer_a, str) and isinstance(answer_b, str)
+        *_, turn = client.predict(prompts[i % 5], True, api_name="/send")
+        assert isinstance(turn["answer_a"], str) and isinstance(turn["answer_b"], str)
+        row = store.comparison(turn["comparison_id"])  # the API names the stored comparison, raw texts
+        assert (row["answer_a"], row["answer_b"]) == (turn["answer_a"], turn["answer_b"])
+        assert [row["version_a"], row["version_b"]] == turn["versions"]
         client.predict(api_name="/vote_a" if i % 2 == 0 else "/vote_b")
     counts = store.vote_counts()
     assert counts["total"] == 20 and counts["a"] == 10 and counts["b"] == 10 and counts["pending"] == 0
