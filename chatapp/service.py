@@ -217,15 +217,18 @@ class ChatService:
         session.messages.append({"role": "user", "content": text})
         return context
 
-    def _append_reply(self, session: ChatSession, reply: Reply) -> None:
-        self.store.add_message(
+    def _append_reply(self, session: ChatSession, reply: Reply, plain: bool = False) -> None:
+        """Store ``reply`` and continue the conversation with it; ``plain``: a chat reply (not
+        a comparison's), which :meth:`regenerate` may replace."""
+        message_id = self.store.add_message(
             session.conversation_id,
             "assistant",
             reply.text,
             policy_version=reply.version,
             sampling={**reply.sampling, "stopped": reply.stopped},
         )
-        message = {"role": "assistant", "content": reply.text, "version": reply.version}
+        message = {"role": "assistant", "content": reply.text, "version": reply.version, "id": message_id,
+                   "plain": plain}
         if reply.stopped:
             message["stopped"] = True  # shown marked in the UI; the context keeps the text as is
         session.messages.append(message)
@@ -264,7 +267,34 @@ class ChatService:
             context = self._begin_turn(session, text)
             gen = self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)
             reply = yield from gen
-            self._append_reply(session, reply)
+            self._append_reply(session, reply, plain=True)
+            return reply
+        finally:
+            self._release(session)
+
+    def regenerate(self, session: ChatSession, stop_event: threading.Event | None = None) -> Iterator[str]:
+        """Answer the last user message again, streaming the text so far: once the new reply from
+        the live policy is written, the last plain reply is replaced by it (kept in the store,
+        marked replaced: no longer part of the conversation or of training prompts); if
+        generating fails, the conversation is left as it was.
+
+        Raises:
+            UserInputError: the conversation does not end with a plain chat reply (nothing yet,
+                a comparison's chosen answer, a comparison awaiting its vote), or this session's
+                previous reply is still being written.
+        """
+        self._claim(session)
+        try:
+            last = session.messages[-1] if session.messages else None
+            if session.pending is not None:
+                raise UserInputError("Vote on the two answers first (or start a new conversation).")
+            if last is None or last["role"] != "assistant" or not last.get("plain"):
+                raise UserInputError("There is no plain reply to regenerate (a compared answer is chosen by a vote).")
+            context = session.context()[:-1]  # up to the user message the reply answered
+            reply = yield from self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)
+            self.store.replace_reply(last["id"])  # only once the new reply exists: a failure changes nothing
+            session.messages.pop()
+            self._append_reply(session, reply, plain=True)
             return reply
         finally:
             self._release(session)

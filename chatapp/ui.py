@@ -115,7 +115,8 @@ def build_ui(parts: UIParts) -> gr.Blocks:
     ``(conversation, message box, answer A, answer B, turn)`` where ``turn`` is a dict with the
     raw texts (``reply`` or ``answer_a``/``answer_b``), ``versions``, ``comparison_id``;
     ``/vote_a`` ``/vote_b`` ``/vote_tie`` ``/vote_both_bad``; ``/new_conversation(system_prompt)``;
-    ``/stop``; ``/training_status`` → ``(status, rounds, versions)``; the admin actions
+    ``/regenerate`` (another answer to the last message, replacing a plain reply) → ``(conversation,
+    turn)``; ``/stop``; ``/training_status`` → ``(status, rounds, versions)``; the admin actions
     ``/train_now``, ``/rollback(version)``, ``/promote_candidate``, ``/retire_candidate``,
     ``/export_votes`` (plus admin user and password when the app has ``--auth``). A user error
     (empty or oversized message, a vote with nothing to vote on) is raised as an error with its
@@ -163,6 +164,27 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             raise gr.Error(str(exc), print_exception=False) from None  # the message stays in the box
         finally:
             if stops.get(session.session_id) is stop:  # one entry per reply in flight
+                del stops[session.session_id]
+
+    def regenerate(state):
+        session = _session(state)
+        stop = _stop_event(session)
+        hidden = gr.update(visible=False)
+        base = _display(session.messages[:-1])  # without the reply being replaced
+        try:
+            gen = service.regenerate(session, stop_event=stop)
+            while True:
+                try:
+                    partial = next(gen)
+                except StopIteration as done:
+                    reply = done.value
+                    break
+                yield base + [{"role": "assistant", "content": reply_markdown(partial)}], gr.skip(), hidden, session
+            yield _display(session.messages), _reply_turn(reply), hidden, session
+        except UserInputError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        finally:
+            if stops.get(session.session_id) is stop:
                 del stops[session.session_id]
 
     def stop(state):
@@ -230,6 +252,8 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         for button, choice in ((vote_a, "a"), (vote_b, "b"), (vote_tie, "tie"), (vote_bad, "both_bad")):
             button.click(_voter(vote, choice), [state], vote_outputs, api_name=f"vote_{choice}").then(
                 training_core, None, training.core_outputs, api_visibility="private")  # counts current at once
+        # the Chatbot's retry icon on the last reply: another answer to the same message
+        chatbot.retry(regenerate, [state], [chatbot, turn, vote_row, state], api_name="regenerate")
         new_outputs = [chatbot, answer_a, answer_b, system_line, compare_box, vote_row, state]
         new_btn.click(new_conversation, [system_prompt, state], new_outputs, api_name="new_conversation")
         # the Chatbot's own trash icon starts over too (not just an empty display)

@@ -135,6 +135,13 @@ def m006_version_checksums(db: sqlite_utils.Database) -> None:
     db["policy_versions"].add_column("checksum", str)
 
 
+def m007_replaced_replies(db: sqlite_utils.Database) -> None:
+    """``messages.replaced_at``: when a regenerated reply was replaced by a new one (NULL: it
+    stands). A replaced reply is kept for the record but is no longer part of its
+    conversation's history (training prompts skip it)."""
+    db["messages"].add_column("replaced_at", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m001_initial_schema,
     m002_indexes,
@@ -142,6 +149,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     m004_round_progress,
     m005_pair_selection_and_version_notes,
     m006_version_checksums,
+    m007_replaced_replies,
 ]
 
 

@@ -193,14 +193,27 @@ class Store(RoundsMixin, VersionsMixin):
             ) from e
         return int(table.last_pk)
 
+    def replace_reply(self, message_id: int) -> None:
+        """Mark assistant message ``message_id`` as replaced (the user asked for another reply):
+        it stays stored but leaves its conversation's history (:meth:`messages`, :meth:`prompts`).
+
+        Raises ``ValueError`` when there is no such assistant message or it was replaced already.
+        """
+        cursor = self.db.execute(
+            "UPDATE messages SET replaced_at = ? WHERE id = ? AND role = 'assistant' AND replaced_at IS NULL",
+            [self._now(), int(message_id)],
+        )
+        if cursor.rowcount != 1:
+            raise ValueError(f"no standing assistant message with id {message_id}")
+
     def messages(self, conversation_id: str) -> list[dict]:
-        """A conversation's messages in order, as dicts with ``id, role, content,
-        policy_version, sampling`` (decoded) and ``created_at``.
+        """A conversation's messages in order (replaced replies left out), as dicts with ``id,
+        role, content, policy_version, sampling`` (decoded) and ``created_at``.
 
         Raises ``UnknownConversation`` if the conversation does not exist.
         """
         rows = self.db.table("messages").rows_where(
-            "conversation_id = ?",
+            "conversation_id = ? AND replaced_at IS NULL",
             [conversation_id],
             select="id, role, content, policy_version, sampling, created_at",
             order_by="id",
@@ -426,7 +439,7 @@ class Store(RoundsMixin, VersionsMixin):
         rows = self.db.execute(
             "SELECT m.id, m.conversation_id, m.role, m.content, c.system_prompt "
             "FROM messages m JOIN conversations c ON c.id = m.conversation_id "
-            "ORDER BY m.conversation_id, m.id"
+            "WHERE m.replaced_at IS NULL ORDER BY m.conversation_id, m.id"
         )
         candidates: list[tuple[int, str, list[dict[str, Any]]]] = []
         conversation_id, history = None, []

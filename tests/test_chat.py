@@ -173,6 +173,35 @@ def test_stopped_reply_is_marked_and_never_offered_for_voting(service):
     assert not _display(session.messages)[-1]["content"].endswith(STOPPED_MARK)
 
 
+def test_regenerate_replaces_the_last_plain_reply_and_training_never_sees_the_old_one(service):
+    session = ChatSession()
+    first = _drain(service.chat(session, "hello"))
+    old_id = service.store.messages(session.conversation_id)[-1]["id"]
+    second = _drain(service.regenerate(session))
+    stored = service.store.messages(session.conversation_id)
+    assert [m["role"] for m in stored] == ["user", "assistant"]  # the history stays well formed
+    assert stored[-1]["content"] == second.text and stored[-1]["id"] != old_id
+    content, replaced_at = service.store.db.execute(
+        "select content, replaced_at from messages where id = ?", [old_id]).fetchone()
+    assert content == first.text and replaced_at is not None  # kept for the record, marked
+    assert session.context()[-1] == {"role": "assistant", "content": second.text}
+    _drain(service.chat(session, "and then?"))
+    histories = [p["messages"] for p in service.store.prompts()]
+    assert [m["role"] for m in max(histories, key=len)] == ["user", "assistant", "user"]
+    assert max(histories, key=len)[1]["content"] == second.text
+    # only a plain reply can be regenerated: not an empty conversation, not a compared answer
+    with pytest.raises(UserInputError, match="no plain reply"):
+        _drain(service.regenerate(ChatSession()))
+    _drain(service.compare(session, "compare this"))
+    with pytest.raises(UserInputError, match="Vote on the two answers first"):
+        _drain(service.regenerate(session))
+    service.vote(session, "a")
+    with pytest.raises(UserInputError, match="no plain reply"):
+        _drain(service.regenerate(session))
+    with pytest.raises(ValueError, match="no standing assistant message"):
+        service.store.replace_reply(old_id)  # once only
+
+
 def test_published_version_serves_the_next_reply(service, tmp_path):
     engine = service.engine
     registry = engine.registry
