@@ -14,6 +14,7 @@ import hashlib
 import json
 
 from training.chat_format import chat_format, render_conversation, render_prompt
+from training.seeds import derive_seed
 
 
 def answer_span(
@@ -140,6 +141,20 @@ def split_heldout(heldout: list[dict], heldout_fraction: float, seed: int) -> tu
              if _in_heldout(c, seed) < heldout_fraction / 2}
     return ([p for p in heldout if str(p["conversation_id"]) not in judge],
             [p for p in heldout if str(p["conversation_id"]) in judge])
+
+
+def conversation_folds(pairs: list[dict], folds: int, seed: int) -> list[int]:
+    """The cross-validation fold (0 … ``folds`` − 1) of each pair, by a hash of its
+    ``conversation_id`` (another hash than the held-out split's): one conversation is always in
+    one fold, and keeps it as data grows.
+
+    Raises:
+        ValueError: ``folds`` < 2.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    fold_seed = derive_seed(seed, "cv-folds")
+    return [min(int(_in_heldout(str(p["conversation_id"]), fold_seed) * folds), folds - 1) for p in pairs]
 
 
 def _text(value) -> str:

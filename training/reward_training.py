@@ -43,9 +43,15 @@ import torch
 
 from training.ensemble import EnsembleConfig, conservative_scores, fit_heads
 from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested
-from training.models import LoraSettings, eval_with_checkpointing, using_adapter
+from training.models import (
+    LoraSettings,
+    eval_with_checkpointing,
+    unused_adapter_name,
+    using_adapter,
+)
 from training.preferences import (
     answer_span,
+    conversation_folds,
     encode_pairs,
     load_pairs_jsonl,
     split_by_conversation,
@@ -79,6 +85,9 @@ class RewardConfig:
         "log-prob of the answer to the score (a new model only; a warm start keeps its own choice)")
     feature_lr: float = help_field(0.1, help="AdamW learning rate of the reference-feature weights")
     ensemble: EnsembleConfig = nested(EnsembleConfig, help="ensemble heads on bootstrap resamples", set_by_parent=("seed",))
+    cv_folds: int = help_field(
+        3, help="folds of the cross-validated accuracy a round's gate checks: every vote outside the select half, each "
+        "judged by a fresh reward model trained on the other folds (0: the judge half alone)")
 
     def __post_init__(self):
         for name in ("lr", "epochs", "batch_size", "max_length", "max_grad_norm", "feature_lr"):
@@ -90,6 +99,8 @@ class RewardConfig:
             raise ValueError(f"RewardConfig.heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
         if self.min_votes < 1:
             raise ValueError(f"RewardConfig.min_votes must be >= 1, got {self.min_votes}")
+        if self.cv_folds < 0 or self.cv_folds == 1:
+            raise ValueError(f"RewardConfig.cv_folds must be 0 (off) or >= 2, got {self.cv_folds}")
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
         if isinstance(self.ensemble, dict):
@@ -218,6 +229,92 @@ def _train_epochs(rm: RewardModel, tokenizer, train: list[dict], config: RewardC
     return epoch_loss
 
 
+def _fit(rm: RewardModel, tokenizer, train: list[dict], config: RewardConfig) -> float:
+    """Train ``rm``'s adapter, head and feature weights on encoded pairs ``train`` (AdamW,
+    :func:`_train_epochs`); returns the last epoch's mean loss."""
+    params = rm.trainable_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    groups = [{"params": [p for p in params if p is not rm.feature_weight], "lr": config.lr}]
+    if rm.feature_weight is not None:
+        groups.append({"params": [rm.feature_weight], "lr": config.feature_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
+    _eval(rm)  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
+    # the whole step under the reward model's adapter: a checkpointed layer is recomputed in the
+    # backward pass with whichever adapter is active then (on a shared base: the policy's)
+    with using_adapter(rm.backbone, rm.adapter):
+        epoch_loss = _train_epochs(rm, tokenizer, train, config, optimizer, params)
+    optimizer.zero_grad(set_to_none=True)
+    return epoch_loss
+
+
+def _usable_split(tokenizer, pairs: list[dict], config: RewardConfig) -> tuple[list, list, list, list]:
+    """``(encoded, train, select, judge)``: the usable pairs and their split by conversation
+    (:func:`split_by_conversation`, then :func:`split_heldout`); when every conversation so far
+    hashed to the held-out side, all are trained on and none judged."""
+    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    train, heldout = split_by_conversation(encoded, config.heldout_fraction, config.seed)
+    if not train:
+        train, heldout = heldout, []
+    select, judge = split_heldout(heldout, config.heldout_fraction, config.seed)
+    return encoded, train, select, judge
+
+
+def cross_validated_accuracy(base, tokenizer, pairs: list[dict], config: RewardConfig,
+                             adapter: str = "reward_cv") -> dict:
+    """How well a reward model learns these votes, measured on votes it never saw: k-fold
+    cross-validation (k = ``config.cv_folds``, folds by conversation,
+    :func:`training.preferences.conversation_folds`) over every usable pair outside the
+    *select* half (which chooses among reward models, so it is left out here). Each fold's pairs
+    are scored by a fresh reward model (from the base weights, never a warm start: an earlier
+    model was trained on them) trained on the other folds; the accuracies are pooled over all
+    folds' non-tie pairs.
+
+    With few votes this judges several times more of them than the judge half alone (at 100
+    votes: about 85 instead of 13), so the gate's Wilson bound can tell a useful reward model
+    from chance; it measures the training procedure on ``(k − 1)/k`` of the data, a slightly
+    pessimistic estimate for the model trained on all of it.
+
+    Args:
+        base: as :func:`train_reward_model` (each fold's model is adapter ``adapter_i`` on it,
+            deleted after its fold).
+
+    Returns:
+        ``rm/cv_accuracy`` (NaN without a non-tie pair), ``rm/cv_decisive`` (the non-tie pairs
+        it is over), ``rm/cv_folds`` (folds that had pairs to train and to judge), ``rm/cv_s``.
+
+    Raises:
+        ValueError: ``config.cv_folds`` < 2.
+    """
+    t0 = time.time()
+    _, train, _, judge = _usable_split(tokenizer, pairs, config)
+    pool = train + judge
+    fold_of = conversation_folds(pool, config.cv_folds, config.seed)
+    correct, decisive, used = 0, 0, 0
+    for fold in range(config.cv_folds):
+        fit_on = [p for p, f in zip(pool, fold_of, strict=True) if f != fold]
+        scored = [p for p, f in zip(pool, fold_of, strict=True) if f == fold]
+        if not fit_on or not scored:
+            continue
+        rm = RewardModel.from_base(base, config.lora, seed=config.seed, reference_features=config.reference_features,
+                                   adapter=unused_adapter_name(base, f"{adapter}_{fold}"))
+        try:
+            _fit(rm, tokenizer, fit_on, config)
+            figures = evaluate_pairs(rm, tokenizer, scored, config.batch_size)
+        finally:
+            rm.release()
+        n = int(figures["rm/heldout_decisive"])
+        if n:
+            correct += round(figures["rm/accuracy"] * n)
+            decisive += n
+        used += 1
+    accuracy = correct / decisive if decisive else float("nan")
+    log.info("reward model, %d-fold cross-validated: accuracy=%.3f over %d A/B votes", config.cv_folds,
+             accuracy, decisive)
+    return {"rm/cv_accuracy": accuracy, "rm/cv_decisive": float(decisive), "rm/cv_folds": float(used),
+            "rm/cv_s": time.time() - t0}
+
+
 def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig, init_dir=None,
                        adapter: str = "reward") -> tuple[RewardModel, dict]:
     """Train a reward model on preference pairs.
@@ -243,16 +340,13 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
         NotEnoughVotesError: fewer usable pairs than ``config.min_votes``.
     """
     t0 = time.time()
-    encoded = encode_pairs(tokenizer, pairs, config.max_length)
+    encoded, train, select, judge = _usable_split(tokenizer, pairs, config)
     if len(encoded) < config.min_votes:
         raise NotEnoughVotesError(
             f"only {len(encoded)} usable preference pairs ({len(pairs) - len(encoded)} dropped as "
             f"identical or both-bad); at least {config.min_votes} are needed (min_votes)"
         )
-    train, heldout = split_by_conversation(encoded, config.heldout_fraction, config.seed)
-    if not train:  # every conversation so far hashed to the held-out side: train on them, judge none
-        train, heldout = heldout, []
-    select, judge = split_heldout(heldout, config.heldout_fraction, config.seed)
+    heldout = select + judge
     heldout_ids = [p["conversation_id"] for p in heldout]
     prev: dict = {}
     prev_judge: dict = {}
@@ -263,19 +357,7 @@ def train_reward_model(base, tokenizer, pairs: list[dict], config: RewardConfig,
     else:
         rm = RewardModel.from_base(base, config.lora, seed=config.seed,
                                    reference_features=config.reference_features, adapter=adapter)
-    params = rm.trainable_parameters()
-    for p in params:
-        p.requires_grad_(True)
-    groups = [{"params": [p for p in params if p is not rm.feature_weight], "lr": config.lr}]
-    if rm.feature_weight is not None:
-        groups.append({"params": [rm.feature_weight], "lr": config.feature_lr})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=0.0)
-    _eval(rm)  # no dropout in the backbone; LoRA dropout is a LoraSettings choice
-    # the whole step under the reward model's adapter: a checkpointed layer is recomputed in the
-    # backward pass with whichever adapter is active then (on a shared base: the policy's)
-    with using_adapter(rm.backbone, rm.adapter):
-        epoch_loss = _train_epochs(rm, tokenizer, train, config, optimizer, params)
-    optimizer.zero_grad(set_to_none=True)
+    epoch_loss = _fit(rm, tokenizer, train, config)
     fit_ensemble(rm, tokenizer, train, config.ensemble, config.batch_size)
     metrics = evaluate_pairs(rm, tokenizer, select, config.batch_size)
     judged = evaluate_pairs(rm, tokenizer, judge, config.batch_size)

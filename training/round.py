@@ -67,6 +67,7 @@ from training.reward_model import RewardModel
 from training.reward_training import (
     NotEnoughVotesError,
     RewardConfig,
+    cross_validated_accuracy,
     make_reward_fn,
     train_reward_model,
 )
@@ -164,8 +165,8 @@ class RewardStep:
     rm: RewardModel
     reward_fn: object  # (prompts, answers) -> (B,) raw scores
     metrics: dict  # rm/* figures
-    accuracy: float | None  # accuracy of the model in use on the judge half of the held-out votes (NaN: none)
-    decisive: int  # judge-half A/B votes that accuracy is over
+    accuracy: float | None  # the gate's figure: cross-validated, or the kept model on the judge half (NaN: none)
+    decisive: int  # A/B votes that accuracy is over
     staging: Path | None = field(default=None)  # a new model to publish with the round; None: keep the one in use
 
 
@@ -275,8 +276,11 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
     same held-out votes, since a warm start keeps fitting the earliest votes round after round;
     the more accurate is the candidate. The candidate replaces the model in use only if at least
     as accurate on those votes (``rm/replaced``); it is then saved to staging, published with the
-    round's adapter. These choices are made on the *select* half of the held-out votes; the
-    gate judges the model kept on the other half (:class:`RewardStep` ``accuracy``).
+    round's adapter. These choices are made on the *select* half of the held-out votes. The
+    gate's reward-model check (:class:`RewardStep` ``accuracy``) uses votes none of them was
+    selected on: with ``config.reward.cv_folds`` (default) the cross-validated accuracy over
+    every other vote (:func:`training.reward_training.cross_validated_accuracy`), else the
+    kept model's accuracy on the *judge* half.
 
     Raises:
         SkipRound: fewer usable pairs than ``config.reward.min_votes``.
@@ -306,8 +310,13 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
         rm.release()
         rm = RewardModel.load(base, init_dir, adapter=unused_adapter_name(base, "reward_prev"))
     judged = metrics.get("rm/judge_accuracy") if keep_new else metrics.get("rm/prev_judge_accuracy")
+    decisive = int(metrics.get("rm/judge_decisive", 0))
+    if config.reward.cv_folds >= 2:  # the gate's check on every vote outside the select half
+        metrics.update(cross_validated_accuracy(base, tokenizer, pairs, config.reward,
+                                                adapter=unused_adapter_name(base, "reward_cv")))
+        judged, decisive = metrics["rm/cv_accuracy"], int(metrics["rm/cv_decisive"])
     return RewardStep(rm, make_reward_fn(rm, tokenizer, conservative=config.conservative_reward), metrics,
-                      judged, int(metrics.get("rm/judge_decisive", 0)), staging)
+                      judged, decisive, staging)
 
 
 def _more_accurate(warm: RewardModel, warm_metrics: dict, fresh: RewardModel, fresh_metrics: dict):
