@@ -9,12 +9,19 @@ import pytest
 import torch
 
 from training.models import LoraSettings, load_tokenizer
-from training.preferences import answer_span, encode_pairs, split_by_conversation, split_heldout
+from training.preferences import (
+    answer_span,
+    conversation_folds,
+    encode_pairs,
+    split_by_conversation,
+    split_heldout,
+)
 from training.reward_model import RewardModel
 from training.reward_training import (
     NotEnoughVotesError,
     RewardConfig,
     RewardNormalizer,
+    cross_validated_accuracy,
     pairwise_loss,
     score,
     train_reward_model,
@@ -286,6 +293,30 @@ def test_train_reward_model_learns_toy_preference(tiny_model_dir, tok, tmp_path)
         init_dir=tmp_path / "rm")
     assert m2["rm/heldout_pairs"] == metrics["rm/heldout_pairs"]  # the same split
     assert m2["rm/accuracy"] > 0.5
+
+
+def test_cross_validated_accuracy_judges_every_vote_outside_the_select_half_on_unseen_votes(tiny_model_dir, tok):
+    cfg = RewardConfig(lr=3e-3, epochs=4, batch_size=8, heldout_fraction=0.25, seed=0, min_votes=10,
+                       lora=LoraSettings(r=4), cv_folds=3)
+    # each fold has its own rule, and the three rules make a cycle: Paris > Tokyo in fold 0,
+    # Tokyo > cat in fold 1, cat > Paris in fold 2. A model trained on the other two folds learns
+    # the opposite of a fold's rule (e.g. Tokyo > cat > Paris), so votes it never saw come out
+    # wrong; had it seen them (a leak across folds), or were the scores read the wrong way round,
+    # they would come out mostly right
+    convs = [f"c{i}" for i in range(48)]
+    folds = conversation_folds([{"conversation_id": c} for c in convs], 3, cfg.seed)
+    words = ["Paris", "Tokyo", "cat"]
+    pairs = [_pair(c, f"{filler} {words[f]}", f"{filler} {words[(f + 1) % 3]}")
+             for c, f in zip(convs, folds, strict=True) for filler in ("well", "so")]
+    cv = cross_validated_accuracy(str(tiny_model_dir), tok, pairs, cfg)
+    assert cv["rm/cv_accuracy"] < 0.3, cv
+    # every non-tie pair outside the select half is judged: several times the judge half
+    train, held = split_by_conversation(encode_pairs(tok, pairs), 0.25, 0)
+    select, judge = split_heldout(held, 0.25, 0)
+    assert cv["rm/cv_decisive"] == len(train) + len(judge) > 3 * len(judge)
+    assert cv["rm/cv_folds"] == 3 and set(folds) == {0, 1, 2}
+    with pytest.raises(ValueError, match="cv_folds"):
+        RewardConfig(cv_folds=1)
 
 
 def test_cli_trains_and_saves_from_exported_pairs(tiny_model_dir, tmp_path, capsys):
