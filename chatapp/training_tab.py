@@ -32,7 +32,7 @@ ROUND_COLUMN_WIDTHS = ["5%", "7%", "8%", "25%", "10%", "10%", "9%", "7%", "9.5%"
 LEADERBOARD_COLUMNS = ["version", "status", "rating", "95% interval", "matches", "wins", "losses", "ties",
                        "win rate vs parent"]
 LEADERBOARD_COLOURS = {"rating": "#1565c0", "95% low": "#90caf9", "95% high": "#90caf9"}
-CHANGES_COLUMNS = ["prompt", "before", "after"]
+CHANGES_COLUMNS = ["version", "prompt", "before (previous version)", "after (this version)"]
 OUTCOME_COLOURS = {"promoted": "#2e7d32", "live": "#2e7d32", "candidate": "#f9a825", "rejected": "#c62828",
                    "retired": "#8e24aa", "failed": "#616161"}  # promoted and rejected never look alike
 
@@ -120,19 +120,18 @@ def leaderboard_points(board: list[dict]) -> pd.DataFrame:
     return long.dropna(subset=["value"]).rename(columns={"value": "rating"})
 
 
-def changes_rows(store, registry, version: int | None) -> list[list[str]]:
-    """What ``version`` changed: held-out prompts with the previous version's answer and its
-    own, as the gate sampled them (empty for version 0 and for versions without a record). Raw
-    text: the table shows cells as plain text."""
-    if version is None:
-        return []
-    return [[c["prompt"], c["before"], c["after"]] for c in version_changes(registry, version)]
+def changes_rows(registry, versions: list[int]) -> list[list[str]]:
+    """What each of ``versions`` changed: held-out prompts with the previous version's answer
+    and its own, as the gate sampled them (none for version 0 and for versions without a
+    record). Raw text: the table shows cells as plain text."""
+    return [[str(v), c["prompt"], f"v{c['before_version']}: {c['before']}", c["after"]]
+            for v in versions for c in version_changes(registry, v)]
 
 
-def _changed_version(store) -> int | None:
-    """The version whose changes the tab shows: the waiting candidate, else the live one."""
-    candidate = store.candidate_version()
-    return candidate if candidate is not None else store.live_version()
+def changed_versions(store) -> list[int]:
+    """The versions whose changes the tab shows: the waiting candidate (if any), then the live one."""
+    shown = [store.candidate_version(), store.live_version()]
+    return [v for v in dict.fromkeys(shown) if v]  # version 0 changed nothing
 
 
 @dataclass
@@ -203,7 +202,7 @@ def build_training_tab(parts, training_status_api: str = "training_status"):
     def extra():
         """Progress bar, plots, leaderboard and what changed."""
         history = round_history(store)
-        shown = _changed_version(store)
+        shown = changed_versions(store)
         rows, frame = board_values()
         return (
             progress_html(store),
@@ -211,9 +210,10 @@ def build_training_tab(parts, training_status_api: str = "training_status"):
             votes_over_time(store),
             rows,
             frame,
-            f"**What version {shown} changed** (held-out prompts: the previous version's answer, then its own)"
+            f"**What {' and '.join(f'version {v}' for v in shown)} changed** (the candidate first; held-out "
+            "prompts: the previous version's answer, then its own)"
             if shown else "**What changed:** version 0 is the base model; a trained version shows its answers here.",
-            changes_rows(store, parts.registry, shown),
+            changes_rows(parts.registry, shown),
         )
 
     def refresh():
@@ -324,7 +324,7 @@ def build_training_tab(parts, training_status_api: str = "training_status"):
                                     label="leaderboard plot", height=220, tooltip=["version", "rating", "kind"])
     changes_title = gr.Markdown(label="what changed")
     changes = gr.Dataframe(headers=CHANGES_COLUMNS, label="What changed", interactive=False, wrap=True,
-                           datatype=["str", "str", "str"])
+                           datatype=["str", "str", "str", "str"], column_widths=["8%", "30%", "31%", "31%"])
     timer = gr.Timer(5.0)
 
     tab = TrainingTab(status, progress, rounds, version_pick, metrics_plots, votes_plot, board, board_plot,

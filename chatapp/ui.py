@@ -18,6 +18,7 @@ import gradio as gr
 
 from chatapp.auth import AdminAuth
 from chatapp.display import literal_markdown, reply_markdown
+from chatapp.engine import map_stream
 from chatapp.exports import ExportDesk
 from chatapp.service import ChatService, ChatSession, UserInputError
 from chatapp.training_tab import build_training_tab
@@ -65,6 +66,11 @@ def _display(messages: list[dict]) -> list[dict]:
              "content": (literal_markdown(m["content"]) if m["role"] == "user" else reply_markdown(m["content"]))
              + (STOPPED_MARK if m.get("stopped") else "")}
             for m in messages]
+
+
+def _growing(view: list[dict], partial: str) -> list[dict]:
+    """Chatbot value while a reply streams: ``view`` and the reply so far."""
+    return view + [{"role": "assistant", "content": reply_markdown(partial)}]
 
 
 def _system_line(session: ChatSession | None) -> dict:
@@ -150,15 +156,10 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                     a, b = (reply_markdown(r.text) for r in session.pending.replies)
                     yield pending_view, "", a, b, _comparison_turn(session), shown, shown, session
             else:
-                gen = service.chat(session, text, stop_event=stop)
-                while True:
-                    try:
-                        partial = next(gen)
-                    except StopIteration as done:
-                        reply = done.value
-                        break
-                    view = pending_view + [{"role": "assistant", "content": reply_markdown(partial)}]
-                    yield view, "", gr.skip(), gr.skip(), gr.skip(), hidden, hidden, session
+                reply = yield from map_stream(
+                    service.chat(session, text, stop_event=stop),
+                    lambda partial: (_growing(pending_view, partial), "", gr.skip(), gr.skip(), gr.skip(),
+                                     hidden, hidden, session))
                 yield _display(session.messages), "", gr.skip(), gr.skip(), _reply_turn(reply), hidden, hidden, session
         except (UserInputError, ContextTooLongError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None  # the message stays in the box
@@ -172,14 +173,8 @@ def build_ui(parts: UIParts) -> gr.Blocks:
         hidden = gr.update(visible=False)
         base = _display(session.messages[:-1])  # without the reply being replaced
         try:
-            gen = service.regenerate(session, stop_event=stop)
-            while True:
-                try:
-                    partial = next(gen)
-                except StopIteration as done:
-                    reply = done.value
-                    break
-                yield base + [{"role": "assistant", "content": reply_markdown(partial)}], gr.skip(), hidden, session
+            reply = yield from map_stream(service.regenerate(session, stop_event=stop),
+                                          lambda partial: (_growing(base, partial), gr.skip(), hidden, session))
             yield _display(session.messages), _reply_turn(reply), hidden, session
         except UserInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None

@@ -94,3 +94,21 @@ def test_every_endpoint_input_and_output_has_a_name(app):
         for item in info["parameters"] + info["returns"]:
             assert (item.get("label") or "").strip(), (name, item)
     assert [r["label"] for r in endpoints["/send"]["returns"]][-1] == "turn"
+
+
+def test_regenerate_answers_the_last_message_again(app):
+    from gradio_client.exceptions import AppError
+
+    client = _client(app)
+    *_, first = client.predict("tell me something", False, api_name="/send")
+    chat, turn = client.predict(api_name="/regenerate")
+    store = open_store(app.data_dir)
+    replies = store.db.execute("select id, content, replaced_at from messages where role = 'assistant' "
+                               "order by id desc limit 2").fetchall()
+    (new_id, new_text, new_replaced), (_, old_text, old_replaced) = replies
+    assert new_text == turn["reply"] and new_replaced is None
+    assert old_text == first["reply"] and old_replaced is not None
+    assert [m["role"] for m in chat][-2:] == ["user", "assistant"]
+    client.predict("compare now", True, api_name="/send")
+    with pytest.raises(AppError, match="Vote on the two answers first"):
+        client.predict(api_name="/regenerate")
