@@ -234,7 +234,7 @@ def _timed_stream(engine, messages, sampling, stop_after_first: bool = False) ->
 def _timed_run(gen) -> tuple[float, object]:
     """``(seconds from the first next of gen to its end, its return value)`` for a chat or
     comparison stream of :class:`chatapp.service.ChatService`."""
-    from chatapp.engine import drain
+    from chatapp.streams import drain
 
     t0 = time.perf_counter()
     value = drain(gen)

@@ -41,6 +41,21 @@ from training.rollout import left_pad, position_ids_from_mask
 
 log = logging.getLogger(__name__)
 
+class Inbox(queue.Queue):
+    """One request's event queue that also wakes the reader of several requests: ``arrived`` is
+    set on every event, ``ended`` on a request's last one (``done`` or ``error``)."""
+
+    def __init__(self, arrived: threading.Event, ended: threading.Event):
+        super().__init__()
+        self.arrived, self.ended = arrived, ended
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        if item[0] != "token":
+            self.ended.set()
+        self.arrived.set()
+
+
 @dataclass(eq=False)
 class Request:
     """One reply being generated. ``tokens`` (generated ids, stop token excluded) and ``finish``

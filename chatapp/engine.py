@@ -28,14 +28,14 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import TypeVar
 
 import torch
 from safetensors import SafetensorError
 
-from chatapp.batching import Batcher, Request
+from chatapp.batching import Batcher, Inbox, Request
+from chatapp.streams import drain, map_stream
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
 from storage.registry import AdapterRegistry, CorruptAdapter, RewardModelRegistry
 from training.chat_format import end_of_turn_ids, fit_messages, inert_text, render_prompt
@@ -97,47 +97,6 @@ class Reply:
     tokens: list[int] = field(default_factory=list)  # generated ids, the stop id excluded
     finish: str = "eos"  # eos | length | stopped
     reasoning: str = ""  # removed <think> content
-
-
-T, U, R = TypeVar("T"), TypeVar("U"), TypeVar("R")
-
-
-def map_stream(gen: Generator[T, None, R], fn: Callable[[T], U]) -> Generator[U, None, R]:
-    """Yield ``fn(item)`` for every item ``gen`` yields and return ``gen``'s return value
-    (``StopIteration.value``); closing this generator closes ``gen`` (which ends its replies)."""
-    try:
-        while True:
-            try:
-                item = next(gen)
-            except StopIteration as done:
-                return done.value
-            yield fn(item)
-    finally:
-        gen.close()
-
-
-def drain(gen: Generator[object, None, R]) -> R:
-    """Run a stream to its end, discarding what it yields; its return value (``StopIteration.value``)."""
-    while True:
-        try:
-            next(gen)
-        except StopIteration as done:
-            return done.value
-
-
-class _Inbox(queue.Queue):
-    """One request's event queue that also wakes the reader of several requests: ``arrived`` is
-    set on every event, ``ended`` on a request's last one (``done`` or ``error``)."""
-
-    def __init__(self, arrived: threading.Event, ended: threading.Event):
-        super().__init__()
-        self.arrived, self.ended = arrived, ended
-
-    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
-        if item[0] != "token":
-            self.ended.set()
-        self.arrived.set()
 
 
 class ChatEngine:
@@ -414,7 +373,7 @@ class ChatEngine:
         ids = self.prompt_ids(messages, sampling.max_new_tokens)
         arrived, ended = threading.Event(), threading.Event()
         reqs = [self._request(ids, sampling, v, stop_event, None if sampling.seed is None else sampling.seed + i,
-                              _Inbox(arrived, ended))
+                              Inbox(arrived, ended))
                 for i, v in enumerate(versions)]
         texts = [ReplyText(self.tokenizer) for _ in reqs]
         done = [False] * len(reqs)

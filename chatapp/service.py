@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from limits import RateLimitItem, parse, storage, strategies
 
-from chatapp.engine import ChatEngine, Reply, Sampling, map_stream
+from chatapp.engine import ChatEngine, Reply, Sampling
+from chatapp.streams import map_stream
 from storage.store import CHOICES, Store
 from training.chat_format import inert_text
 from training.ensemble import PAIR_RULES, select_pair

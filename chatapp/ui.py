@@ -18,9 +18,9 @@ import gradio as gr
 
 from chatapp.auth import AdminAuth
 from chatapp.display import literal_markdown, reply_markdown
-from chatapp.engine import map_stream
 from chatapp.exports import ExportDesk
 from chatapp.service import ChatService, ChatSession, UserInputError
+from chatapp.streams import map_stream
 from chatapp.training_tab import build_training_tab
 from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted

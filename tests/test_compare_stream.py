@@ -9,8 +9,8 @@ import threading
 import pytest
 import torch
 
-from chatapp.engine import drain
 from chatapp.service import ChatService, ChatSession, PairConfig
+from chatapp.streams import drain
 from tests.test_engine import PROMPTS, greedy, make_engine, msgs, publish_changed, wait_for
 
 pytestmark = pytest.mark.usefixtures("single_thread")
