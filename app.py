@@ -49,6 +49,9 @@ class AppConfig:
     train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")
     min_new_votes: int = help_field(20, help="new votes needed before a scheduled round starts")
     no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
+    round_launcher: str = help_field(
+        "", help='start each round\'s processes with this launcher for data-parallel training, e.g. '
+        '"torchrun --nproc_per_node 2" or "accelerate launch --num_processes 2" (empty: one process)')
     temperature: float = help_field(0.8, help="sampling temperature of plain chat replies (0: greedy)")
     compare_temperature: float = help_field(1.0, help="sampling temperature of the two answers of a comparison (1: the distribution PPO trains on)")
     distinct_redraws: int = help_field(2, help="a comparison's B answer that repeats A word for word is drawn again up to this many times (identical pairs teach the reward model nothing)")
@@ -76,6 +79,9 @@ class AppConfig:
             raise ValueError(f"--distinct-redraws must be >= 0, got {self.distinct_redraws}")
         if self.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {self.concurrency}")
+        from training.scheduler import launcher_command
+
+        launcher_command(self.round_launcher)  # fail early: a launcher that cannot start a round
         if self.auth:
             from chatapp.auth import parse_credential
 
@@ -154,7 +160,8 @@ def build_app(config: AppConfig):
     service = chat_service(config, model, tokenizer, registry, store)
     scheduler = None
     if not config.no_train:
-        round_fn = subprocess_round(config.round_argv(str(data_dir.root), model_ref), data_dir, store)
+        round_fn = subprocess_round(config.round_argv(str(data_dir.root), model_ref), data_dir, store,
+                                    launcher=config.round_launcher)
         scheduler = TrainingScheduler(round_fn, store, config.train_every, config.min_new_votes,
                                       lock_path=data_dir.scheduler_lock,
                                       preflight=partial(skip_reason, store, config.round.min_votes))

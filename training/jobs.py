@@ -11,6 +11,15 @@ On a terminal, PPO's iterations also show as a progress bar on stderr, the log l
 above it (still one per report); the bar is off whenever stderr is not a terminal (redirected,
 or the app's child, whose output goes to the training log; :func:`training.progress.want_bar`),
 and tqdm's own ``TQDM_DISABLE=1`` hides it on a terminal too.
+
+It runs unchanged as a data-parallel round of N processes (:mod:`training.distributed`)::
+
+    torchrun --nproc_per_node 2 -m training.jobs --data-dir data --model data/starter
+
+(or ``accelerate launch --num_processes 2 -m training.jobs …``; the app's ``--round-launcher``).
+Rank 0 records and publishes the round and prints the summary line; every rank prints
+``rank R adapter sha256=…``, the digest of the adapter it trained (equal on all ranks), and
+exits with the same code. Each rank takes its share of the CPU threads.
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ import torch
 from storage.paths import DataDir, DataDirError
 from storage.registry import AdapterRegistry
 from storage.store import open_store
+from training import distributed
 from training.console import quiet_library_noise
 from training.flags import add_dataclass_args, dataclass_from_args
 from training.progress import want_bar
@@ -67,21 +77,30 @@ def main(argv: list[str] | None = None) -> int:
     except DataDirError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    distributed.init(config.load.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,  # rank 0 tells the round
+                        format=f"%(asctime)s %(levelname)s {f'[rank {rank}] ' if world > 1 else ''}%(message)s")
     quiet_library_noise()
-    torch.set_num_threads(config.threads or max(1, (os.cpu_count() or 2) - 1))
+    torch.set_num_threads(config.threads or max(1, ((os.cpu_count() or 2) - 1) // world))
     store = open_store(data_dir)
     signal.signal(signal.SIGTERM, _terminate)  # recorded as a failed round, never a half-published one
     registry = AdapterRegistry(data_dir, store)
-    if want_bar():
+    if want_bar() and rank == 0:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm():  # log lines above the bar, not through it
             result = run_round(config, store, registry, trigger=args.trigger, progress_bar=True)
     else:
         result = run_round(config, store, registry, trigger=args.trigger)
-    print(f"round {result['id']}: {result['status']} {result['reason'] or ''} version={result['version']}")
-    return 1 if result["status"] == "failed" else 0
+    if rank == 0:
+        print(f"round {result['id']}: {result['status']} {result['reason'] or ''} version={result['version']}")
+    if "adapter_digest" in result:
+        print(f"rank {rank} adapter sha256={result['adapter_digest']}", flush=True)
+    failed = result["status"] == "failed"
+    if not failed:  # a failed rank 0 leaves at once: the others may wait in a collective it left
+        distributed.close()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

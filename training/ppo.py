@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from training import distributed
 from training.chat_format import end_of_turn_ids
 from training.flags import add_dataclass_args, dataclass_from_args, help_field
 from training.models import (
@@ -221,15 +222,38 @@ def fit_reference_normalizer(
     eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
     (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, derive_seed(config.seed, "ppo/normalizer-prompts"))
     batch = [prompts[i] for i in idx]
-    answers: list[str] = []
+    starts = distributed.shard(range(0, len(batch), config.rollout_batch_size))  # a round's ranks share them
+    prompts_done, answers = [], []
     with reference_model(policy):
-        for start in range(0, len(batch), config.rollout_batch_size):
+        for start in starts:
             chunk = batch[start:start + config.rollout_batch_size]
             ro = generate_rollouts(policy, tokenizer, chunk, config.max_new_tokens, eos_ids,
                                    seed=derive_seed(config.seed, "ppo/normalizer", start))
+            prompts_done += chunk
             answers += ro.answers
-    scores = torch.as_tensor(reward_fn(batch, answers), dtype=torch.float32).flatten()
+    scores = torch.as_tensor(reward_fn(prompts_done, answers), dtype=torch.float32).flatten() if answers \
+        else torch.zeros(0)
+    scores = torch.tensor(distributed.gather(scores.tolist()), dtype=torch.float32)  # every rank's, in order
     return RewardNormalizer.fit(scores, clip=config.score_clip)
+
+
+def minibatch_rows(rows: int, size: int, generator: torch.Generator, first: int = 0,
+                   held: int | None = None) -> list[torch.Tensor]:
+    """One epoch's minibatches of a batch of ``rows`` rows: a random permutation (drawn from
+    ``generator``) cut into runs of ``size``; each minibatch as the indices, among the ``held``
+    rows ``first … first + held − 1`` that this process holds, of those in it (in a
+    data-parallel round each rank holds a contiguous part of the batch; the same generator on
+    every rank gives every rank the same minibatches, so their steps are one process's).
+
+    Returns ``ceil(rows / size)`` tensors of local row indices (maybe empty), each row of the
+    held part in exactly one."""
+    held = rows - first if held is None else held
+    perm = torch.randperm(rows, generator=generator)
+    out = []
+    for start in range(0, rows, size):
+        part = perm[start:start + size]
+        out.append(part[(part >= first) & (part < first + held)] - first)
+    return out
 
 
 def _minibatch_backward(policy, value_head, config: PPOConfig, mb: torch.Tensor, ids, attn, Tr: int, mask,
@@ -239,12 +263,18 @@ def _minibatch_backward(policy, value_head, config: PPOConfig, mb: torch.Tensor,
     share of the minibatch's answer tokens, so the accumulated gradient is the whole
     minibatch's. Returns the minibatch's losses and clip fractions, token-weighted alike.
 
+    In a data-parallel round the minibatch is split over the ranks (``mb``: this rank's part,
+    maybe empty): the weights are shares of *all* ranks' answer tokens, so the gradients and the
+    figures summed over ranks (:func:`training.distributed.sum_gradients`) are the whole
+    minibatch's; the figures returned are already summed.
+
     ``mb``: (b,) row indices; ``ids``/``attn`` (B, T); ``mask``, ``old_*``, ``advantages``,
     ``returns``: (B, Tr)."""
-    micro = config.micro_batch_size or len(mb)
-    tokens = float(mask[mb].sum())
-    out = dict.fromkeys(("ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac", "ppo/approx_kl", "ppo/val/clipfrac"), 0.0)
-    for part in mb.split(micro):
+    micro = config.micro_batch_size or max(len(mb), 1)
+    tokens = distributed.sum_floats([float(mask[mb].sum())])[0]
+    keys = ("ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac", "ppo/approx_kl", "ppo/val/clipfrac")
+    out = dict.fromkeys(keys, 0.0)
+    for part in (mb.split(micro) if tokens > 0 else ()):
         weight = float(mask[part].sum()) / tokens
         if weight == 0.0:
             continue
@@ -258,7 +288,7 @@ def _minibatch_backward(policy, value_head, config: PPOConfig, mb: torch.Tensor,
         for key, value in (("ppo/loss/policy", pg_loss), ("ppo/loss/value", vf_loss), ("ppo/clipfrac", clipfrac),
                            ("ppo/approx_kl", approx_kl), ("ppo/val/clipfrac", vf_clipfrac)):
             out[key] += weight * float(value.detach())
-    return out
+    return dict(zip(keys, distributed.sum_floats([out[k] for k in keys]), strict=True))
 
 
 def ppo_train(
@@ -324,6 +354,7 @@ def ppo_train(
     for _, p in trainable:
         p.requires_grad_(True)
     params = [p for _, p in trainable] + list(value_head.parameters())
+    distributed.broadcast_tensors(params)  # a data-parallel round's ranks start from rank 0's weights
     optimizer = torch.optim.AdamW(params, lr=config.lr, eps=1e-5, weight_decay=0.0)
     history: list[dict] = []
     ptx = DemonstrationBatches(ptx_examples, config.mini_batch_size, tokenizer.pad_token_id,
@@ -333,6 +364,15 @@ def ppo_train(
     batches = [[i for i in idx for _ in range(k)]  # each prompt k times, adjacent
                for idx in _prompt_batches(len(prompts), config.rollout_batch_size // k, config.steps,
                                           derive_seed(config.seed, "ppo/prompts"))]
+    # a data-parallel round's ranks share each batch's prompts (all k answers to one prompt on
+    # one rank: the leave-one-out baseline needs them together); rows keep their batch-wide
+    # seeds, so a rank samples what one process would have sampled for those rows
+    n_groups, world = config.rollout_batch_size // k, distributed.world_size()
+    if n_groups < world:
+        raise ValueError(f"{n_groups} prompts per PPO iteration cannot be shared by {world} processes: "
+                         f"raise --ppo.rollout-batch-size to at least {world * k}")
+    my_rows = [r for g in distributed.shard(range(n_groups)) for r in range(g * k, (g + 1) * k)]  # contiguous
+    first_row, rows_total = my_rows[0], n_groups * k
     iterator = batches
     if progress:
         from tqdm.auto import tqdm
@@ -342,11 +382,12 @@ def ppo_train(
         on_iteration(0, len(batches))  # the iterations start now (the normaliser is fitted)
     try:
         for step, idx in enumerate(iterator):
-            batch = [prompts[i] for i in idx]
+            batch = [prompts[idx[r]] for r in my_rows]
             B = len(batch)
             # 1 rollout: pure sampling from the current policy.
+            first_seed = derive_seed(config.seed, "ppo/rollout", step)
             ro = generate_rollouts(policy, tokenizer, batch, config.max_new_tokens, eos_ids,
-                                   seed=derive_seed(config.seed, "ppo/rollout", step))
+                                   seed=[first_seed + r for r in my_rows])
             ids, attn = ro.input_ids, ro.attention_mask  # (B, Tq + Tr)
             mask = ro.response_mask.float()  # (B, Tr)
             Tr = mask.shape[1]
@@ -376,33 +417,31 @@ def ppo_train(
                 # 5 GAE.
                 advantages, returns = compute_gae(rewards, old_values, mask, config.gamma, config.lam)
                 # 6 whiten advantages over answer tokens.
-                if config.whiten_advantages:
-                    advantages = whiten(advantages, mask)
+                if config.whiten_advantages:  # over every rank's answer tokens
+                    advantages = whiten(advantages, mask, total=distributed.sum_floats if world > 1 else None)
             # 7 minibatch epochs: clipped policy + value losses, gradient clipping.
             stats: dict[str, list[float]] = {k: [] for k in (
                 "ppo/loss/policy", "ppo/loss/value", "ppo/clipfrac", "ppo/approx_kl",
                 "ppo/val/clipfrac", "ppo/grad_norm")}
             gen = torch.Generator().manual_seed(derive_seed(config.seed, "ppo/minibatch", step))
             for _epoch in range(config.ppo_epochs):
-                perm = torch.randperm(B, generator=gen)
-                for start in range(0, B, config.mini_batch_size):
-                    mb = perm[start:start + config.mini_batch_size]
+                for mb in minibatch_rows(rows_total, config.mini_batch_size, gen, first_row, B):
                     optimizer.zero_grad(set_to_none=True)
                     step_stats = _minibatch_backward(policy, value_head, config, mb, ids, attn, Tr, mask,
                                                      old_logprobs, old_values, advantages, returns)
                     if ptx is not None:  # PPO-ptx: the demonstrations' token NLL under the policy
                         ptx_loss = ptx.loss(policy)
-                        (config.ptx_coef * ptx_loss).backward()
+                        (config.ptx_coef * ptx_loss / world).backward()  # summed over ranks below
                         stats.setdefault("ppo/loss/ptx", []).append(float(ptx_loss.detach()))
+                    distributed.sum_gradients(params)
                     step_stats["ppo/grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                     optimizer.step()
                     for key, value in step_stats.items():
                         stats[key].append(value)
-            # 8 log; β follows the KL actually penalised.
-            kl_per_answer = float(kl.sum(dim=1).mean())
+            # 8 log; β follows the KL actually penalised (every rank's answers: the same β on all).
             row = {k: sum(v) / len(v) for k, v in stats.items()}
             row.update({
-                "objective/kl": kl_per_answer,
+                "objective/kl": float(kl.sum(dim=1).mean()),
                 "objective/reward": float(raw.mean()),
                 "objective/score": float(score.mean()),
                 "objective/rlhf_reward": float((score - beta * kl.sum(dim=1)).mean()),
@@ -410,11 +449,14 @@ def ppo_train(
                 "answer/length_tokens": float(ro.lengths.float().mean()),
                 "answer/no_eos_rate": float((~ro.ended).float().mean()),
             })
-            kl_ctl.update(kl_per_answer, B)
+            row = distributed.mean_floats(row)
+            kl_per_answer = row["objective/kl"]
+            kl_ctl.update(kl_per_answer, len(idx))
             history.append(row)
             if progress:
                 iterator.set_postfix(reward=f"{row['objective/reward']:.3f}", kl=f"{kl_per_answer:.2f}")
-            if on_iteration is not None and on_iteration(step + 1, len(batches)):
+            stop = on_iteration is not None and bool(on_iteration(step + 1, len(batches)))
+            if distributed.agree(stop):  # rank 0's progress decides for every rank
                 break
     finally:
         optimizer.zero_grad(set_to_none=True)

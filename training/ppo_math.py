@@ -4,6 +4,8 @@ controllers. Tensors are (B, T) over answer tokens with a 0/1 mask; KL in nats."
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -52,13 +54,22 @@ def compute_gae(
     return advantages, returns
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           total: Callable[[list[float]], list[float]] | None = None) -> torch.Tensor:
     """(B, T) → (B, T): mean 0 (unless ``shift_mean=False``) and std 1 over masked positions,
-    zero elsewhere. Uses the unbiased variance."""
+    zero elsewhere. Uses the unbiased variance. ``total``: sums a list of floats over the
+    processes of a data-parallel round (:func:`training.distributed.sum_floats`), so the mean
+    and variance are those of every process's positions together; None: this ``x`` alone."""
     m = mask.to(x.dtype)
-    n = m.sum()
-    mean = (x * m).sum() / n.clamp(min=1.0)
-    var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1.0)
+    if total is None:
+        n = m.sum()
+        mean = (x * m).sum() / n.clamp(min=1.0)
+        var = (((x - mean) * m) ** 2).sum() / (n - 1).clamp(min=1.0)
+    else:
+        count, summed = total([float(m.sum()), float((x * m).sum())])
+        mean = torch.tensor(summed / max(count, 1.0), dtype=x.dtype, device=x.device)
+        (squares,) = total([float((((x - mean) * m) ** 2).sum())])
+        var = torch.tensor(squares / max(count - 1.0, 1.0), dtype=x.dtype, device=x.device)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -41,6 +41,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from training import distributed
 from training.ensemble import EnsembleConfig, conservative_scores, fit_heads
 from training.flags import add_dataclass_args, dataclass_from_args, help_field, nested
 from training.models import (
@@ -209,22 +210,33 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
 def _train_epochs(rm: RewardModel, tokenizer, train: list[dict], config: RewardConfig, optimizer,
                   params: list[torch.nn.Parameter]) -> float:
     """``config.epochs`` shuffled passes of the pairwise loss over ``train`` (encoded pairs);
-    returns the last epoch's mean loss (NaN with no epochs)."""
+    returns the last epoch's mean loss (NaN with no epochs).
+
+    In a data-parallel round (:mod:`training.distributed`) each rank scores its shard of every
+    batch, its mean loss weighted by the shard's share of the batch, and the gradients are
+    summed over ranks before the step: every rank takes the step one process would take on the
+    whole batch, from the same weights (rank 0's)."""
     rng = random.Random(config.seed)
     epoch_loss = float("nan")
+    distributed.broadcast_tensors(params)
     for _epoch in range(config.epochs):
         order = list(range(len(train)))
         rng.shuffle(order)
         total = 0.0
         for start in range(0, len(order), config.batch_size):
             batch = [train[i] for i in order[start:start + config.batch_size]]
-            rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
-            loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in batch], device=rc.device))
+            mine = distributed.shard(batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss_sum = 0.0
+            if mine:
+                rc, rr = _pair_scores(rm, mine, tokenizer.pad_token_id)
+                loss = pairwise_loss(rc, rr, torch.tensor([p["tie"] for p in mine], device=rc.device))
+                (loss * (len(mine) / len(batch))).backward()
+                loss_sum = float(loss.detach()) * len(mine)
+            distributed.sum_gradients(params)
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
-            total += float(loss.detach()) * len(batch)
+            total += distributed.sum_floats([loss_sum])[0]
         epoch_loss = total / max(len(train), 1)
     return epoch_loss
 

@@ -46,11 +46,13 @@ from storage.registry import AdapterRegistry, RewardModelRegistry
 from storage.rounds import TRAINED_STATUSES
 from storage.store import Store
 from storage.versions import write_changes
+from training import distributed
 from training.chat_format import fit_prompts
 from training.flags import help_field, nested
 from training.gate import GateConfig, GateResult, rm_accuracy_check, run_gate
 from training.models import (
     LoadConfig,
+    active_lora_params,
     add_lora,
     context_window,
     enable_gradient_checkpointing,
@@ -181,25 +183,34 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         "version", …}`` (``settings``: this ``config`` as a dict) with status ``succeeded``,
         ``rejected`` (the gate said no), ``skipped`` or ``failed``.
 
+    Under ``torchrun`` (:mod:`training.distributed`) every rank runs this; rank 0 alone writes
+    ``store``, gates and publishes, and the others return its row, with ``adapter_digest`` (the
+    trained adapter's :func:`training.distributed.tensor_digest`, this rank's) added on each.
+    A failure on a rank other than 0 raises there (its launcher then stops the round).
+
     Raises:
         storage.errors.RoundAlreadyRunning: another round is recorded as running.
     """
-    round_id = store.start_round(trigger, settings=asdict(config))
+    main = distributed.is_main()
+    round_id = distributed.on_main(store.start_round, trigger, settings=asdict(config))
     log.info("round %s settings: %s", round_id, json.dumps(asdict(config), sort_keys=True))
-    progress = RoundProgress(store, round_id, config.max_minutes, bar=progress_bar)
+    progress = RoundProgress(store if main else None, round_id, config.max_minutes, bar=progress_bar and main)
     reward_models = RewardModelRegistry(registry.data_dir)
     reward = None
     try:
         progress.stage("loading")
-        inputs = load_inputs(config, store)
+        inputs = distributed.on_main(load_inputs, config, store)  # every rank trains on the same votes
         model, tokenizer, window, inputs = load_model(config, inputs)
         policy = starting_policy(model, config, registry, inputs.live)  # every adapter goes on this one base
         progress.stage("reward model")
-        pairs, voter_metrics = clean_round_votes(inputs.pairs, config.voters, policy, tokenizer,
-                                                 reward_models.latest(), config.reward)
+        pairs, voter_metrics = distributed.agree(clean_round_votes(inputs.pairs, config.voters, policy, tokenizer,
+                                                                   reward_models.latest(), config.reward))
         reward = reward_model_step(config, policy, tokenizer, pairs, reward_models)
         value_head = starting_value_head(config, registry, inputs.live, policy)
         metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress, value_head)
+        digest = distributed.tensor_digest(active_lora_params(policy))
+        if not main:  # rank 0 gates and publishes
+            return {**distributed.agree(None), "adapter_digest": digest}
         progress.stage("gate")
         verdict = gate_step(config, registry, policy, tokenizer, reward, inputs)
         passed, reason = verdict.passed, verdict.reason
@@ -211,16 +222,23 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         reason = f"version {version} is a candidate: users' votes against live decide" if as_candidate else reason
         store.finish_round(round_id, "succeeded" if passed else "rejected", reason=reason, metrics=metrics,
                            version=version, votes_used=len(pairs))
-    except SkipRound as skip:
+    except SkipRound as skip:  # on every rank alike (the same votes, prompts and model)
+        if not main:
+            return {"id": round_id, "status": "skipped", "reason": str(skip), "version": None}
         store.finish_round(round_id, "skipped", reason=str(skip), votes_used=skip.votes)
     except Exception as exc:  # noqa: BLE001 - recorded; the scheduler keeps running
+        if not main:
+            raise
         log.error("training round %s failed:\n%s", round_id, traceback.format_exc())
         if reward is not None and reward.staging is not None:
             reward_models.discard(reward.staging)
         store.finish_round(round_id, "failed", reason=f"{exc.__class__.__name__}: {exc}")
     finally:
         progress.close()
-    return store.round(round_id)
+    row = store.round(round_id)
+    if distributed.world_size() > 1 and row["status"] in TRAINED_STATUSES:  # the others wait for it
+        row = {**distributed.agree(row), "adapter_digest": digest}
+    return row
 
 
 # ------------------------------------------------------------------ 1-2 inputs and model -------
@@ -289,10 +307,11 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
     try:
         rm, metrics = train_reward_model(base, tokenizer, pairs, config.reward, init_dir=init_dir,
                                          adapter=unused_adapter_name(base, "reward"))
+        metrics = distributed.agree(metrics)  # the choices below: rank 0's, on every rank
         if init_dir is not None and config.rm_fresh_candidate:
-            fresh = train_reward_model(base, tokenizer, pairs, config.reward,
-                                       adapter=unused_adapter_name(base, "reward_fresh"))
-            rm, metrics = _more_accurate(rm, metrics, *fresh)
+            fresh, fresh_metrics = train_reward_model(base, tokenizer, pairs, config.reward,
+                                                      adapter=unused_adapter_name(base, "reward_fresh"))
+            rm, metrics = _more_accurate(rm, metrics, fresh, distributed.agree(fresh_metrics))
     except NotEnoughVotesError as exc:
         raise SkipRound(f"too few votes: {exc}", len(pairs)) from None
     prev, new = metrics.get("rm/prev_accuracy"), metrics.get("rm/accuracy")
@@ -300,20 +319,21 @@ def reward_model_step(config: RoundConfig, base, tokenizer, pairs: list[dict],
     metrics["rm/replaced"] = float(keep_new)
     staging = None
     if keep_new:
-        staging = reward_models.staging_dir()
-        try:
-            rm.save(staging)
-        except BaseException:
-            reward_models.discard(staging)
-            raise
+        if distributed.is_main():  # rank 0 publishes
+            staging = reward_models.staging_dir()
+            try:
+                rm.save(staging)
+            except BaseException:
+                reward_models.discard(staging)
+                raise
     else:
         rm.release()
         rm = RewardModel.load(base, init_dir, adapter=unused_adapter_name(base, "reward_prev"))
     judged = metrics.get("rm/judge_accuracy") if keep_new else metrics.get("rm/prev_judge_accuracy")
     decisive = int(metrics.get("rm/judge_decisive", 0))
     if config.reward.cv_folds >= 2:  # the gate's check on every vote outside the select half
-        metrics.update(cross_validated_accuracy(base, tokenizer, pairs, config.reward,
-                                                adapter=unused_adapter_name(base, "reward_cv")))
+        metrics.update(distributed.agree(cross_validated_accuracy(base, tokenizer, pairs, config.reward,
+                                                                  adapter=unused_adapter_name(base, "reward_cv"))))
         judged, decisive = metrics["rm/cv_accuracy"], int(metrics["rm/cv_decisive"])
     return RewardStep(rm, make_reward_fn(rm, tokenizer, conservative=config.conservative_reward), metrics,
                       judged, decisive, staging)
@@ -343,7 +363,7 @@ def policy_step(config: RoundConfig, store: Store, policy, tokenizer, reward: Re
     the reference stays near its target; the caller's ``config`` is left as it is. ``progress``
     hears of each stage and PPO iteration, and ends PPO at the round's time budget; ``value_head``
     (:func:`starting_value_head`) is trained in place. Returns the metrics."""
-    previous_beta = last_kl_coef(store)
+    previous_beta = distributed.on_main(last_kl_coef, store)
     if previous_beta is not None and config.ppo.adaptive_kl:
         config = replace(config, ppo=replace(config.ppo, init_kl_coef=previous_beta))
     metrics = improve_policy(policy, tokenizer, reward.reward_fn, inputs.ppo_prompts, config, window, progress,

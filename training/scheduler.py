@@ -27,6 +27,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -82,7 +83,8 @@ class SubprocessRound:
         args: flags for ``training.jobs`` (``--data-dir``, ``--model``, …).
         data_dir: the data dir the child trains in (its log, its staging areas).
         store: the store the child records its round in.
-        command: the program to run instead of ``python -m training.jobs`` (tests).
+        command: the program to run instead of ``python -m training.jobs``
+            (:func:`launcher_command`: under torchrun; tests: another program).
     """
 
     def __init__(
@@ -150,9 +152,37 @@ class SubprocessRound:
             proc.terminate()
 
 
-def subprocess_round(args: list[str], data_dir: DataDir, store: Store) -> SubprocessRound:
-    """A :class:`SubprocessRound` running ``python -m training.jobs ARGS``."""
-    return SubprocessRound(args, data_dir, store)
+LAUNCHERS = {  # a launcher's command → the module that is that command, run by this interpreter
+    ("torchrun",): "torch.distributed.run",
+    ("accelerate", "launch"): "accelerate.commands.launch",
+}
+
+
+def launcher_command(launcher: str) -> list[str]:
+    """The command that starts a round's processes: ``python -m training.jobs`` for an empty
+    ``launcher``; for ``"torchrun --nproc_per_node 2"`` or ``"accelerate launch --num_processes
+    2"``, that launcher with its options, run as a module of this interpreter (the app's virtual
+    environment, whatever ``PATH`` says), then ``-m training.jobs``: a data-parallel round
+    (:mod:`training.distributed`).
+
+    Raises:
+        ValueError: ``launcher`` is not torchrun or accelerate launch (only these two are known
+            to start ``training.jobs`` as a process group), or cannot be split into words.
+    """
+    words = shlex.split(launcher)
+    if not words:
+        return [sys.executable, "-m", "training.jobs"]
+    for head, module in LAUNCHERS.items():
+        if tuple(words[:len(head)]) == head:
+            return [sys.executable, "-m", module, *words[len(head):], "-m", "training.jobs"]
+    known = " or ".join(f'"{" ".join(h)} …"' for h in LAUNCHERS)
+    raise ValueError(f"--round-launcher {launcher!r}: expected {known}, e.g. \"torchrun --nproc_per_node 2\"")
+
+
+def subprocess_round(args: list[str], data_dir: DataDir, store: Store, launcher: str = "") -> SubprocessRound:
+    """A :class:`SubprocessRound` running ``python -m training.jobs ARGS``, or that under
+    ``launcher`` (:func:`launcher_command`)."""
+    return SubprocessRound(args, data_dir, store, command=launcher_command(launcher))
 
 
 class TrainingScheduler:
