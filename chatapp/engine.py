@@ -10,11 +10,12 @@ Torn-free hot-swap: each reply resolves its version once, when it starts, and it
 that version's adapter name to its last token (peft mixed-adapter batches); a version published
 mid-reply is loaded by the decode loop for the *next* reply, never swapped under a running one.
 
-Nothing bad is served: a version is checked before its first reply — its files against the
-checksum recorded at publishing, its weights finite, and at startup a forward pass with finite
-logits. A live version that fails is taken out of service (``'rejected'``, with the reason as
-its note, logged) and the newest version that was live before and passes serves instead; when
-none does, a fresh adapter (the base model) is published, so the app always starts.
+Nothing bad is served (:class:`chatapp.served.ServedVersions`, shared with the vLLM backend):
+a version is checked before its first reply — its files against the checksum recorded at
+publishing, its weights finite, and here, at startup, a forward pass with finite logits. A live
+version that fails is taken out of service and the newest version that was live before and
+passes serves instead; when none does, a fresh adapter (the base model) is published
+(:func:`publish_fresh_adapter`), so the app always starts.
 
 Text: see :mod:`chatapp.text` (stop ids, special tokens never shown, ``<think>`` removed from the
 answer). Context: the oldest whole turns are dropped until prompt + ``max_new_tokens`` fits
@@ -29,77 +30,35 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors import SafetensorError
 
 from chatapp.batching import Batcher, Inbox, Request
-from chatapp.streams import drain, map_stream
+from chatapp.served import UNSERVABLE, Reply, Sampling, ServedVersions
 from chatapp.text import ReplyText, split_reasoning, template_special_ids
-from storage.registry import AdapterRegistry, CorruptAdapter, RewardModelRegistry
-from training.chat_format import end_of_turn_ids, fit_messages, inert_text, render_prompt
-from training.models import (
-    NonFiniteAdapter,
-    add_lora,
-    check_adapter_weights,
-    context_window,
-    load_lora,
-    save_adapter,
-)
+from storage.registry import AdapterRegistry, RewardModelRegistry
+from training.chat_format import end_of_turn_ids, inert_text
+from training.models import NonFiniteAdapter, add_lora, context_window, load_lora, save_adapter
 
 log = logging.getLogger(__name__)
 
-# why a published version cannot be served: its files changed (checksum), are missing, truncated
-# or unreadable, its weights or logits are not finite, or peft/torch cannot load them
-UNSERVABLE = (CorruptAdapter, NonFiniteAdapter, OSError, ValueError, RuntimeError, SafetensorError)
+__all__ = ["UNSERVABLE", "ChatEngine", "Reply", "Sampling", "publish_fresh_adapter"]
 
 
-@dataclass
-class Sampling:
-    """Sampling settings for one reply; stored with every comparison."""
-
-    temperature: float = 0.8  # softmax temperature; 0 means greedy decoding
-    top_p: float = 0.95  # nucleus sampling mass
-    max_new_tokens: int = 128  # reply length limit, in tokens
-    min_new_tokens: int = 0  # end-of-turn ids are suppressed until this many tokens (tests, benches)
-    seed: int | None = None  # sampling seed of the reply (None: torch's global RNG)
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
-
-    def as_dict(self) -> dict:
-        """The settings as stored with a reply (defaults of the test-only fields left out)."""
-        d = asdict(self)
-        for key in ("min_new_tokens", "seed"):
-            if d[key] == Sampling.__dataclass_fields__[key].default:
-                del d[key]
-        return d
+def publish_fresh_adapter(model, registry: AdapterRegistry, name: str | None = None):
+    """Publish a fresh LoRA adapter on ``model`` (B = 0: the base model itself) as the next
+    policy version, live: the first version of a new data dir, or the fallback when no
+    published version can be served. Returns ``(the peft model holding it as adapter
+    ``name``, default ``v{N}``, the version number)``."""
+    name = name or ChatEngine.adapter_name(registry.store.next_version())
+    peft_model = add_lora(model, adapter_name=name)
+    staging = registry.staging_dir()
+    save_adapter(peft_model, name, staging)
+    version = registry.publish(staging, parent=None, round_id=None, metrics={}, live=True)
+    return peft_model, version
 
 
-@dataclass
-class Reply:
-    """A finished (or stopped) reply: its answer text (reasoning removed), the policy version
-    that produced it and whether it was stopped before its end (stopped replies are never offered
-    for voting)."""
-
-    text: str
-    version: int
-    stopped: bool
-    sampling: dict
-    tokens: list[int] = field(default_factory=list)  # generated ids, the stop id excluded
-    finish: str = "eos"  # eos | length | stopped
-    reasoning: str = ""  # removed <think> content
-
-
-class ChatEngine:
+class ChatEngine(ServedVersions):
     """Streams chat replies from ``base_model`` with the live LoRA adapter from ``registry``.
 
     Args:
@@ -126,17 +85,12 @@ class ChatEngine:
     ):
         if stream_interval_s < 0:
             raise ValueError(f"stream_interval_s must be >= 0, got {stream_interval_s}")
+        super().__init__(tokenizer, registry, context_window(base_model))
         self.stream_interval_s = stream_interval_s
-        self.tokenizer = tokenizer
-        self.registry = registry
-        self.store = registry.store
         self.eos_ids = end_of_turn_ids(base_model, tokenizer)
         self.stop_ids = frozenset(self.eos_ids) | frozenset(template_special_ids(tokenizer))
-        self.window = context_window(base_model)
         self.keep_loaded = keep_loaded
         self._loaded: list[int] = []  # adapter versions loaded into self.model, oldest first
-        self._vetted: set[int] = set()  # versions whose files passed the checks (_vet)
-        self._vet_lock = threading.Lock()
         self.model = self._ensure_version_zero(base_model)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.batcher = Batcher(
@@ -171,10 +125,7 @@ class ChatEngine:
             model.eval()
             return model
         name = self.adapter_name(self.store.next_version())
-        peft_model = add_lora(model, adapter_name=name)
-        staging = self.registry.staging_dir()
-        save_adapter(peft_model, name, staging)
-        version = self.registry.publish(staging, parent=None, round_id=None, metrics={}, live=True)
+        peft_model, version = publish_fresh_adapter(model, self.registry, name)
         if self.adapter_name(version) != name:
             peft_model.delete_adapter(name)
             load_lora(peft_model, self.registry.path(version), self.adapter_name(version))
@@ -183,14 +134,6 @@ class ChatEngine:
         self._loaded.append(version)
         peft_model.eval()
         return peft_model
-
-    def _vet(self, version: int) -> None:
-        """Check version ``version``'s files: the recorded checksum, finite weights.
-
-        Raises:
-            one of ``UNSERVABLE``: see the module docstring.
-        """
-        check_adapter_weights(self.registry.path(version))
 
     @torch.no_grad()
     def _probe(self, model, version: int) -> None:
@@ -208,60 +151,6 @@ class ChatEngine:
         if not bool(torch.isfinite(logits).all()):
             model.delete_adapter(name)
             raise NonFiniteAdapter(f"policy version {version} gives NaN or inf logits")
-
-    def _fall_back(self, bad: int, exc: Exception, tried: set[int]) -> int | None:
-        """Take live version ``bad`` out of service for ``exc`` and return the version serving
-        instead: the newest one that was live before (``'retired'``) and not ``tried`` yet (it is
-        checked by the caller's next pass), or None (none is left)."""
-        tried.add(bad)
-        older = [v["version"] for v in reversed(self.store.versions())
-                 if v["status"] == "retired" and v["version"] not in tried]
-        fallback = older[0] if older else None
-        reason = f"{exc.__class__.__name__}: {exc}"
-        log.error("policy version %s cannot be served (%s); %s", bad, reason,
-                  f"version {fallback} serves instead" if fallback is not None else "a fresh adapter is published")
-        self.store.quarantine_version(bad, fallback, f"taken out of service: {reason}")
-        return fallback
-
-    def live_version(self) -> int:
-        """The version that serves the next reply (read from the registry each time). A version
-        not served before is checked first (:meth:`_vet`) and, when it fails, replaced by the
-        last good one (:meth:`_fall_back`).
-
-        Raises:
-            RuntimeError: no version is live, or none can be served.
-        """
-        live = self.store.live_version()
-        if live is None:
-            raise RuntimeError("no live policy version is registered")
-        if live in self._vetted:
-            return live
-        with self._vet_lock:
-            tried: set[int] = set()
-            while live is not None and live not in self._vetted:
-                try:
-                    self._vet(live)
-                    self._vetted.add(live)
-                except UNSERVABLE as exc:
-                    live = self._fall_back(live, exc, tried)
-        if live is None:
-            raise RuntimeError("no published policy version can be served (see the log); restart the app to "
-                               "publish a fresh one")
-        return live
-
-    def previous_version(self) -> int | None:
-        """The version the live one was trained from (its parent), if any and if it passes the
-        checks of :meth:`_vet` (else None: comparisons then show the live version twice)."""
-        parent = self.store.version(self.live_version()).get("parent")
-        if parent is None or parent in self._vetted:
-            return parent
-        try:
-            self._vet(parent)
-        except UNSERVABLE as exc:
-            log.warning("policy version %s (the live version's parent) is not compared: %s", parent, exc)
-            return None
-        self._vetted.add(parent)
-        return parent
 
     def _set_adapter(self, name: str) -> None:
         """Make ``name`` the active adapter (decode thread only)."""
@@ -288,46 +177,6 @@ class ChatEngine:
             self._loaded.remove(victim)
 
     # ---- generation -----------------------------------------------------------------------
-    def prompt_ids(self, messages: list[dict], max_new_tokens: int) -> list[int]:
-        """Token ids of the prompt after dropping the oldest turns that do not fit.
-
-        Raises:
-            training.chat_format.ContextTooLongError: the newest message alone does not fit.
-        """
-        kept = fit_messages(self.tokenizer, messages, self.window, max_new_tokens)
-        return render_prompt(self.tokenizer, kept)
-
-    def stream(
-        self,
-        messages: list[dict],
-        sampling: Sampling | None = None,
-        version: int | None = None,
-        stop_event: threading.Event | None = None,
-    ) -> Iterator[str]:
-        """Stream a reply to ``messages``; yields the answer text so far each time it grows (at
-        least once: an empty reply yields ``""``), and returns (``StopIteration.value``) a
-        :class:`Reply`. One reply of :meth:`stream_many`.
-
-        Closing the generator early (a closed tab) or setting ``stop_event`` (the stop button)
-        ends the reply at the decode loop's next step; such a reply has ``stopped=True``.
-
-        Args:
-            messages: ``{"role", "content"}`` dicts ending with the user message to answer.
-            sampling: sampling settings (default :class:`Sampling`).
-            version: the policy version to use; default the live one, resolved at the first
-                ``next``.
-            stop_event: set it to end generation early.
-
-        Raises:
-            training.chat_format.ContextTooLongError: the newest message alone does not fit.
-            FileNotFoundError: ``version`` has no adapter directory.
-            RuntimeError: the decode loop ended without finishing the reply.
-        """
-        version = self.live_version() if version is None else version
-        replies = yield from map_stream(self.stream_many(messages, [version], sampling, stop_event),
-                                        lambda texts: texts[0])
-        return replies[0]
-
     def stream_many(
         self,
         messages: list[dict],
@@ -456,16 +305,6 @@ class ChatEngine:
             reasoning=reasoning,
         )
 
-    def sample_many(self, messages: list[dict], versions: list[int], sampling: Sampling | None = None,
-                    stop_event: threading.Event | None = None, timeout_s: float = 600.0) -> list[Reply]:
-        """The replies of :meth:`stream_many` (one per entry of ``versions``, decoded in one
-        batch), without streaming: returns when all are done.
-
-        Raises:
-            as :meth:`stream_many`.
-        """
-        return drain(self.stream_many(messages, versions, sampling, stop_event, timeout_s=timeout_s))
-
     # ---- the reward model, for choosing which answers to compare --------------------------
     def member_scores(self, messages: list[dict], answers: list[str]) -> torch.Tensor | None:
         """(K, n) the ensemble members' scores of ``answers`` to ``messages`` under the newest
@@ -493,7 +332,3 @@ class ChatEngine:
             if not self._rm.members:
                 return None
             return score(self._rm, self.tokenizer, [messages] * len(answers), answers, members=True)
-
-    def reply(self, messages: list[dict], sampling: Sampling | None = None, version: int | None = None) -> Reply:
-        """The whole reply at once (no streaming); see :meth:`stream`."""
-        return drain(self.stream(messages, sampling=sampling, version=version))

@@ -11,6 +11,7 @@ raw texts with the versions and the comparison id.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import gradio as gr
 from chatapp.auth import AdminAuth
 from chatapp.display import literal_markdown, reply_markdown
 from chatapp.exports import ExportDesk
+from chatapp.served import ServingError
 from chatapp.service import ChatService, ChatSession, UserInputError
 from chatapp.streams import map_stream
 from chatapp.training_tab import build_training_tab
@@ -26,6 +28,8 @@ from storage.registry import AdapterRegistry
 from storage.store import AlreadyVoted
 from training.chat_format import ContextTooLongError
 from training.scheduler import TrainingScheduler
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -163,6 +167,9 @@ def build_ui(parts: UIParts) -> gr.Blocks:
                 yield _display(session.messages), "", gr.skip(), gr.skip(), _reply_turn(reply), hidden, hidden, session
         except (UserInputError, ContextTooLongError) as exc:
             raise gr.Error(str(exc), print_exception=False) from None  # the message stays in the box
+        except ServingError as exc:
+            log.error("reply failed: %s", exc)
+            raise gr.Error(f"The model server failed: {exc}", print_exception=False) from None
         finally:
             if stops.get(session.session_id) is stop:  # one entry per reply in flight
                 del stops[session.session_id]
@@ -178,6 +185,9 @@ def build_ui(parts: UIParts) -> gr.Blocks:
             yield _display(session.messages), _reply_turn(reply), hidden, session
         except UserInputError as exc:
             raise gr.Error(str(exc), print_exception=False) from None
+        except ServingError as exc:
+            log.error("reply failed: %s", exc)
+            raise gr.Error(f"The model server failed: {exc}", print_exception=False) from None
         finally:
             if stops.get(session.session_id) is stop:
                 del stops[session.session_id]

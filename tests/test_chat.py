@@ -253,11 +253,11 @@ def test_unloadable_model_exits_nonzero_with_one_clear_line(tmp_path):
 
 
 def test_concurrency_sets_how_many_replies_are_decoded_together(tiny_model_dir, tmp_path):
-    from app import AppConfig, chat_service
+    from app import AppConfig, chat_service, serving_engine
 
     store = open_store(tmp_path / "data")
     registry = AdapterRegistry(DataDir(tmp_path / "data"), store)
-    model, tok = load_model_and_tokenizer(tiny_model_dir)
-    service = chat_service(AppConfig(concurrency=3, temperature=0.5), model, tok, registry, store)
+    config = AppConfig(concurrency=3, temperature=0.5)
+    service = chat_service(config, serving_engine(config, str(tiny_model_dir), registry), store)
     assert service.engine.batcher.max_batch == 3
     assert service.sampling.temperature == 0.5 and store.live_version() == 0

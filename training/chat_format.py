@@ -264,9 +264,10 @@ def fit_prompts(
 def end_of_turn_ids(model, tokenizer) -> list[int]:
     """Every token id that ends an assistant turn, deduplicated, in this order: the generation
     config's eos ids, the tokenizer's eos token, and the first id of the template's own end of
-    turn (:attr:`ChatFormat.end_of_turn`) when it is a special token."""
+    turn (:attr:`ChatFormat.end_of_turn`) when it is a special token. ``model`` None (served
+    elsewhere, e.g. by vLLM, which applies the generation config itself): the tokenizer's alone."""
     ids: list[int] = []
-    eos = model.generation_config.eos_token_id
+    eos = model.generation_config.eos_token_id if model is not None else None
     fmt = chat_format(tokenizer)
     first = fmt.end_of_turn[:1] if fmt.end_of_turn and fmt.end_of_turn[0] in fmt.special_ids else ()
     for i in [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id, *first]:
