@@ -55,7 +55,7 @@ class AppConfig:
                                "(scripts/vllm-cpu.sh MODEL PORT starts one on the CPU)")
     round_launcher: str = help_field(
         "", help='start each round\'s processes with this launcher for data-parallel training, e.g. '
-        '"torchrun --nproc_per_node 2" or "accelerate launch --num_processes 2" (empty: one process)')
+        '"torchrun --nproc_per_node 2" or "accelerate launch --multi_gpu --num_processes 2" (empty: one process)')
     temperature: float = help_field(0.8, help="sampling temperature of plain chat replies (0: greedy)")
     compare_temperature: float = help_field(1.0, help="sampling temperature of the two answers of a comparison (1: the distribution PPO trains on)")
     distinct_redraws: int = help_field(2, help="a comparison's B answer that repeats A word for word is drawn again up to this many times (identical pairs teach the reward model nothing)")

@@ -55,6 +55,15 @@ class Inbox(queue.Queue):
             self.ended.set()
         self.arrived.set()
 
+    def drain(self) -> list[tuple[str, object]]:
+        """Every event waiting now, oldest first (none: empty); the reader's one wake-up for all."""
+        events = []
+        while True:
+            try:
+                events.append(self.get_nowait())
+            except queue.Empty:
+                return events
+
 
 @dataclass(eq=False)
 class Request:

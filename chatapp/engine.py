@@ -215,11 +215,7 @@ class ChatEngine(ServedVersions):
             RuntimeError: the decode loop ended without finishing a reply.
             TimeoutError: not finished within ``timeout_s`` (the requests are stopped).
         """
-        if not versions:
-            raise ValueError("stream_many needs at least one version")
-        sampling = sampling or Sampling()
-        stop_event = stop_event or threading.Event()
-        ids = self.prompt_ids(messages, sampling.max_new_tokens)
+        sampling, stop_event, ids = self._begin(messages, versions, sampling, stop_event)
         arrived, ended = threading.Event(), threading.Event()
         reqs = [self._request(ids, sampling, v, stop_event, None if sampling.seed is None else sampling.seed + i,
                               Inbox(arrived, ended))
@@ -249,11 +245,7 @@ class ChatEngine(ServedVersions):
                 ended.clear()
                 grew = False
                 for i, (req, text) in enumerate(zip(reqs, texts, strict=True)):
-                    while True:  # drain: one yield for all tokens that arrived meanwhile
-                        try:
-                            kind, value = req.out.get_nowait()
-                        except queue.Empty:
-                            break
+                    for kind, value in req.out.drain():  # one yield for all tokens that arrived meanwhile
                         if kind == "error":
                             raise value
                         if kind == "done":

@@ -173,6 +173,19 @@ class ServedVersions:
         kept = fit_messages(self.tokenizer, messages, self.window, max_new_tokens)
         return render_prompt(self.tokenizer, kept)
 
+    def _begin(self, messages: list[dict], versions: list[int], sampling: Sampling | None,
+               stop_event: threading.Event | None) -> tuple[Sampling, threading.Event, list[int]]:
+        """``(sampling, stop event, prompt ids)`` of a ``stream_many`` call, defaults filled in.
+
+        Raises:
+            ValueError: ``versions`` is empty.
+            training.chat_format.ContextTooLongError: the newest message alone does not fit.
+        """
+        if not versions:
+            raise ValueError("stream_many needs at least one version")
+        sampling = sampling or Sampling()
+        return sampling, stop_event or threading.Event(), self.prompt_ids(messages, sampling.max_new_tokens)
+
     def stream(
         self,
         messages: list[dict],

@@ -225,11 +225,7 @@ class VllmEngine(ServedVersions):
             VllmError: the server is unreachable, refused an adapter or failed a reply.
             TimeoutError: not finished within ``timeout_s`` (the requests are stopped).
         """
-        if not versions:
-            raise ValueError("stream_many needs at least one version")
-        sampling = sampling or Sampling()
-        stop_event = stop_event or threading.Event()
-        ids = self.prompt_ids(messages, sampling.max_new_tokens)
+        sampling, stop_event, ids = self._begin(messages, versions, sampling, stop_event)
         with self._lock:
             for v in versions:
                 self._in_use[v] = self._in_use.get(v, 0) + 1
@@ -264,11 +260,7 @@ class VllmEngine(ServedVersions):
                 arrived.wait(1.0)
                 arrived.clear()
                 for i, inbox in enumerate(inboxes):
-                    while True:
-                        try:
-                            kind, value = inbox.get_nowait()
-                        except queue.Empty:
-                            break
+                    for kind, value in inbox.drain():
                         if kind == "error":
                             raise value
                         if kind == "done":

@@ -130,6 +130,13 @@ def test_the_app_serves_versions_through_vllm(vllm_server, tmp_path):
     assert again.version == 0 and again.text == v0_text
     assert len(engine.loaded()) <= engine.keep_loaded
 
+    # the server gone (its port closed): a clear error at once, never a hang
+    engine.client = httpx.Client(base_url=f"http://127.0.0.1:{free_port()}", timeout=httpx.Timeout(5.0, connect=2.0))
+    t0 = time.monotonic()
+    with pytest.raises(VllmError, match="vllm-cpu.sh"):
+        drain(service.chat(session, "anyone there?"))
+    assert time.monotonic() - t0 < 30
+
 
 @pytest.mark.slow
 def test_a_second_engine_unloads_what_an_earlier_run_left(vllm_server, tmp_path):

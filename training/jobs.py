@@ -16,7 +16,8 @@ It runs unchanged as a data-parallel round of N processes (:mod:`training.distri
 
     torchrun --nproc_per_node 2 -m training.jobs --data-dir data --model data/starter
 
-(or ``accelerate launch --num_processes 2 -m training.jobs …``; the app's ``--round-launcher``).
+(or ``accelerate launch --multi_gpu --num_processes 2 -m training.jobs …``, on the CPU too;
+the app's ``--round-launcher``).
 Rank 0 records and publishes the round and prints the summary line; every rank prints
 ``rank R adapter sha256=…``, the digest of the adapter it trained (equal on all ranks), and
 exits with the same code. Each rank takes its share of the CPU threads.

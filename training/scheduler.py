@@ -160,7 +160,7 @@ LAUNCHERS = {  # a launcher's command → the module that is that command, run b
 
 def launcher_command(launcher: str) -> list[str]:
     """The command that starts a round's processes: ``python -m training.jobs`` for an empty
-    ``launcher``; for ``"torchrun --nproc_per_node 2"`` or ``"accelerate launch --num_processes
+    ``launcher``; for ``"torchrun --nproc_per_node 2"`` or ``"accelerate launch --multi_gpu --num_processes
     2"``, that launcher with its options, run as a module of this interpreter (the app's virtual
     environment, whatever ``PATH`` says), then ``-m training.jobs``: a data-parallel round
     (:mod:`training.distributed`).
