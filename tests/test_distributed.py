@@ -157,6 +157,10 @@ def test_launcher_command_runs_the_launcher_module_of_this_interpreter():
     for bad in ("rm -rf /", "python -c 1", "torchrun 'unclosed"):
         with pytest.raises(ValueError):
             launcher_command(bad)
+    from app import AppConfig
+
+    with pytest.raises(ValueError, match="--round-launcher"):  # the app refuses it before starting
+        AppConfig(round_launcher="bash -c 'echo hi'")
 
 
 @pytest.mark.slow
