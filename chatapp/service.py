@@ -256,18 +256,24 @@ class ChatService:
         """Answer ``text`` with the live policy, streaming the text so far.
 
         The user message is stored first; the reply (stopped or not) is stored when it ends,
-        with the version that produced it.
+        with the version that produced it. When the engine fails (a vLLM server gone), the
+        message stays stored but leaves the session's context, so the next message does not
+        follow an unanswered one.
 
         Raises:
             UserInputError: empty or oversized message, a comparison awaiting its vote, or this
                 session's previous reply still being written.
             training.chat_format.ContextTooLongError: the message alone does not fit the window.
+            chatapp.served.ServingError: the backend failed the reply.
         """
         self._claim(session)
         try:
             context = self._begin_turn(session, text)
-            gen = self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)
-            reply = yield from gen
+            try:
+                reply = yield from self.engine.stream(context, sampling=self.sampling, stop_event=stop_event)
+            except Exception:
+                session.messages.pop()
+                raise
             self._append_reply(session, reply, plain=True)
             return reply
         finally:

@@ -133,9 +133,11 @@ def test_the_app_serves_versions_through_vllm(vllm_server, tmp_path):
     # the server gone (its port closed): a clear error at once, never a hang
     engine.client = httpx.Client(base_url=f"http://127.0.0.1:{free_port()}", timeout=httpx.Timeout(5.0, connect=2.0))
     t0 = time.monotonic()
+    before = list(session.messages)
     with pytest.raises(VllmError, match="vllm-cpu.sh"):
         drain(service.chat(session, "anyone there?"))
     assert time.monotonic() - t0 < 30
+    assert session.messages == before  # the unanswered message is not the next turn's context
 
 
 @pytest.mark.slow
