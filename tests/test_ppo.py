@@ -250,7 +250,8 @@ def test_ppo_ptx_holds_the_demonstrations(tiny_model_dir):
 def test_ptx_demonstrations_sources(tiny_model_dir, tmp_path):
     import json
 
-    from training.round import RoundConfig, ptx_demonstrations
+    from training.round import RoundConfig
+    from training.sft import ptx_demonstrations
 
     def config(**kw):
         return RoundConfig(ppo=PPOConfig(ptx_coef=0.1), **kw)

@@ -75,6 +75,7 @@ from training.reward_training import (
 )
 from training.round_start import SkipRound, check_startable
 from training.seeds import derive_seed
+from training.sft import ptx_demonstrations
 from training.voters import VoterConfig, clean_round_votes
 
 log = logging.getLogger(__name__)
@@ -438,34 +439,6 @@ def improve_policy(policy, tokenizer, reward_fn, prompts: list[list[dict]], conf
     ppo_metrics = ppo_train(policy, tokenizer, reward_fn, prompts, ppo_config, value_head=value_head,
                             ptx_examples=ptx, on_iteration=progress.ppo_iteration if progress is not None else None)
     return {**rs_metrics, **ppo_metrics}
-
-
-def ptx_demonstrations(config: RoundConfig, tokenizer, max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """Demonstrations for PPO-ptx as ``(ids, labels)`` (loss on assistant tokens only): the
-    conversations of ``config.ptx_data``, or, without it, the starter's SFT corpus when
-    ``config.model`` is a starter directory (regenerated from its recipe, not stored); else
-    none. At most ``config.ptx_examples``; none when ``config.ppo.ptx_coef`` is 0. Conversations
-    longer than ``max_tokens`` (the model's context window) are left out, with a log line.
-
-    Raises:
-        training.sft.SftDataError: ``ptx_data`` is missing, empty or holds no valid conversation.
-    """
-    if config.ppo.ptx_coef <= 0:
-        return []
-    from training.sft import demonstrations, read_conversations
-    from training.starter.build import STARTER_JSON
-
-    if config.ptx_data:
-        conversations, _bad = read_conversations(config.ptx_data)
-    elif (Path(config.model) / STARTER_JSON).is_file():
-        from training.starter.corpus import generate_conversations
-
-        seed = derive_seed(config.seed, "ptx/corpus")
-        conversations = [c["messages"] for c in generate_conversations(seed, config.ptx_examples)]
-    else:
-        log.info("PPO-ptx off: no --ptx-data and the model is not the starter")
-        return []
-    return demonstrations(tokenizer, conversations[: config.ptx_examples], max_tokens)
 
 
 # ------------------------------------------------------------------ 5-6 gate and publish -------

@@ -44,6 +44,7 @@ from storage.store import ROLES
 from training.chat_format import render_conversation, template_messages
 from training.flags import help_field, parse_config
 from training.rollout import right_pad
+from training.seeds import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -386,6 +387,35 @@ def run_sft(config: SftConfig, progress: bool = True) -> dict:
         print(f"sft: {len(convs)} conversations ({len(problems)} lines skipped), {steps} steps, "
               f"final loss {metrics['sft/loss']:.3f}, {metrics['sft/seconds']:.0f}s -> {kind} in {out}")
     return info
+
+
+
+def ptx_demonstrations(config, tokenizer, max_tokens: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """Demonstrations for a round's PPO-ptx (``config``: its
+    :class:`training.round.RoundConfig`) as ``(ids, labels)`` (loss on assistant tokens only): the
+    conversations of ``config.ptx_data``, or, without it, the starter's SFT corpus when
+    ``config.model`` is a starter directory (regenerated from its recipe, not stored); else
+    none. At most ``config.ptx_examples``; none when ``config.ppo.ptx_coef`` is 0. Conversations
+    longer than ``max_tokens`` (the model's context window) are left out, with a log line.
+
+    Raises:
+        SftDataError: ``ptx_data`` is missing, empty or holds no valid conversation.
+    """
+    if config.ppo.ptx_coef <= 0:
+        return []
+    from training.starter.build import STARTER_JSON
+
+    if config.ptx_data:
+        conversations, _bad = read_conversations(config.ptx_data)
+    elif (Path(config.model) / STARTER_JSON).is_file():
+        from training.starter.corpus import generate_conversations
+
+        seed = derive_seed(config.seed, "ptx/corpus")
+        conversations = [c["messages"] for c in generate_conversations(seed, config.ptx_examples)]
+    else:
+        log.info("PPO-ptx off: no --ptx-data and the model is not the starter")
+        return []
+    return demonstrations(tokenizer, conversations[: config.ptx_examples], max_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:
