@@ -124,7 +124,7 @@ def test_two_processes_take_the_one_process_steps(tiny_model_dir, tmp_path):
 
 
 def test_minibatches_split_over_ranks_are_the_one_process_minibatches():
-    from training.ppo import minibatch_rows
+    from training.ppo_math import minibatch_rows
 
     whole = minibatch_rows(10, 4, torch.Generator().manual_seed(3))
     assert [len(mb) for mb in whole] == [4, 4, 2]

@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -60,7 +59,9 @@ from training.ppo_math import (
     clipped_value_loss,
     compute_gae,
     leave_one_out_baseline,
+    minibatch_rows,
     per_token_kl,
+    prompt_batches,
     whiten,
 )
 from training.reward_training import RewardNormalizer
@@ -202,17 +203,6 @@ def _hidden_size(policy) -> int:
     return int(text_config(policy).hidden_size)
 
 
-def _prompt_batches(n_prompts: int, batch: int, steps: int, seed: int) -> list[list[int]]:
-    """``steps`` batches of prompt indices: shuffled passes over all prompts, repeated as needed."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while len(order) < batch * steps:
-        idx = list(range(n_prompts))
-        rng.shuffle(idx)
-        order += idx
-    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
-
-
 def fit_reference_normalizer(
     policy, tokenizer, reward_fn: RewardFn, prompts: list[list[dict]], config: PPOConfig,
     eos_ids: list[int] | None = None,
@@ -220,7 +210,7 @@ def fit_reference_normalizer(
     """Score ``config.normalize_samples`` answers of the reference policy (adapter disabled)
     and fit a :class:`~training.reward_training.RewardNormalizer` on them (InstructGPT; Ziegler et al.)."""
     eos_ids = eos_ids or end_of_turn_ids(policy, tokenizer)
-    (idx,) = _prompt_batches(len(prompts), config.normalize_samples, 1, derive_seed(config.seed, "ppo/normalizer-prompts"))
+    (idx,) = prompt_batches(len(prompts), config.normalize_samples, 1, derive_seed(config.seed, "ppo/normalizer-prompts"))
     batch = [prompts[i] for i in idx]
     starts = distributed.shard(range(0, len(batch), config.rollout_batch_size))  # a round's ranks share them
     prompts_done, answers = [], []
@@ -235,25 +225,6 @@ def fit_reference_normalizer(
         else torch.zeros(0)
     scores = torch.tensor(distributed.gather(scores.tolist()), dtype=torch.float32)  # every rank's, in order
     return RewardNormalizer.fit(scores, clip=config.score_clip)
-
-
-def minibatch_rows(rows: int, size: int, generator: torch.Generator, first: int = 0,
-                   held: int | None = None) -> list[torch.Tensor]:
-    """One epoch's minibatches of a batch of ``rows`` rows: a random permutation (drawn from
-    ``generator``) cut into runs of ``size``; each minibatch as the indices, among the ``held``
-    rows ``first … first + held − 1`` that this process holds, of those in it (in a
-    data-parallel round each rank holds a contiguous part of the batch; the same generator on
-    every rank gives every rank the same minibatches, so their steps are one process's).
-
-    Returns ``ceil(rows / size)`` tensors of local row indices (maybe empty), each row of the
-    held part in exactly one."""
-    held = rows - first if held is None else held
-    perm = torch.randperm(rows, generator=generator)
-    out = []
-    for start in range(0, rows, size):
-        part = perm[start:start + size]
-        out.append(part[(part >= first) & (part < first + held)] - first)
-    return out
 
 
 def _minibatch_backward(policy, value_head, config: PPOConfig, mb: torch.Tensor, ids, attn, Tr: int, mask,
@@ -362,7 +333,7 @@ def ppo_train(
         if ptx_examples and config.ptx_coef > 0 else None
     k = config.samples_per_prompt
     batches = [[i for i in idx for _ in range(k)]  # each prompt k times, adjacent
-               for idx in _prompt_batches(len(prompts), config.rollout_batch_size // k, config.steps,
+               for idx in prompt_batches(len(prompts), config.rollout_batch_size // k, config.steps,
                                           derive_seed(config.seed, "ppo/prompts"))]
     # a data-parallel round's ranks share each batch's prompts (all k answers to one prompt on
     # one rank: the leave-one-out baseline needs them together); rows keep their batch-wide

@@ -1,9 +1,11 @@
 """The pure, hand-checkable pieces of PPO (used by :func:`training.ppo.ppo_train`): per-token
 KL, generalised advantage estimation, whitening, the clipped policy and value losses, and the KL
-controllers. Tensors are (B, T) over answer tokens with a 0/1 mask; KL in nats."""
+controllers, and which prompts and rows an iteration trains on. Tensors are (B, T) over answer
+tokens with a 0/1 mask; KL in nats."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import torch
@@ -164,3 +166,34 @@ class FixedKLController:
 
     def update(self, current_kl: float, n_steps: int) -> float:
         return self.value
+
+
+# ---- which rows a PPO iteration trains on ----------------------------------------------------
+def prompt_batches(n_prompts: int, batch: int, steps: int, seed: int) -> list[list[int]]:
+    """``steps`` batches of prompt indices: shuffled passes over all prompts, repeated as needed."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while len(order) < batch * steps:
+        idx = list(range(n_prompts))
+        rng.shuffle(idx)
+        order += idx
+    return [order[i * batch:(i + 1) * batch] for i in range(steps)]
+
+
+def minibatch_rows(rows: int, size: int, generator: torch.Generator, first: int = 0,
+                   held: int | None = None) -> list[torch.Tensor]:
+    """One epoch's minibatches of a batch of ``rows`` rows: a random permutation (drawn from
+    ``generator``) cut into runs of ``size``; each minibatch as the indices, among the ``held``
+    rows ``first … first + held − 1`` that this process holds, of those in it (in a
+    data-parallel round each rank holds a contiguous part of the batch; the same generator on
+    every rank gives every rank the same minibatches, so their steps are one process's).
+
+    Returns ``ceil(rows / size)`` tensors of local row indices (maybe empty), each row of the
+    held part in exactly one."""
+    held = rows - first if held is None else held
+    perm = torch.randperm(rows, generator=generator)
+    out = []
+    for start in range(0, rows, size):
+        part = perm[start:start + size]
+        out.append(part[(part >= first) & (part < first + held)] - first)
+    return out

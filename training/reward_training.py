@@ -210,12 +210,8 @@ def evaluate_pairs(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: 
 def _train_epochs(rm: RewardModel, tokenizer, train: list[dict], config: RewardConfig, optimizer,
                   params: list[torch.nn.Parameter]) -> float:
     """``config.epochs`` shuffled passes of the pairwise loss over ``train`` (encoded pairs);
-    returns the last epoch's mean loss (NaN with no epochs).
-
-    In a data-parallel round (:mod:`training.distributed`) each rank scores its shard of every
-    batch, its mean loss weighted by the shard's share of the batch, and the gradients are
-    summed over ranks before the step: every rank takes the step one process would take on the
-    whole batch, from the same weights (rank 0's)."""
+    returns the last epoch's mean loss (NaN with no epochs). Data-parallel (:mod:`training.distributed`):
+    each rank's shard of a batch weighted by its share, gradients summed: one process's steps."""
     rng = random.Random(config.seed)
     epoch_loss = float("nan")
     distributed.broadcast_tensors(params)
