@@ -30,6 +30,17 @@ def test_placement_rules(device, dtype, cuda, expected):
     assert placement.reason  # the startup line says why
 
 
+def test_each_rank_of_a_torchrun_round_takes_its_own_gpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_placement("auto", "auto", "none", cuda=T4).device == "cuda:1"
+    assert resolve_placement("cuda", "auto", "none", cuda=T4).device == "cuda:1"
+    assert resolve_placement("cuda:0", "auto", "none", cuda=T4).device == "cuda:0"  # as asked
+    assert resolve_placement("auto", "auto", "none", cuda=NO_GPU).device == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the first GPU, whatever LOCAL_RANK says
+    assert resolve_placement("auto", "auto", "none", cuda=T4).device == "cuda:0"
+
+
 def test_auto_says_why_it_chose_what_it_chose():
     assert "CUDA is available (NVIDIA H200)" in resolve_placement(cuda=H200).describe()
     assert "bfloat16: the GPU supports it" in resolve_placement(cuda=H200).describe()

@@ -18,8 +18,11 @@ selection logic is the same code on a machine without a GPU.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
+
+from training.distributed import launched
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE_MODES = ("none", "8bit", "4bit")
@@ -80,7 +83,8 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", quantize: str =
     """The :class:`Placement` for the flags (rules in the module docstring).
 
     Args:
-        cuda: the machine's CUDA facts; default :func:`cuda_info`.
+        cuda: the machine's CUDA facts; default :func:`cuda_info`. ``auto`` and ``cuda`` mean
+            ``cuda:LOCAL_RANK`` in a process started by torchrun for several processes.
 
     Raises:
         PlacementError: an unknown value, CUDA asked for where there is none, a device index
@@ -96,7 +100,8 @@ def resolve_placement(device: str = "auto", dtype: str = "auto", quantize: str =
         raise PlacementError(f"--device must be {DEVICE_HELP}, got {device!r}")
     cuda = cuda if cuda is not None else cuda_info()
     why = []
-    kind, index = match.group(1), int(match.group(2) or 0)
+    # in a data-parallel round (torchrun) each rank takes its own GPU: LOCAL_RANK's
+    kind, index = match.group(1), int(match.group(2) or (os.environ.get("LOCAL_RANK", "0") if launched() else 0))
     if kind == "auto":
         kind = "cuda" if cuda.available else "cpu"
         why.append(f"auto: {'CUDA is available' + (f' ({cuda.name})' if cuda.name else '') if cuda.available else 'no CUDA device'}")
