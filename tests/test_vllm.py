@@ -122,6 +122,13 @@ def test_the_app_serves_versions_through_vllm(vllm_server, tmp_path):
     next(running)
     v2 = _publish_changed_adapter(model_dir, registry, parent=v1, seed=2)
     assert drain(running).version == v1
+
+    # the stop button ends a reply (here pressed before its first piece arrived), marked stopped
+    stop = threading.Event()
+    stop.set()
+    stopped = drain(engine.stream(question, Sampling(max_new_tokens=200, min_new_tokens=200),
+                                  stop_event=stop))
+    assert stopped.stopped and stopped.finish == "stopped" and len(stopped.text) < 200
     assert engine.reply(question, GREEDY).version == v2
 
     # rollback: version 0 serves again, and answers as it did
