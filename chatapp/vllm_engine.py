@@ -75,7 +75,8 @@ class VllmEngine(ServedVersions):
                  timeout_s: float = 120.0):
         self.url = url.rstrip("/")
         self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout_s, connect=5.0))
-        self.served_model, window = self._model_info()
+        models = self._models()
+        self.served_model, window = models[0]["id"], int(models[0].get("max_model_len") or 2048)
         super().__init__(tokenizer, registry, window)
         self.stop_ids = sorted(set(end_of_turn_ids(None, tokenizer)) | set(template_special_ids(tokenizer)))
         self.keep_loaded = keep_loaded
@@ -85,7 +86,7 @@ class VllmEngine(ServedVersions):
         self._lock = threading.Lock()
         self._check_runtime_lora()
         self._nonce = secrets.token_hex(3)  # this app's adapter names never meet another run's
-        self._unload_stale()
+        self._unload_stale(models)
 
     # ---- the server ---------------------------------------------------------------------------
     def _post(self, path: str, body: dict) -> httpx.Response:
@@ -95,15 +96,18 @@ class VllmEngine(ServedVersions):
             raise VllmError(f"vLLM server at {self.url} did not answer {path}: {exc.__class__.__name__}: {exc}; "
                             f"{START_HINT}") from None
 
-    def _model_info(self) -> tuple[str, int]:
-        """The served base model's name and context window (``GET /v1/models``)."""
+    def _models(self) -> list[dict]:
+        """What the server serves (``GET /v1/models``): the base model first, then its loaded
+        adapters (``parent`` set)."""
         try:
             response = self.client.get("/v1/models")
             response.raise_for_status()
-            model = response.json()["data"][0]
-        except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+            models = response.json()["data"]
+            if not models or "id" not in models[0]:
+                raise ValueError("it lists no model")
+        except (httpx.HTTPError, KeyError, ValueError, TypeError) as exc:
             raise VllmError(f"no vLLM server at {self.url} ({exc.__class__.__name__}: {exc}); {START_HINT}") from None
-        return model["id"], int(model.get("max_model_len") or 2048)
+        return models
 
     def _check_runtime_lora(self) -> None:
         """Runtime adapter loading must be on: unloading a name never loaded answers with
@@ -113,13 +117,9 @@ class VllmEngine(ServedVersions):
                 "application/json") and response.json().get("detail") in ("Not Found", "Method Not Allowed"):
             raise VllmError(f"vLLM server at {self.url} cannot load adapters at run time: {LORA_HINT}")
 
-    def _unload_stale(self) -> None:
-        """Unload the ``policy-*`` adapters an earlier run of the app left on the server (they
-        hold slots; their names are never used again)."""
-        try:
-            models = self.client.get("/v1/models").json()["data"]
-        except (httpx.HTTPError, KeyError, ValueError) as exc:
-            raise VllmError(f"vLLM server at {self.url} did not list its models: {exc}; {START_HINT}") from None
+    def _unload_stale(self, models: list[dict]) -> None:
+        """Unload the ``policy-*`` adapters of ``models`` (:meth:`_models`) that an earlier run
+        of the app left on the server (they hold slots; their names are never used again)."""
         for m in models:
             if m.get("parent") and str(m["id"]).startswith("policy-"):
                 self._post("/v1/unload_lora_adapter", {"lora_name": m["id"]})

@@ -209,7 +209,7 @@ def run_round(config: RoundConfig, store: Store, registry: AdapterRegistry, trig
         reward = reward_model_step(config, policy, tokenizer, pairs, reward_models)
         value_head = starting_value_head(config, registry, inputs.live, policy)
         metrics = policy_step(config, store, policy, tokenizer, reward, inputs, window, progress, value_head)
-        digest = distributed.tensor_digest(active_lora_params(policy))
+        digest = distributed.tensor_digest(active_lora_params(policy)) if distributed.world_size() > 1 else None
         if not main:  # rank 0 gates and publishes
             return {**distributed.agree(None), "adapter_digest": digest}
         progress.stage("gate")
