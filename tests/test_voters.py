@@ -9,8 +9,16 @@ import torch
 
 from training.gate import GateConfig
 from training.models import LoraSettings, add_lora, load_model_and_tokenizer
-from training.reward_training import RewardConfig, train_reward_model
-from training.voters import VoterConfig, cap_votes, clean_round_votes, clean_votes, outlier_voters
+from training.reward_training import NotEnoughVotesError, RewardConfig, train_reward_model
+from training.voters import (
+    VoterConfig,
+    cap_votes,
+    clean_round_votes,
+    clean_votes,
+    out_of_voter_judge,
+    outlier_voters,
+    voter_folds,
+)
 
 
 def _pairs(voter, n, start=0):
@@ -71,7 +79,7 @@ def test_a_voter_voting_against_everyone_else_is_excluded():
 
 
 @pytest.mark.parametrize("bad", [dict(max_share=0.0), dict(max_share=1.5), dict(min_cap=0),
-                                 dict(outlier_alpha=1.0), dict(outlier_min_votes=0)])
+                                 dict(outlier_alpha=1.0), dict(outlier_min_votes=0), dict(reference_folds=1)])
 def test_config_is_checked(bad):
     with pytest.raises(ValueError):
         VoterConfig(**bad)
@@ -95,12 +103,54 @@ def test_the_reward_model_in_use_finds_the_contrarian(tiny_model_dir, tmp_path):
     kept, metrics = clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, tmp_path / "rm", settings)
     assert metrics["voters/excluded"] == 1 and {p["voter"] for p in kept} == {"user0", "user1", "user2", "user3"}
     assert set(policy.peft_config) == adapters_before  # the judge's adapter was deleted again
-    # the first round: no reward model yet, so one is trained on these votes to judge them
+    # the first round: no reward model yet, so the votes judge each other, out of voter
     kept, metrics = clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, None, settings)
     assert metrics["voters/excluded"] == 1 and "contrarian" not in {p["voter"] for p in kept}
     assert set(policy.peft_config) == adapters_before
     too_few = RewardConfig(min_votes=1000)
     assert clean_round_votes(honest + contrarian, VoterConfig(), policy, tok, None, too_few)[1]["voters/excluded"] == 0
+
+
+def test_voters_are_dealt_whole_into_balanced_folds():
+    pairs = _pairs("big", 9) + _pairs("a", 4) + _pairs("b", 4) + _pairs("c", 3) + _pairs("d", 2)
+    pairs += [{**p, "voter": None} for p in _pairs("file", 3)]  # no voter: one group per conversation
+    fold_of = voter_folds(pairs, 3)
+    by_voter = {}
+    for p, f in zip(pairs, fold_of, strict=True):
+        by_voter.setdefault(p["voter"] or p["conversation_id"], set()).add(f)
+    assert all(len(fs) == 1 for fs in by_voter.values())  # never split
+    sizes = sorted(fold_of.count(f) for f in range(3))
+    assert sizes == [8, 8, 9]  # 25 pairs: big alone, the rest dealt to the smallest fold
+    assert fold_of == voter_folds(pairs, 3)  # deterministic
+    assert len({f for p, f in zip(pairs, fold_of, strict=True) if p["voter"] is None}) > 1  # files' pairs spread
+    with pytest.raises(ValueError, match="folds"):
+        voter_folds(pairs, 1)
+
+
+def test_the_first_rounds_reference_never_judges_a_vote_with_a_model_that_saw_its_voter(tiny_model_dir):
+    model, tok = load_model_and_tokenizer(tiny_model_dir)
+    policy = add_lora(model)
+    settings = RewardConfig(lr=3e-3, epochs=4, batch_size=8, seed=0, min_votes=10, lora=LoraSettings(r=4))
+    # each voter has its own rule, and the three rules make a cycle (Paris > Tokyo, Tokyo > cat,
+    # cat > Paris): a model trained on the other two voters learns the opposite of a voter's
+    # rule, so its votes come out wrong. Had the model seen that voter's votes, or were the
+    # judgements mapped back to the wrong pairs, they would come out mostly right
+    words = ["Paris", "Tokyo", "cat"]
+    pairs = [{"voter": f"v{k}", "tie": False, "conversation_id": f"v{k}-{i}", "prompt": [{"role": "user", "content": "hi"}],
+              "chosen": f"{filler} {words[k]}", "rejected": f"{filler} {words[(k + 1) % 3]}"}
+             for k in range(3) for i, filler in enumerate(("well", "so", "yes", "now", "then", "ok"))]
+    tie = {**pairs[0], "tie": True, "conversation_id": "tied"}
+    same = {**pairs[1], "rejected": pairs[1]["chosen"], "conversation_id": "same"}  # cannot be encoded
+    adapters_before = set(policy.peft_config)
+    judged = out_of_voter_judge(policy, tok, settings, 3)([tie, *pairs, same])
+    assert judged[0] is None and judged[-1] is None
+    assert all(j is not None for j in judged[1:-1])
+    for k in range(3):
+        mine = [j for p, j in zip(pairs, judged[1:-1], strict=True) if p["voter"] == f"v{k}"]
+        assert sum(mine) / len(mine) < 0.3, (k, mine)
+    assert set(policy.peft_config) == adapters_before  # every fold's adapter deleted again
+    with pytest.raises(NotEnoughVotesError):  # one voter: no one to judge it by
+        out_of_voter_judge(policy, tok, settings, 3)([{**p, "voter": "v0"} for p in pairs])
 
 
 def test_a_round_trains_on_the_capped_votes(world, tiny_model_dir):

@@ -268,6 +268,60 @@ def _usable_split(tokenizer, pairs: list[dict], config: RewardConfig) -> tuple[l
     return encoded, train, select, judge
 
 
+@torch.no_grad()
+def _agreement(rm: RewardModel, tokenizer, encoded: list[dict], batch_size: int) -> list[bool | None]:
+    """For each encoded pair: whether ``rm`` scores its chosen answer above its rejected one
+    (None for a tie)."""
+    _eval(rm)
+    out: list[bool | None] = []
+    for start in range(0, len(encoded), batch_size):
+        batch = encoded[start:start + batch_size]
+        rc, rr = _pair_scores(rm, batch, tokenizer.pad_token_id)
+        out += [None if p["tie"] else bool(c > r) for p, c, r in zip(batch, rc.tolist(), rr.tolist(), strict=True)]
+    return out
+
+
+def out_of_fold_agreement(base, tokenizer, encoded: list[dict], fold_of: list[int], config: RewardConfig,
+                          adapter: str = "reward_fold") -> tuple[list[bool | None], int]:
+    """Each encoded pair judged by a reward model that never saw its fold: for every fold, a
+    fresh reward model (from the base weights, no ensemble) is trained on the other folds'
+    pairs (:func:`_fit`) and scores this fold's.
+
+    Args:
+        base: as :func:`train_reward_model` (each fold's model is adapter ``adapter_i`` on it,
+            deleted after its fold).
+        fold_of: one fold index per pair (any integers; pairs with equal ones share a fold).
+
+    Returns:
+        ``(agrees, folds_used)``: per pair, whether its fold's model scores the chosen answer
+        above the rejected one (None for a tie, or when every pair is in its fold, so there was
+        nothing to train on); how many folds were trained and judged.
+
+    Raises:
+        ValueError: ``fold_of`` and ``encoded`` differ in length.
+    """
+    if len(fold_of) != len(encoded):
+        raise ValueError(f"{len(encoded)} pairs but {len(fold_of)} folds")
+    agrees: list[bool | None] = [None] * len(encoded)
+    used = 0
+    for fold in sorted(set(fold_of)):
+        fit_on = [p for p, f in zip(encoded, fold_of, strict=True) if f != fold]
+        mine = [i for i, f in enumerate(fold_of) if f == fold]
+        if not fit_on:
+            continue
+        rm = RewardModel.from_base(base, config.lora, seed=config.seed, reference_features=config.reference_features,
+                                   adapter=unused_adapter_name(base, f"{adapter}_{fold}"))
+        try:
+            _fit(rm, tokenizer, fit_on, config)
+            for i, agree in zip(mine, _agreement(rm, tokenizer, [encoded[i] for i in mine], config.batch_size),
+                                strict=True):
+                agrees[i] = agree
+        finally:
+            rm.release()
+        used += 1
+    return agrees, used
+
+
 def cross_validated_accuracy(base, tokenizer, pairs: list[dict], config: RewardConfig,
                              adapter: str = "reward_cv") -> dict:
     """How well a reward model learns these votes, measured on votes it never saw: k-fold
@@ -297,25 +351,10 @@ def cross_validated_accuracy(base, tokenizer, pairs: list[dict], config: RewardC
     t0 = time.time()
     _, train, _, judge = _usable_split(tokenizer, pairs, config)
     pool = train + judge
-    fold_of = conversation_folds(pool, config.cv_folds, config.seed)
-    correct, decisive, used = 0, 0, 0
-    for fold in range(config.cv_folds):
-        fit_on = [p for p, f in zip(pool, fold_of, strict=True) if f != fold]
-        scored = [p for p, f in zip(pool, fold_of, strict=True) if f == fold]
-        if not fit_on or not scored:
-            continue
-        rm = RewardModel.from_base(base, config.lora, seed=config.seed, reference_features=config.reference_features,
-                                   adapter=unused_adapter_name(base, f"{adapter}_{fold}"))
-        try:
-            _fit(rm, tokenizer, fit_on, config)
-            figures = evaluate_pairs(rm, tokenizer, scored, config.batch_size)
-        finally:
-            rm.release()
-        n = int(figures["rm/heldout_decisive"])
-        if n:
-            correct += round(figures["rm/accuracy"] * n)
-            decisive += n
-        used += 1
+    agrees, used = out_of_fold_agreement(base, tokenizer, pool, conversation_folds(pool, config.cv_folds, config.seed),
+                                         config, adapter)
+    correct = sum(a is True for a in agrees)
+    decisive = sum(a is not None for a in agrees)
     accuracy = correct / decisive if decisive else float("nan")
     log.info("reward model, %d-fold cross-validated: accuracy=%.3f over %d A/B votes", config.cv_folds,
              accuracy, decisive)

@@ -13,8 +13,11 @@ round's reward model trains (:func:`clean_votes`):
    number of voters tested (Bonferroni: with many honest voters, one is still excluded by
    chance with probability ≤ ``outlier_alpha``). Nobody is tested while ``p₀ ≤ ½`` (a reference
    no better than chance says nothing). In a data dir's first round, with no reward model yet,
-   the reference is one trained on the round's votes themselves (without an ensemble): the
-   outlier's own votes pull it their way a little, so the test is weaker there.
+   the reference is *out of voter* (:func:`out_of_voter_judge`): the voters are dealt into
+   ``reference_folds`` folds, and each fold's votes are judged by a fresh reward model trained
+   on the other folds' votes alone. No vote is judged by a model that saw it or any other vote
+   of its voter, so an outlier cannot pull the reference its way, and ``p₀`` is measured out of
+   sample like the tested voter's own agreement.
    An outlier's votes all leave the round's data (they stay stored and exported).
 2. **Floods are capped.** One voter's pairs may make up at most ``max_share`` of the data next
    to everyone else's: at most ``max(min_cap, max_share / (1 − max_share) · n_others)`` pairs,
@@ -30,14 +33,15 @@ import logging
 import math
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from scipy.stats import binomtest
 
 from training.flags import help_field
 from training.models import unused_adapter_name
+from training.preferences import encode_pairs
 from training.reward_model import RewardModel
-from training.reward_training import NotEnoughVotesError, RewardConfig, score, train_reward_model
+from training.reward_training import NotEnoughVotesError, RewardConfig, out_of_fold_agreement, score
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,9 @@ class VoterConfig:
         0.01, help="family-wise level of the outlier test: a voter agreeing with the reward model in use "
         "significantly less than everyone else is excluded (0: no test)")
     outlier_min_votes: int = help_field(10, help="A/B votes a voter needs before being tested")
+    reference_folds: int = help_field(
+        3, help="folds of voters in the first round's out-of-voter reference (each judged by a reward model "
+        "trained on the other folds)")
 
     def __post_init__(self):
         if not 0.0 < self.max_share <= 1.0:
@@ -64,6 +71,8 @@ class VoterConfig:
             raise ValueError(f"outlier_alpha must be in [0, 1), got {self.outlier_alpha}")
         if self.outlier_min_votes < 1:
             raise ValueError(f"outlier_min_votes must be >= 1, got {self.outlier_min_votes}")
+        if self.reference_folds < 2:
+            raise ValueError(f"reference_folds must be >= 2, got {self.reference_folds}")
 
 
 def outlier_voters(pairs: list[dict], agrees: list[bool | None], config: VoterConfig) -> dict[str, float]:
@@ -158,23 +167,76 @@ def reward_model_judge(rm, tokenizer, max_length: int = 512) -> Callable[[list[d
     return judge
 
 
+def voter_folds(pairs: list[dict], folds: int) -> list[int]:
+    """The fold (0 … ``folds`` − 1) of each pair, all of one voter's pairs in one fold (pairs
+    without a voter: grouped by conversation). Groups are dealt largest first, each to the fold
+    with the fewest pairs so far (ties: by the group's name), so folds stay balanced even with a
+    handful of voters; deterministic.
+
+    Raises:
+        ValueError: ``folds`` < 2.
+    """
+    if folds < 2:
+        raise ValueError(f"folds must be >= 2, got {folds}")
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, pair in enumerate(pairs):
+        voter = pair.get("voter")
+        groups[f"voter:{voter}" if voter is not None else f"conversation:{pair['conversation_id']}"].append(i)
+    sizes = [0] * folds
+    fold_of = [0] * len(pairs)
+    for name in sorted(groups, key=lambda g: (-len(groups[g]), g)):
+        fold = min(range(folds), key=lambda f: (sizes[f], f))
+        sizes[fold] += len(groups[name])
+        for i in groups[name]:
+            fold_of[i] = fold
+    return fold_of
+
+
+def out_of_voter_judge(base, tokenizer, reward: RewardConfig, folds: int,
+                       adapter: str = "reward_judge") -> Callable[[list[dict]], list[bool | None]]:
+    """The judge of :func:`clean_votes` with no reward model in use yet (module docstring): each
+    pair judged by a fresh reward model trained on the votes of the voters in the other
+    :func:`voter_folds` (:func:`training.reward_training.out_of_fold_agreement`, ``reward``'s
+    settings). A pair that cannot be encoded (identical answers, both bad) or is a tie: None.
+
+    Raises (from the judge):
+        NotEnoughVotesError: fewer than ``reward.min_votes`` usable A/B pairs, or fewer than two
+            groups of voters (no one to compare with).
+    """
+
+    def judge(pairs: list[dict]) -> list[bool | None]:
+        encoded = [encode_pairs(tokenizer, [p], reward.max_length) for p in pairs]  # [] where unusable
+        usable = [i for i, e in enumerate(encoded) if e]
+        rows = [encoded[i][0] for i in usable]
+        decisive = sum(not r["tie"] for r in rows)
+        fold_of = voter_folds([pairs[i] for i in usable], folds) if usable else []
+        if decisive < reward.min_votes or len(set(fold_of)) < 2:
+            raise NotEnoughVotesError(f"{decisive} usable A/B votes in {len(set(fold_of))} folds of voters "
+                                      f"(need {reward.min_votes} in 2)")
+        agrees, _ = out_of_fold_agreement(base, tokenizer, rows, fold_of, reward, adapter)
+        out: list[bool | None] = [None] * len(pairs)
+        for i, agree in zip(usable, agrees, strict=True):
+            out[i] = agree
+        return out
+
+    return judge
+
+
 def clean_round_votes(pairs: list[dict], config: VoterConfig, base, tokenizer, rm_dir,
                       reward: RewardConfig) -> tuple[list[dict], dict]:
     """:func:`clean_votes` for a round: the judge is the reward model in use, loaded from
     ``rm_dir`` onto ``base`` (the round's peft model) as an adapter of its own and deleted again;
-    ``rm_dir`` None (the data dir's first round): one trained with ``reward``'s settings on
-    ``pairs`` (too few of them: caps only)."""
+    ``rm_dir`` None (the data dir's first round): :func:`out_of_voter_judge` (too few votes or
+    voters for it: caps only)."""
     if config.outlier_alpha == 0:
         return clean_votes(pairs, config, None)
-    adapter = unused_adapter_name(base, "reward_judge")
-    if rm_dir is not None:
-        rm = RewardModel.load(base, rm_dir, adapter=adapter)
-    else:
+    if rm_dir is None:
         try:
-            rm, _ = train_reward_model(base, tokenizer, pairs, replace(reward, ensemble=replace(reward.ensemble, members=0)),
-                                       adapter=adapter)
+            return clean_votes(pairs, config, out_of_voter_judge(base, tokenizer, reward, config.reference_folds,
+                                                                 unused_adapter_name(base, "reward_judge")))
         except NotEnoughVotesError:
             return clean_votes(pairs, config, None)
+    rm = RewardModel.load(base, rm_dir, adapter=unused_adapter_name(base, "reward_judge"))
     try:
         return clean_votes(pairs, config, reward_model_judge(rm, tokenizer, reward.max_length))
     finally:
